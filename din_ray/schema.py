@@ -2,9 +2,9 @@
 
 The paper (Table 1) groups features into user profile, user behaviour, ad and context groups.
 Every feature is a column of integer ids in the prepared Parquet. A behaviour feature is an ordered,
-fixed-length, PAD-padded array (most recent behaviours kept) that shares its embedding table with the
-ad feature it is aligned with (`hist_item_id` <-> `item_id`), so a behaviour and a candidate live in
-the same embedding space, which is what the local activation unit compares.
+fixed-length, PAD-padded array (most recent behaviours kept) that shares its embedding table
+with the ad feature it is aligned with (`hist_item_id` <-> `item_id`), so a behaviour and a
+candidate live in the same embedding space, which is what the local activation unit compares.
 
 Stored as `schema.json` beside the data and inside every checkpoint.
 """
@@ -67,7 +67,8 @@ class Feature:
             raise SchemaError(f"{where}: embedding_dim must be > 0, got {self.embedding_dim}")
         if self.group == "behavior":
             if self.max_len is None or self.max_len <= 0:
-                raise SchemaError(f"{where}: behaviour features need max_len > 0, got {self.max_len}")
+                raise SchemaError(
+                    f"{where}: behaviour features need max_len > 0, got {self.max_len}")
             if not self.aligned_with:
                 raise SchemaError(f"{where}: behaviour features need aligned_with (an ad feature)")
         elif self.max_len is not None or self.aligned_with is not None:

@@ -68,11 +68,13 @@ def to_arrow(schema: Schema, columns: dict[str, np.ndarray]) -> pa.Table:
         if pa.types.is_fixed_size_list(field.type):
             length = field.type.list_size
             if col.ndim != 2 or col.shape[1] != length:
-                raise SchemaError(f"column {field.name!r}: expected shape (N, {length}), got {col.shape}")
+                raise SchemaError(
+                    f"column {field.name!r}: expected shape (N, {length}), got {col.shape}")
             flat = pa.array(np.ascontiguousarray(col, dtype=np.int32).reshape(-1), pa.int32())
             arrays.append(pa.FixedSizeListArray.from_arrays(flat, length))
         else:
-            arrays.append(pa.array(col.astype(field.type.to_pandas_dtype(), copy=False), field.type))
+            values = col.astype(field.type.to_pandas_dtype(), copy=False)
+            arrays.append(pa.array(values, field.type))
     return pa.Table.from_arrays(arrays, schema=arrow_schema(schema))
 
 
@@ -142,7 +144,8 @@ class PreparedDataset:
             raise DataError(f"{root}: prepared data directory not found")
         manifest_path = root / MANIFEST
         if not manifest_path.exists():
-            raise DataError(f"{root}: no {MANIFEST}; not a prepared din-ray dataset (or incomplete)")
+            raise DataError(
+                f"{root}: no {MANIFEST}; not a prepared din-ray dataset (or incomplete)")
         manifest = json.loads(manifest_path.read_text())
         ds = cls(root, Schema.load(root / "schema.json"), manifest)
         for split in SPLITS:
@@ -165,7 +168,8 @@ class PreparedDataset:
         for field in want:
             idx = got.get_field_index(field.name)
             if idx < 0:
-                raise SchemaError(f"{path}: column {field.name!r} required by the schema is missing")
+                raise SchemaError(
+                    f"{path}: column {field.name!r} required by the schema is missing")
             if not got.field(idx).type.equals(field.type):
                 raise SchemaError(
                     f"{path}: column {field.name!r} has type {got.field(idx).type}, "
@@ -245,7 +249,8 @@ class DatasetWriter:
                  overwrite: bool = False, rows_per_file: int = 200_000) -> None:
         self.output = Path(output)
         if self.output.exists() and not overwrite:
-            raise FileExistsError(f"{self.output} already exists; pass overwrite=True (--overwrite)")
+            raise FileExistsError(
+                f"{self.output} already exists; pass overwrite=True (--overwrite)")
         self.schema = schema
         self.source = source
         self.params = params or {}

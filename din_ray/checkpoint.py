@@ -1,0 +1,192 @@
+"""Sharded checkpoints that restore at any worker count.
+
+    CKPT/
+      manifest.json                      written last: lists every file; its presence = complete
+      schema.json, config.json, metrics.json
+      dense.pt                           dense model state, dense optimizer state, step counts
+      tables/<table>.<start>-<end>.pt    one row block per worker: weight (+ Adam moments)
+      vocab/<table>.parquet              raw id -> dense id, copied from the prepared data
+
+Each worker writes its own row blocks (`write_worker_files`); rank 0 writes the rest and the
+manifest (`write_manifest`). A reader asks for any row range (`Checkpoint.table_rows`) and gets it
+stitched from whichever blocks overlap it, so 2 workers' blocks restore into 1 or 3 workers.
+
+Everything is read with `torch.load(weights_only=True)` (tensors and plain containers only, never
+arbitrary pickles) and JSON, so loading an untrusted checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from din_ray.embedding import EmbeddingTables, RowWiseOptimizer, row_block
+from din_ray.model import TableSpec
+from din_ray.schema import Schema
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not fit what it is loaded into."""
+
+
+def shard_file(table: str, start: int, end: int) -> str:
+    return f"tables/{table}.{start}-{end}.pt"
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_worker_files(directory: str | Path, tables: EmbeddingTables,
+                       optimizer: RowWiseOptimizer | None) -> None:
+    """Write this worker's row block of every table, with its optimizer moments."""
+    directory = Path(directory)
+    for name in tables.specs:
+        start, end = tables.blocks[name]
+        blob = {"weight": tables.weight(name).clone()}
+        if optimizer is not None:
+            blob.update({k: v.clone() for k, v in optimizer.state_rows(name).items()})
+        _atomic_torch_save(blob, directory / shard_file(name, start, end))
+
+
+def write_manifest(directory: str | Path, *, schema: Schema, config: dict, metrics: dict,
+                   specs: dict[str, TableSpec], world_size: int, dense: dict,
+                   vocab_dir: str | Path | None = None) -> None:
+    """Rank 0: dense state, schema, config, metrics, vocabularies, then the manifest (last)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_torch_save(dense, directory / "dense.pt")
+    _atomic_text(directory / "schema.json", json.dumps(schema.to_dict(), indent=2) + "\n")
+    _atomic_text(directory / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+    _atomic_text(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    vocab_files = []
+    if vocab_dir is not None and Path(vocab_dir).is_dir():
+        (directory / "vocab").mkdir(exist_ok=True)
+        for f in sorted(Path(vocab_dir).glob("*.parquet")):
+            shutil.copyfile(f, directory / "vocab" / f.name)
+            vocab_files.append(f"vocab/{f.name}")
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "world_size": world_size,
+        "tables": {
+            name: {"num_rows": s.num_rows, "dim": s.dim,
+                   "shards": [{"file": shard_file(name, *row_block(s.num_rows, r, world_size)),
+                               "start": row_block(s.num_rows, r, world_size)[0],
+                               "end": row_block(s.num_rows, r, world_size)[1]}
+                              for r in range(world_size)]}
+            for name, s in specs.items()
+        },
+        "files": ["dense.pt", "schema.json", "config.json", "metrics.json", *vocab_files],
+    }
+    _atomic_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def save_local(directory: str | Path, *, tables: EmbeddingTables,
+               optimizer: RowWiseOptimizer | None, **manifest_args) -> Path:
+    """Single-process checkpoint written to a temporary sibling, then renamed into place."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{time.time_ns()}")
+    try:
+        write_worker_files(tmp, tables, optimizer)
+        write_manifest(tmp, specs=tables.specs, world_size=tables.world_size, **manifest_args)
+        if directory.exists():
+            trash = directory.with_name(f".{directory.name}.old-{time.time_ns()}")
+            directory.rename(trash)
+            tmp.rename(directory)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+@dataclass
+class Checkpoint:
+    """A complete checkpoint on local disk, validated on open."""
+
+    path: Path
+    manifest: dict
+    schema: Schema
+    config: dict
+    metrics: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: checkpoint directory not found")
+        mpath = path / MANIFEST
+        if not mpath.exists():
+            raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete")
+        manifest = json.loads(mpath.read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{mpath}: format_version {manifest.get('format_version')!r} "
+                                  f"is not {FORMAT_VERSION}")
+        missing = [f for f in manifest["files"] if not (path / f).exists()]
+        missing += [s["file"] for t in manifest["tables"].values() for s in t["shards"]
+                    if not (path / s["file"]).exists()]
+        if missing:
+            raise CheckpointError(f"{path}: incomplete, missing {missing[:5]}")
+        return cls(path, manifest, Schema.load(path / "schema.json"),
+                   json.loads((path / "config.json").read_text()),
+                   json.loads((path / "metrics.json").read_text()))
+
+    def dense_state(self) -> dict:
+        return torch.load(self.path / "dense.pt", weights_only=True, map_location="cpu")
+
+    def table_specs(self) -> dict[str, TableSpec]:
+        tables = self.manifest["tables"]
+        return {n: TableSpec(n, t["num_rows"], t["dim"]) for n, t in tables.items()}
+
+    def table_rows(self, table: str, start: int, end: int) -> dict[str, Tensor]:
+        """Rows [start, end) of `table` (weight and optimizer moments), stitched from the saved
+        blocks whatever worker count wrote them."""
+        if table not in self.manifest["tables"]:
+            raise CheckpointError(f"{self.path}: no table {table!r}")
+        parts: dict[str, list[Tensor]] = {}
+        for shard in self.manifest["tables"][table]["shards"]:
+            lo, hi = max(start, shard["start"]), min(end, shard["end"])
+            if lo >= hi:
+                continue
+            blob = torch.load(self.path / shard["file"], weights_only=True, map_location="cpu")
+            for key, value in blob.items():
+                parts.setdefault(key, []).append(value[lo - shard["start"]:hi - shard["start"]])
+        return {k: torch.cat(v) for k, v in parts.items()}
+
+    def restore_tables(self, tables: EmbeddingTables,
+                       optimizer: RowWiseOptimizer | None = None) -> None:
+        """Fill this worker's blocks (and optimizer moments) from the checkpoint."""
+        saved = self.table_specs()
+        for name, spec in tables.specs.items():
+            if name not in saved or (saved[name].num_rows, saved[name].dim) != (spec.num_rows,
+                                                                                spec.dim):
+                raise CheckpointError(f"{self.path}: table {name!r} is {saved.get(name)} in the "
+                                      f"checkpoint but the model needs {spec}")
+            rows = self.table_rows(name, *tables.blocks[name])
+            tables.weight(name).copy_(rows["weight"])
+            if optimizer is not None:
+                for key, value in optimizer.state_rows(name).items():
+                    if key in rows:
+                        value.copy_(rows[key])

@@ -1,0 +1,81 @@
+"""`din-ray train` and `din-ray evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from din_ray.model import ACTIVATIONS, model_names
+from din_ray.train import TrainConfig, evaluate_checkpoint, run_local
+
+
+def _widths(text: str) -> tuple[int, ...]:
+    return tuple(int(w) for w in text.split(",") if w)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """Training options shared by `train`, `tune` and `reproduce`."""
+    d = TrainConfig(data="")
+    p.add_argument("--data", required=True, help="prepared data directory (din-ray prepare ...)")
+    p.add_argument("--model", default=d.model, choices=model_names())
+    p.add_argument("--activation", default=d.activation, choices=ACTIVATIONS)
+    p.add_argument("--reg", default=d.reg, help="embedding regularizer: mba | none | ...")
+    p.add_argument("--lam", type=float, default=d.lam, help="regularization strength λ")
+    p.add_argument("--optimizer", default=d.optimizer, choices=("adam", "sgd"))
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr-decay", type=float, default=d.lr_decay, help="per-epoch factor")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="early stop after N epochs without validation gain (0 = off)")
+    p.add_argument("--embedding-dim", type=int, default=d.embedding_dim)
+    p.add_argument("--attention-hidden", type=_widths, default=d.attention_hidden)
+    p.add_argument("--mlp-hidden", type=_widths, default=d.mlp_hidden)
+    p.add_argument("--softmax", action="store_true", help="softmax-normalise attention weights")
+    p.add_argument("--pooling", default=d.pooling, choices=("sum", "mean"))
+    p.add_argument("--no-ad-bias", action="store_true", help="drop the per-id ad bias terms")
+    p.add_argument("--dropout", type=float, default=d.dropout)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads per worker")
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
+    values = dict(
+        data=args.data, model=args.model, activation=args.activation, reg=args.reg, lam=args.lam,
+        optimizer=args.optimizer, lr=args.lr, lr_decay=args.lr_decay, batch_size=args.batch_size,
+        epochs=args.epochs, patience=args.patience, embedding_dim=args.embedding_dim,
+        attention_hidden=args.attention_hidden, mlp_hidden=args.mlp_hidden,
+        attention_softmax=args.softmax, pooling=args.pooling, ad_bias=not args.no_ad_bias,
+        dropout=args.dropout, seed=args.seed, threads=args.threads)
+    if getattr(args, "output", None):
+        values["output"] = args.output
+    if getattr(args, "workers", None):
+        values["workers"] = args.workers
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    result = run_local(cfg)
+    print(json.dumps({k: result[k] for k in ("best_epoch", "gauc", "auc", "logloss")}))
+    print(f"wrote {cfg.output}/metrics.json and {cfg.output}/checkpoint")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    print(json.dumps(evaluate_checkpoint(args.checkpoint, args.data), indent=2))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on prepared data")
+    add_train_arguments(p)
+    p.add_argument("--output", required=True, help="run directory (metrics.json, checkpoint/)")
+    p.add_argument("--workers", type=int, default=1, help="training workers")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="recompute a checkpoint's metrics on prepared data")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.set_defaults(func=_evaluate)

@@ -1,0 +1,370 @@
+"""DIN (Zhou et al., KDD 2018), BaseModel and the popularity baseline.
+
+A CTR model here is split in two, torchrec-style:
+  * the sparse part: embedding tables, owned by `din_ray.embedding.EmbeddingTables` so they can be
+    row-wise sharded across workers and updated row by row (MBA touches only the rows in a batch);
+  * the dense part: this module's `CTRModel` subclasses. A model declares which tables it needs
+    (`table_specs`) and which ids to look up (`sparse_inputs`); `forward` receives the looked-up
+    vectors and returns logits.
+
+    model = build_model(schema, ModelConfig(model="din"))
+    tables = EmbeddingTables(model.table_specs())
+    logits = model(tables.lookup(model.sparse_inputs(batch)), batch)   # (B,)
+
+Shapes: B batch, L history length, D concatenated behaviour width (item + category dims),
+H hidden width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from din_ray.schema import PAD_ID, Schema
+
+Batch = dict[str, Tensor]
+SparseRequests = dict[str, tuple[str, Tensor]]  # lookup key -> (table name, ids of any shape)
+
+MODELS = ("din", "base", "popularity")
+ACTIVATIONS = ("dice", "prelu")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """An embedding table: `num_rows` ids of width `dim`; row PAD_ID is kept at zero."""
+
+    name: str
+    num_rows: int
+    dim: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture choices. Defaults follow the paper (§4.3, §6.1) unless noted.
+
+    Args:
+        model: "din" | "base" | "popularity" (more in `din_ray.baselines`).
+        activation: "dice" (Eq. 9) or "prelu" (Eq. 8), used in the attention unit and the MLP.
+        attention_hidden: local activation unit widths (paper figure 2: 80 -> 40 -> 1).
+        mlp_hidden: MLP widths before the logit (paper: 200 -> 80 -> 1 output here, a logit rather
+            than the paper's 2-way softmax, which is equivalent).
+        attention_softmax: normalise activation weights with softmax. Off by default: the paper
+            drops it to keep the intensity of interest (§4.3).
+        pooling: BaseModel's history pooling, "sum" (paper) or "mean".
+        ad_bias: add a learned per-id bias for every ad feature to the logit (the original public
+            code has an item bias; it lets the model learn an item's click rate without spending
+            embedding capacity on it, which matters on small data).
+        dropout: dropout rate after each MLP hidden layer (0 = off).
+        smoothing: popularity baseline's prior strength (pseudo-impressions at the global rate).
+    """
+
+    model: str = "din"
+    activation: str = "dice"
+    attention_hidden: tuple[int, ...] = (80, 40)
+    mlp_hidden: tuple[int, ...] = (200, 80)
+    attention_softmax: bool = False
+    pooling: str = "sum"
+    ad_bias: bool = True
+    dropout: float = 0.0
+    smoothing: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.pooling not in ("sum", "mean"):
+            raise ValueError(f"pooling must be 'sum' or 'mean', got {self.pooling!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("attention_hidden", "mlp_hidden"):
+            widths = getattr(self, name)
+            object.__setattr__(self, name, tuple(int(w) for w in widths))
+            if not widths or min(widths) <= 0:
+                raise ValueError(f"{name} must be non-empty positive widths, got {widths}")
+
+
+# --- activations --------------------------------------------------------------------------------
+class PReLU(nn.Module):
+    """PReLU (Eq. 8) with one slope per channel of the LAST dimension.
+
+    (torch.nn.PReLU puts channels on dim 1, which is the history axis for (B, L, H) inputs.)
+    """
+
+    def __init__(self, num_features: int, init: float = 0.25) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((num_features,), init))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return torch.where(x > 0, x, self.alpha * x)
+
+
+class Dice(nn.Module):
+    """Dice, the data adaptive activation (Eq. 9):
+
+        f(s) = p(s)·s + (1 − p(s))·α·s,   p(s) = sigmoid((s − E[s]) / sqrt(Var[s] + ε))
+
+    E[s] and Var[s] are per-channel statistics of the mini-batch in training and moving averages
+    at evaluation. Channels are the last dimension.
+
+    Args:
+        num_features: channels C.
+        eps: ε, 1e-8 in the paper.
+        momentum: weight of the new batch in the moving averages.
+    Shapes: x (..., C); mask (...) bool, True where a row is real, so padded history slots do not
+        bias the statistics.
+    Example:
+        >>> dice = Dice(3).eval()   # fresh moving averages: mean 0, var 1 -> p = sigmoid(s)
+        >>> dice(torch.tensor([[1.0, -1.0, 0.0]])).shape
+        torch.Size([1, 3])
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-8, momentum: float = 0.01) -> None:
+        super().__init__()
+        self.eps = eps
+        self.momentum = momentum
+        self.alpha = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        if self.training:
+            rows = x.reshape(-1, x.shape[-1])  # (N, C)
+            if mask is not None:
+                rows = rows[mask.reshape(-1)]
+            if rows.shape[0] > 1:
+                mean = rows.mean(0)
+                var = rows.var(0, unbiased=False)
+                with torch.no_grad():
+                    self.running_mean.lerp_(mean, self.momentum)
+                    self.running_var.lerp_(var, self.momentum)
+            else:  # a single row has no variance; fall back to the moving averages
+                mean, var = self.running_mean, self.running_var
+        else:
+            mean, var = self.running_mean, self.running_var
+        p = torch.sigmoid((x - mean) * torch.rsqrt(var + self.eps))
+        return p * x + (1 - p) * self.alpha * x
+
+
+def make_activation(name: str, num_features: int) -> nn.Module:
+    return Dice(num_features) if name == "dice" else PReLU(num_features)
+
+
+class MLP(nn.Module):
+    """Linear -> activation (-> dropout) per hidden width, then a final Linear to `out` units.
+
+    Shapes: x (..., in_dim) -> (..., out); `mask` (...) is passed to Dice.
+    """
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], activation: str, out: int = 1,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        dims = (in_dim, *hidden)
+        self.linears = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.acts = nn.ModuleList(make_activation(activation, b) for b in hidden)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.out = nn.Linear(dims[-1], out)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        for linear, act in zip(self.linears, self.acts):
+            x = self.dropout(act(linear(x), mask))
+        return self.out(x)
+
+
+# --- the local activation unit ------------------------------------------------------------------
+class TargetAttention(nn.Module):
+    """DIN's local activation unit with weighted-sum pooling (Eq. 3, Fig. 2).
+
+    a(e_j, v_A) = MLP([e_j, v_A, e_j − v_A, e_j ⊙ v_A]) with widths `hidden` and a scalar output;
+    v_U(A) = Σ_j a(e_j, v_A)·e_j, padded slots weighted 0. No softmax unless `softmax`.
+
+    The first layer keeps the paper's parameter layout W = [W_e, W_v, W_d, W_p] (H, 4D) but is
+    evaluated as (W_e + W_d)·e + (W_v − W_d)·v + W_p·(e ⊙ v): identical maths, and the candidate's
+    term is computed once per sample instead of once per behaviour.
+
+    Shapes: query (B, D), keys (B, L, D), mask (B, L) bool -> pooled (B, D), weights (B, L).
+    Example:
+        >>> att = TargetAttention(dim=4, hidden=(8, 4), activation="prelu")
+        >>> keys = torch.randn(2, 3, 4); mask = torch.tensor([[1, 1, 0], [1, 0, 0]]).bool()
+        >>> pooled, w = att(torch.randn(2, 4), keys, mask)
+        >>> bool((w[~mask] == 0).all())
+        True
+    """
+
+    def __init__(self, dim: int, hidden: tuple[int, ...], activation: str,
+                 softmax: bool = False) -> None:
+        super().__init__()
+        self.dim = dim
+        self.softmax = softmax
+        self.first = nn.Linear(4 * dim, hidden[0])
+        self.first_act = make_activation(activation, hidden[0])
+        self.rest = MLP(hidden[0], hidden[1:], activation, out=1)
+
+    def scores(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
+        """Raw activation a(e_j, v_A) per behaviour, before masking. -> (B, L)"""
+        w_e, w_v, w_d, w_p = self.first.weight.split(self.dim, dim=1)  # each (H, D)
+        per_behaviour = keys @ (w_e + w_d).T  # (B, L, H)
+        per_candidate = query @ (w_v - w_d).T + self.first.bias  # (B, H)
+        interaction = (keys * query.unsqueeze(1)) @ w_p.T  # (B, L, H)
+        h = self.first_act(per_behaviour + per_candidate.unsqueeze(1) + interaction, mask)
+        return self.rest(h, mask).squeeze(-1)  # (B, L)
+
+    def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        scores = self.scores(query, keys, mask)
+        if self.softmax:
+            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
+            weights = torch.nan_to_num(weights)  # users with an empty history: all zero
+        else:
+            weights = scores * mask
+        pooled = (weights.unsqueeze(-1) * keys).sum(1)  # (B, D)
+        return pooled, weights
+
+
+# --- models -------------------------------------------------------------------------------------
+class CTRModel(nn.Module):
+    """Dense part of a CTR model over the schema's feature groups.
+
+    Subclasses implement `forward(emb, batch) -> logits (B,)`. By default every schema feature is
+    looked up in its table and the output of `forward` is a logit.
+    """
+
+    def __init__(self, schema: Schema, config: ModelConfig) -> None:
+        super().__init__()
+        self.schema = schema
+        self.config = config
+
+    def table_specs(self) -> dict[str, TableSpec]:
+        tables = self.schema.tables
+        return {name: TableSpec(name, rows, dim) for name, (rows, dim) in tables.items()}
+
+    def sparse_inputs(self, batch: Batch) -> SparseRequests:
+        return {f.name: (f.table, batch[f.name]) for f in self.schema.features}
+
+    def history_mask(self, batch: Batch) -> Tensor:
+        """(B, L) True where a history slot holds a behaviour; derived once, from PAD_ID."""
+        return batch[self.schema.behavior_features[0].name] != PAD_ID
+
+
+class _Interest(CTRModel):
+    """Shared body of DIN and BaseModel: embeddings -> [profile, interest, ad, context] -> MLP.
+
+    The paper's behaviour vector is the concatenation of a behaviour's item and category
+    embeddings (Fig. 2); the candidate vector v_A concatenates the aligned ad features the same way.
+    """
+
+    def __init__(self, schema: Schema, config: ModelConfig) -> None:
+        super().__init__(schema, config)
+        if not schema.behavior_features:
+            raise ValueError(f"model {config.model!r} needs behaviour features; schema has none")
+        self.behavior = schema.behavior_features
+        self.aligned = tuple(schema.feature(f.aligned_with) for f in self.behavior)
+        aligned_names = {f.name for f in self.aligned}
+        self.singles = tuple(f for f in schema.features
+                             if not f.is_sequence and f.name not in aligned_names)
+        self.behavior_dim = sum(f.embedding_dim for f in self.behavior)  # D
+        in_dim = 2 * self.behavior_dim + sum(f.embedding_dim for f in self.singles)
+        self.mlp = MLP(in_dim, config.mlp_hidden, config.activation, out=1, dropout=config.dropout)
+
+    def table_specs(self) -> dict[str, TableSpec]:
+        specs = super().table_specs()
+        if self.config.ad_bias:
+            for f in self.schema.ad_features:
+                name = f"{f.table}.bias"
+                specs[name] = TableSpec(name, f.vocab_size, 1)
+        return specs
+
+    def sparse_inputs(self, batch: Batch) -> SparseRequests:
+        requests = super().sparse_inputs(batch)
+        if self.config.ad_bias:
+            for f in self.schema.ad_features:
+                requests[f"{f.name}.bias"] = (f"{f.table}.bias", batch[f.name])
+        return requests
+
+    def pool(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        raise NotImplementedError
+
+    def user_interest(self, emb: dict[str, Tensor], batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """Pooled interest (B, D) and activation weights (B, L) (None for BaseModel)."""
+        keys = torch.cat([emb[f.name] for f in self.behavior], dim=-1)  # (B, L, D)
+        query = torch.cat([emb[f.name] for f in self.aligned], dim=-1)  # (B, D)
+        return self.pool(query, keys, self.history_mask(batch))
+
+    def forward(self, emb: dict[str, Tensor], batch: Batch) -> Tensor:
+        pooled, _ = self.user_interest(emb, batch)
+        query = torch.cat([emb[f.name] for f in self.aligned], dim=-1)  # (B, D)
+        parts = [pooled, query] + [emb[f.name] for f in self.singles]
+        logits = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B,)
+        if self.config.ad_bias:
+            for f in self.schema.ad_features:
+                logits = logits + emb[f"{f.name}.bias"].squeeze(-1)
+        return logits
+
+
+class DIN(_Interest):
+    """Deep Interest Network: interest pooled by the local activation unit (§4.3)."""
+
+    def __init__(self, schema: Schema, config: ModelConfig) -> None:
+        super().__init__(schema, config)
+        self.attention = TargetAttention(self.behavior_dim, config.attention_hidden,
+                                         config.activation, softmax=config.attention_softmax)
+
+    def pool(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        return self.attention(query, keys, mask)
+
+
+class BaseModel(_Interest):
+    """Embedding&MLP (§4.2): the history is sum- (paper) or mean-pooled, blind to the candidate."""
+
+    def pool(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, None]:
+        total = (keys * mask.unsqueeze(-1)).sum(1)  # (B, D)
+        if self.config.pooling == "mean":
+            total = total / mask.sum(1, keepdim=True).clamp(min=1)
+        return total, None
+
+
+class Popularity(CTRModel):
+    """No-history baseline: the candidate's smoothed click rate on the training split.
+
+    Its one table holds logit((clicks_j + k·p) / (impressions_j + k)) per candidate id j, with p
+    the global click rate and k = `config.smoothing`; it is filled by counting, not by SGD
+    (see `din_ray.train`). Unseen ids get the global rate.
+    """
+
+    def __init__(self, schema: Schema, config: ModelConfig) -> None:
+        super().__init__(schema, config)
+        self.candidate = schema.ad_features[0]
+
+    def table_specs(self) -> dict[str, TableSpec]:
+        name = f"{self.candidate.table}.ctr"
+        return {name: TableSpec(name, self.candidate.vocab_size, 1)}
+
+    def sparse_inputs(self, batch: Batch) -> SparseRequests:
+        return {"ctr": (f"{self.candidate.table}.ctr", batch[self.candidate.name])}
+
+    def forward(self, emb: dict[str, Tensor], batch: Batch) -> Tensor:
+        return emb["ctr"].squeeze(-1)
+
+    @staticmethod
+    def table_from_counts(clicks: Tensor, impressions: Tensor, smoothing: float) -> Tensor:
+        """(V,) click and impression counts -> (V, 1) smoothed click-rate logits."""
+        prior = clicks.sum() / impressions.sum().clamp(min=1)
+        rate = (clicks + smoothing * prior) / (impressions + smoothing)
+        return torch.logit(rate.clamp(1e-6, 1 - 1e-6)).unsqueeze(-1)
+
+
+_REGISTRY: dict[str, type[CTRModel]] = {"din": DIN, "base": BaseModel, "popularity": Popularity}
+
+
+def register_model(name: str, cls: type[CTRModel]) -> None:
+    """Make a model selectable by name (`din_ray.baselines` registers the paper's competitors)."""
+    _REGISTRY[name] = cls
+
+
+def model_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def build_model(schema: Schema, config: ModelConfig) -> CTRModel:
+    if config.model not in _REGISTRY:
+        raise ValueError(f"model must be one of {model_names()}, got {config.model!r}")
+    return _REGISTRY[config.model](schema, config)

@@ -1,0 +1,434 @@
+"""The training loop, written once and run by every worker.
+
+`train_loop(cfg, env)` is the per-worker function: it builds the model and its embedding tables,
+trains for `cfg.epochs` epochs with per-epoch exponential learning-rate decay, evaluates the
+validation and test splits after every epoch (predictions gathered from all workers, so metrics
+equal the single-process values), reports each epoch with a checkpoint, stops early when the
+validation GAUC has not improved for `cfg.patience` epochs, and resumes from the environment's
+latest checkpoint if there is one.
+
+The environment (`WorkerEnv`) is what differs between running here in one process
+(`LocalEnv`, `run_local`) and under Ray Train (`din_ray.distributed`): where batches come from,
+how tables are sharded, how dense gradients are synchronised and where checkpoints go.
+
+    din-ray train --data runs/ml --model din --epochs 5 --output runs/din
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from din_ray import checkpoint as ckpt
+from din_ray.data.format import PreparedDataset, iter_numpy_batches
+from din_ray.embedding import EmbeddingTables, RowWiseOptimizer
+from din_ray.metrics import evaluate_predictions
+from din_ray.model import CTRModel, ModelConfig, Popularity, build_model
+from din_ray.regularization import build_regularizer
+from din_ray.schema import Schema
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; crosses the Ray boundary as `asdict(cfg)`.
+
+    Defaults: Adam at 1e-3 with 0.9 decay per epoch follows the paper's Alibaba setup (§6.1);
+    embedding 16 per table and batch 256 suit the public datasets on a CPU.
+    """
+
+    data: str
+    output: str = "runs/train"
+    # model
+    model: str = "din"
+    activation: str = "dice"
+    embedding_dim: int = 16
+    attention_hidden: tuple[int, ...] = (80, 40)
+    mlp_hidden: tuple[int, ...] = (200, 80)
+    attention_softmax: bool = False
+    pooling: str = "sum"
+    ad_bias: bool = True
+    dropout: float = 0.0
+    smoothing: float = 20.0
+    init_std: float = 0.01
+    # optimisation
+    reg: str = "mba"
+    lam: float = 0.01
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    lr_decay: float = 0.9
+    batch_size: int = 256
+    eval_batch_size: int = 8192
+    epochs: int = 5
+    patience: int = 2  # stop after this many epochs without a better validation GAUC; 0 = never
+    seed: int = 0
+    # execution
+    workers: int = 1
+    threads: int = 0  # torch intra-op threads per worker; 0 keeps torch's default
+    extra: dict = field(default_factory=dict)  # free-form, recorded in the checkpoint
+
+    def __post_init__(self) -> None:
+        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
+                  "eval_batch_size": self.eval_batch_size >= 1, "lr": self.lr > 0,
+                  "lr_decay": 0 < self.lr_decay <= 1, "workers": self.workers >= 1,
+                  "embedding_dim": self.embedding_dim >= 1, "lam": self.lam >= 0,
+                  "patience": self.patience >= 0}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
+        self.model_config()  # validates model fields
+
+    def model_config(self) -> ModelConfig:
+        names = {f.name for f in fields(ModelConfig)}
+        return ModelConfig(**{k: v for k, v in asdict(self).items() if k in names})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}")
+        raw = dict(raw)
+        for key in ("attention_hidden", "mlp_hidden"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
+        return cls(**raw)
+
+
+# --- worker environment -------------------------------------------------------------------------
+class WorkerEnv:
+    """Where a worker's batches, tables, synchronisation and checkpoints come from."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+    def make_tables(self, model: CTRModel, cfg: TrainConfig) -> EmbeddingTables:
+        return EmbeddingTables(model.table_specs(), seed=cfg.seed, init_std=cfg.init_std)
+
+    def wrap_dense(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def gather(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Concatenate each array over all workers (every worker gets the result)."""
+        return arrays
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def latest_checkpoint(self) -> Path | None:
+        return None
+
+    def report(self, metrics: dict, write_checkpoint: Callable[[Path], None]) -> None:
+        raise NotImplementedError
+
+
+class LocalEnv(WorkerEnv):
+    """One process, batches streamed from the Parquet files, checkpoints under OUTPUT/checkpoints.
+
+    Keeps the latest and the best epoch's checkpoints; rerunning the same command resumes from
+    the latest.
+    """
+
+    def __init__(self, cfg: TrainConfig, dataset: PreparedDataset) -> None:
+        self.cfg, self.dataset = cfg, dataset
+        self.root = Path(cfg.output) / "checkpoints"
+
+    def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        return iter_numpy_batches(self.dataset.files("train"), self.dataset.schema,
+                                  self.cfg.batch_size, shuffle=True,
+                                  seed=self.cfg.seed * 10_007 + epoch)
+
+    def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        return iter_numpy_batches(self.dataset.files(split), self.dataset.schema,
+                                  self.cfg.eval_batch_size)
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.root.glob("epoch-*") if (p / ckpt.MANIFEST).exists())
+        return done[-1] if done else None
+
+    def report(self, metrics: dict, write_checkpoint: Callable[[Path], None]) -> None:
+        final = self.root / f"epoch-{metrics['epoch']:04d}"
+        tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_checkpoint(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        # Retain only the latest and the best epoch (the best by validation GAUC).
+        keep = {final.name, best_epoch_dir(self.root)}
+        for p in self.root.glob("epoch-*"):
+            if p.name not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def best_epoch_dir(root: Path) -> str | None:
+    """Name of the complete epoch checkpoint under `root` with the best validation GAUC."""
+    best, best_name = -math.inf, None
+    for p in sorted(root.glob("epoch-*")):
+        if not (p / ckpt.MANIFEST).exists():
+            continue
+        g = json.loads((p / "metrics.json").read_text()).get("valid_gauc", -math.inf)
+        if g is not None and not math.isnan(g) and g > best:
+            best, best_name = g, p.name
+    return best_name
+
+
+# --- the loop -----------------------------------------------------------------------------------
+def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+def forward(model: nn.Module, tables: EmbeddingTables, batch: dict[str, Tensor]) -> Tensor:
+    """Logits (B,) of `batch`: sparse lookups, then the dense part."""
+    dense = model.module if hasattr(model, "module") else model  # unwrap DDP for its methods
+    return model(tables.lookup(dense.sparse_inputs(batch)), batch)
+
+
+@torch.no_grad()
+def predict_split(model: nn.Module, tables: EmbeddingTables, batches, schema: Schema,
+                  env: WorkerEnv) -> dict[str, np.ndarray]:
+    """Probabilities for one split, gathered from every worker: label, prob, user arrays."""
+    model.eval()
+    tables.eval()
+    labels, probs, users = [], [], []
+    for batch in batches:
+        t = to_torch(batch)
+        probs.append(torch.sigmoid(forward(model, tables, t)).numpy())
+        labels.append(batch[schema.label])
+        users.append(batch[schema.user_column])
+    local = {"label": _cat(labels, np.float32), "prob": _cat(probs, np.float32),
+             "user": _cat(users, np.int64)}
+    return env.gather(local)
+
+
+def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+
+def evaluate_split(model, tables, batches, schema, env) -> dict:
+    p = predict_split(model, tables, batches, schema, env)
+    return evaluate_predictions(p["label"], p["prob"], p["user"])
+
+
+def _fit_popularity(model: Popularity, tables: EmbeddingTables, env: WorkerEnv) -> float:
+    """Fill the popularity table from click/impression counts over the training split."""
+    rows = model.candidate.vocab_size
+    clicks = torch.zeros(rows, dtype=torch.float64)
+    shows = torch.zeros(rows, dtype=torch.float64)
+    for batch in env.train_batches(0):
+        ids = torch.from_numpy(batch[model.candidate.name])
+        clicks.index_add_(0, ids, torch.from_numpy(batch[model.schema.label]).double())
+        shows.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+    clicks, shows = env.all_reduce_sum(clicks), env.all_reduce_sum(shows)
+    logits = Popularity.table_from_counts(clicks, shows, model.config.smoothing)  # (V, 1)
+    tables.set_rows(next(iter(model.table_specs())), logits.float())
+    # Training log loss of the fitted rates, from the counts alone.
+    p = torch.sigmoid(logits.squeeze(-1).double())
+    nll = -(clicks * p.log() + (shows - clicks) * (1 - p).log()).sum()
+    return float(nll / shows.sum().clamp(min=1))
+
+
+def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
+    """Train on this worker; returns the final metrics (identical on every worker)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    dataset = PreparedDataset.open(cfg.data)
+    schema = dataset.schema.with_embedding_dim(cfg.embedding_dim)
+    model = build_model(schema, cfg.model_config())
+    tables = env.make_tables(model, cfg)
+    counting = isinstance(model, Popularity)
+    params = [p for p in model.parameters() if p.requires_grad]
+    dense_opt = None
+    if params:
+        dense_opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
+                     else torch.optim.SGD(params, lr=cfg.lr))
+    sparse_opt = RowWiseOptimizer(tables, cfg.optimizer, lr=cfg.lr)
+    regularizer = build_regularizer(cfg.reg, cfg.lam, dataset.counts())
+    dense_model = env.wrap_dense(model) if params else model
+
+    history: list[dict] = []
+    start_epoch = 0
+    resume = env.latest_checkpoint()
+    if resume is not None:
+        start_epoch, history = _restore(resume, model, tables, dense_opt, sparse_opt)
+        log.info("resuming from %s at epoch %d", resume, start_epoch)
+
+    def write_checkpoint(directory: Path, metrics: dict) -> None:
+        ckpt.write_worker_files(directory, tables, sparse_opt)
+        if env.rank == 0:
+            dense = {"model": model.state_dict(),
+                     "optimizer": dense_opt.state_dict() if dense_opt else {},
+                     "sparse_step": sparse_opt.step_count, "epoch": metrics["epoch"],
+                     "history": json.dumps(history)}
+            ckpt.write_manifest(directory, schema=schema, config=cfg.to_dict(), metrics=metrics,
+                                dense=dense, specs=tables.specs, world_size=env.world_size,
+                                vocab_dir=dataset.root / "vocab")
+
+    bad_epochs = _epochs_since_best(history)
+    epochs = 1 if counting else cfg.epochs
+    for epoch in range(start_epoch, epochs):
+        if cfg.patience and bad_epochs >= cfg.patience:
+            break
+        lr = cfg.lr * cfg.lr_decay ** epoch
+        sparse_opt.lr = lr
+        if dense_opt:
+            for group in dense_opt.param_groups:
+                group["lr"] = lr
+        t0 = time.perf_counter()
+        if counting:
+            train_loss, samples = _fit_popularity(model, tables, env), dataset.num_rows("train")
+        else:
+            train_loss, samples = _train_epoch(dense_model, model, tables, dense_opt, sparse_opt,
+                                               regularizer, env, epoch, cfg, dataset)
+        seconds = time.perf_counter() - t0
+        metrics = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
+                   "train_seconds": seconds, "samples_per_s": samples / max(seconds, 1e-9)}
+        for split in ("valid", "test"):
+            for k, v in evaluate_split(model, tables, env.eval_batches(split), schema,
+                                       env).items():
+                metrics[f"{split}_{k}"] = v
+        history.append(metrics)
+        bad_epochs = _epochs_since_best(history)
+        if env.rank == 0:
+            log.info("epoch %d: loss %.4f  valid gauc %.4f  test gauc %.4f  (%.0f samples/s)",
+                     epoch + 1, train_loss, metrics["valid_gauc"], metrics["test_gauc"],
+                     metrics["samples_per_s"])
+        env.report(metrics, lambda d, m=metrics: write_checkpoint(d, m))
+    return summarize(history)
+
+
+def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer, env, epoch,
+                 cfg, dataset) -> tuple[float, int]:
+    dense_model.train()
+    tables.train()
+    loss_fn = nn.BCEWithLogitsLoss()
+    total_loss, seen, steps = 0.0, 0, 0
+    expected = max(1, dataset.num_rows("train") // max(cfg.batch_size * env.world_size, 1))
+    t0 = time.perf_counter()
+    for batch in env.train_batches(epoch):
+        t = to_torch(batch)
+        logits = forward(dense_model, tables, t)
+        loss = loss_fn(logits, t[dataset.schema.label])
+        if dense_opt:
+            dense_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if dense_opt:
+            dense_opt.step()
+        sparse_opt.step(tables.touched_gradients(), regularizer)
+        total_loss += float(loss) * len(batch[dataset.schema.label])
+        seen += len(batch[dataset.schema.label])
+        steps += 1
+        if env.rank == 0 and steps % max(1, expected // 10) == 0:
+            log.info("epoch %d: %3.0f%% (%d steps, loss %.4f, %.0f samples/s/worker)", epoch + 1,
+                     min(100.0, 100.0 * steps / expected), steps, total_loss / seen,
+                     seen / (time.perf_counter() - t0))
+    stats = env.all_reduce_sum(torch.tensor([total_loss, float(seen)], dtype=torch.float64))
+    return float(stats[0] / max(stats[1], 1)), int(stats[1])
+
+
+def _epochs_since_best(history: list[dict]) -> int:
+    if not history:
+        return 0
+    gaucs = [h["valid_gauc"] if not math.isnan(h["valid_gauc"]) else -math.inf for h in history]
+    return len(history) - 1 - int(np.argmax(gaucs))
+
+
+def summarize(history: list[dict]) -> dict:
+    """Final metrics: the test metrics of the epoch with the best validation GAUC."""
+    if not history:
+        raise ValueError("no epoch was trained")
+    gaucs = [h["valid_gauc"] if not math.isnan(h["valid_gauc"]) else -math.inf for h in history]
+    best = history[int(np.argmax(gaucs))]
+    return {"best_epoch": best["epoch"], "gauc": best["test_gauc"], "auc": best["test_auc"],
+            "logloss": best["test_logloss"], "valid_gauc": best["valid_gauc"],
+            "valid_auc": best["valid_auc"], "valid_logloss": best["valid_logloss"],
+            "epochs_run": len(history), "history": history}
+
+
+def _restore(path: Path, model, tables, dense_opt, sparse_opt) -> tuple[int, list[dict]]:
+    c = ckpt.Checkpoint.open(path)
+    state = c.dense_state()
+    model.load_state_dict(state["model"])
+    if dense_opt and state["optimizer"]:
+        dense_opt.load_state_dict(state["optimizer"])
+    sparse_opt.step_count = int(state["sparse_step"])
+    c.restore_tables(tables, sparse_opt)
+    return int(state["epoch"]), json.loads(state["history"])
+
+
+# --- drivers ------------------------------------------------------------------------------------
+def finalize_output(cfg: TrainConfig, result: dict, best_checkpoint: Path | None) -> Path:
+    """Copy the best epoch's checkpoint to OUTPUT/checkpoint and write OUTPUT/metrics.json."""
+    out = Path(cfg.output)
+    out.mkdir(parents=True, exist_ok=True)
+    if best_checkpoint is not None:
+        final = out / "checkpoint"
+        tmp = out / f".checkpoint.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(best_checkpoint, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        result = {**result, "checkpoint": str(final)}
+    result = {**result, "model": cfg.model, "config": cfg.to_dict()}
+    tmp = out / ".metrics.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    tmp.replace(out / "metrics.json")
+    return out / "metrics.json"
+
+
+def run_local(cfg: TrainConfig) -> dict:
+    """Train in this process (one worker, no Ray) and write OUTPUT/{metrics.json,checkpoint}."""
+    dataset = PreparedDataset.open(cfg.data)
+    env = LocalEnv(cfg, dataset)
+    result = train_loop(cfg, env)
+    best = best_epoch_dir(env.root)
+    finalize_output(cfg, result, env.root / best if best else None)
+    return result
+
+
+def load_model(path: str | Path) -> tuple[CTRModel, EmbeddingTables, ckpt.Checkpoint]:
+    """A checkpoint as an evaluation-mode model with whole (unsharded) tables."""
+    c = ckpt.Checkpoint.open(path)
+    cfg = TrainConfig.from_dict(c.config)
+    model = build_model(c.schema, cfg.model_config())
+    model.load_state_dict(c.dense_state()["model"])
+    tables = EmbeddingTables(model.table_specs())
+    c.restore_tables(tables)
+    return model.eval(), tables.eval(), c
+
+
+def evaluate_checkpoint(path: str | Path, data: str | Path, batch_size: int = 8192) -> dict:
+    """Recompute valid/test metrics of a checkpoint on a prepared dataset."""
+    model, tables, c = load_model(path)
+    dataset = PreparedDataset.open(data)
+    if dataset.schema.with_embedding_dim(c.schema.features[0].embedding_dim) != c.schema:
+        raise ValueError(f"{data}: its schema does not match the checkpoint's ({path})")
+    out = {}
+    for split in ("valid", "test"):
+        batches = iter_numpy_batches(dataset.files(split), dataset.schema, batch_size)
+        for k, v in evaluate_split(model, tables, batches, c.schema, WorkerEnv()).items():
+            out[f"{split}_{k}"] = v
+    out.update(gauc=out["test_gauc"], auc=out["test_auc"], logloss=out["test_logloss"])
+    return out
+
