@@ -210,7 +210,10 @@ class TargetAttention(nn.Module):
         return self.rest(h, mask).squeeze(-1)  # (B, L)
 
     def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        scores = self.scores(query, keys, mask)
+        return self._pool(self.scores(query, keys, mask), keys, mask)
+
+    def _pool(self, scores: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Masked (optionally softmaxed) weights (B, L) and the weighted sum of keys (B, D)."""
         if self.softmax:
             weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
             weights = torch.nan_to_num(weights)  # users with an empty history: all zero
@@ -218,6 +221,23 @@ class TargetAttention(nn.Module):
             weights = scores * mask
         pooled = (weights.unsqueeze(-1) * keys).sum(1)  # (B, D)
         return pooled, weights
+
+    def shared(self, query: Tensor, keys: Tensor, mask: Tensor,
+               owner: Tensor) -> tuple[Tensor, Tensor]:
+        """`forward(query, keys[owner], mask[owner])` with each history's part of the first
+        layer, keys @ (W_e + W_d).T, computed once per history instead of once per candidate
+        (serving: one user, many candidate ads).
+
+        Shapes: query (C, D) candidates; keys (U, L, D), mask (U, L) histories; owner (C,) long,
+        the history of each candidate -> pooled (C, D), weights (C, L).
+        """
+        w_e, w_v, w_d, w_p = self.first.weight.split(self.dim, dim=1)  # each (H, D)
+        per_behaviour = keys @ (w_e + w_d).T  # (U, L, H), shared by the user's candidates
+        per_candidate = query @ (w_v - w_d).T + self.first.bias  # (C, H)
+        keys, mask = keys[owner], mask[owner]  # (C, L, D), (C, L): gathers, no arithmetic
+        interaction = (keys * query.unsqueeze(1)) @ w_p.T  # (C, L, H)
+        h = self.first_act(per_behaviour[owner] + per_candidate.unsqueeze(1) + interaction, mask)
+        return self._pool(self.rest(h, mask).squeeze(-1), keys, mask)  # scores (C, L)
 
 
 # --- models -------------------------------------------------------------------------------------
@@ -299,6 +319,38 @@ class _Interest(CTRModel):
                 logits = logits + emb[f"{f.name}.bias"].squeeze(-1)
         return logits
 
+    def pool_shared(self, query: Tensor, keys: Tensor, mask: Tensor,
+                    owner: Tensor) -> tuple[Tensor, Tensor | None]:
+        """`pool` for C candidates over U histories: query (C, D), keys (U, L, D), mask (U, L),
+        owner (C,) -> pooled (C, D), weights (C, L) or None. Subclasses share per-history work."""
+        return self.pool(query, keys[owner], mask[owner])
+
+    @torch.no_grad()
+    def score_candidates(self, emb: dict[str, Tensor], batch: Batch,
+                         owner: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Logits of many candidates against few users, the user side computed once per user.
+
+        Equals `forward` on the batch where every user-side input is repeated for each of its
+        candidates (`x[owner]`), up to float rounding.
+
+        Args:
+            emb, batch: looked-up vectors and ids, as for `forward`, except that user-side
+                features have U rows (behaviours (U, L), profile and context (U,)) and ad
+                features have C rows.
+            owner: (C,) long, the user row of each candidate.
+        Returns: logits (C,) and activation weights (C, L) (None when the model has none).
+        """
+        keys = torch.cat([emb[f.name] for f in self.behavior], dim=-1)  # (U, L, D)
+        query = torch.cat([emb[f.name] for f in self.aligned], dim=-1)  # (C, D)
+        pooled, weights = self.pool_shared(query, keys, self.history_mask(batch), owner)
+        parts = [pooled, query] + [emb[f.name] if f.group == "ad" else emb[f.name][owner]
+                                   for f in self.singles]
+        logits = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (C,)
+        if self.config.ad_bias:
+            for f in self.schema.ad_features:
+                logits = logits + emb[f"{f.name}.bias"].squeeze(-1)
+        return logits, weights
+
 
 class DIN(_Interest):
     """Deep Interest Network: interest pooled by the local activation unit (§4.3)."""
@@ -311,6 +363,10 @@ class DIN(_Interest):
     def pool(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         return self.attention(query, keys, mask)
 
+    def pool_shared(self, query: Tensor, keys: Tensor, mask: Tensor,
+                    owner: Tensor) -> tuple[Tensor, Tensor]:
+        return self.attention.shared(query, keys, mask, owner)
+
 
 class BaseModel(_Interest):
     """Embedding&MLP (§4.2): the history is sum- (paper) or mean-pooled, blind to the candidate."""
@@ -320,6 +376,11 @@ class BaseModel(_Interest):
         if self.config.pooling == "mean":
             total = total / mask.sum(1, keepdim=True).clamp(min=1)
         return total, None
+
+    def pool_shared(self, query: Tensor, keys: Tensor, mask: Tensor,
+                    owner: Tensor) -> tuple[Tensor, None]:
+        total, _ = self.pool(query[:0], keys, mask)  # (U, D): candidate-blind, once per user
+        return total[owner], None
 
 
 class Popularity(CTRModel):
