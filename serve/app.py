@@ -1,0 +1,237 @@
+"""Ray Serve app: DIN click-through rates over HTTP, with candidate-counting dynamic batching.
+
+    din-ray serve --checkpoint runs/din                      # embedded, binds 127.0.0.1:8000
+    serve run serve/config.yaml                              # from the repository root
+    serve run serve.app:build_app checkpoint=runs/din max_batch_size=512
+
+    curl -s 127.0.0.1:8000/v1/ctr -d '{"history": {"item_id": [1, 50], "cate_id": ["Comedy",
+        "Drama"]}, "candidates": [{"item_id": 296, "cate_id": "Comedy"}], "explain": true}'
+
+Endpoints: POST /v1/ctr (request format in `din_ray.serving`), GET /v1/model, GET /v1/stats
+(this replica's batching counters), GET /healthz.
+
+Batching. `@serve.batch` merges concurrent requests into one forward pass. `max_batch_size`
+counts CANDIDATES, not requests (`batch_cost`): the forward pass costs what its candidates cost,
+so a batch takes requests while their candidates fit. A request is never split: its user side is
+computed once for all of its candidates, and a request with more candidates than
+`max_batch_size` runs as a batch of its own (`max_batch_size=1` thus turns merging off). Batch
+size and wait time live in `user_config` and change at run time through `reconfigure`.
+
+Nothing starts at import: `build_app` / `CTRServer.bind(...)` return an application that
+`serve.run` or `serve deploy` starts. (No `from __future__ import annotations` here: FastAPI
+reads the endpoint annotations at run time to recognise the `Request` parameter.)
+"""
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+
+from din_ray.serving import ParsedRequest, RequestError, RequestLimits, Scores, ServedModel
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+api = FastAPI(title="din-ray", description="DIN click-through-rate scoring")
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """The deployment's `user_config`, applied by `reconfigure` without a restart.
+
+    Args:
+        max_batch_size: candidates merged into one forward pass (from any number of requests).
+            Default: about five 200-ad requests, enough to amortise the per-call overhead while
+            keeping one pass around a few ms on a CPU core.
+        batch_wait_timeout_s: how long the first request of a batch waits for company. Small,
+            since the paper's online budget for a ranking call is ~10 ms.
+    """
+
+    max_batch_size: int = 1024
+    batch_wait_timeout_s: float = 0.002
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an integer >= 1, got "
+                             f"{self.max_batch_size!r}")
+        if not 0 <= self.batch_wait_timeout_s <= 1:
+            raise ValueError(f"batch_wait_timeout_s must be in [0, 1] seconds, got "
+                             f"{self.batch_wait_timeout_s!r}")
+
+    @classmethod
+    def from_dict(cls, raw: dict | None) -> "BatchingConfig":
+        raw = dict(raw or {})
+        unknown = sorted(set(raw) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown user_config keys {unknown}; known: "
+                             f"{[f.name for f in fields(cls)]}")
+        return cls(**raw)
+
+
+def batch_cost(requests: list[ParsedRequest]) -> int:
+    """Size of a would-be batch for `@serve.batch`: its candidates.
+
+    A lone request counts as 1 whatever its size: serve.batch rejects a first item larger than
+    `max_batch_size`, but such a request must still be served, alone, unsplit. From the second
+    request on the real candidate total decides whether the batch may grow.
+    """
+    if len(requests) == 1:
+        return 1
+    return sum(r.num_candidates for r in requests)
+
+
+class BatchStats:
+    """What this replica's batches looked like (reported by GET /v1/stats)."""
+
+    def __init__(self, recent: int = 256) -> None:
+        self.batches = 0
+        self.requests = 0
+        self.candidates = 0
+        self.max_requests = 0
+        self.max_candidates = 0
+        self.requests_per_batch: Counter[int] = Counter()
+        self.recent: deque[tuple[int, int]] = deque(maxlen=recent)
+
+    def record(self, requests: int, candidates: int) -> None:
+        self.batches += 1
+        self.requests += requests
+        self.candidates += candidates
+        self.max_requests = max(self.max_requests, requests)
+        self.max_candidates = max(self.max_candidates, candidates)
+        self.requests_per_batch[requests] += 1
+        self.recent.append((requests, candidates))
+
+    def to_dict(self) -> dict:
+        return {"batches": self.batches, "requests": self.requests,
+                "candidates": self.candidates, "max_requests_per_batch": self.max_requests,
+                "max_candidates_per_batch": self.max_candidates,
+                "requests_per_batch": {str(k): v for k, v in
+                                       sorted(self.requests_per_batch.items())},
+                "recent_batches": [{"requests": r, "candidates": c} for r, c in self.recent]}
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing early (413) once it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, "body", f"{declared} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, "body", f"more than {limit} bytes; the limit is {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@serve.deployment(
+    # At least max_batch_size: batches count candidates, and with 1-candidate requests a full
+    # batch needs that many requests in flight (the default of 5 would silently cap batches).
+    max_ongoing_requests=1024,
+    ray_actor_options={"num_cpus": 1},
+    user_config=asdict(BatchingConfig()),
+    health_check_period_s=10,
+)
+@serve.ingress(api)
+class CTRServer:
+    """One replica: a checkpoint loaded once, requests scored in candidate-counted batches.
+
+    Args:
+        checkpoint: checkpoint, train output or tune output directory (`resolve_checkpoint`).
+        max_candidates, max_body_bytes: request limits (`RequestLimits`).
+        threads: torch intra-op threads for this replica (match its num_cpus).
+    """
+
+    def __init__(self, checkpoint: str, max_candidates: int = 1000,
+                 max_body_bytes: int = 1 << 20, threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        self.limits = RequestLimits(max_candidates=max_candidates, max_body_bytes=max_body_bytes)
+        self.served = ServedModel.load(checkpoint, self.limits)
+        self.stats = BatchStats()
+        self.config = BatchingConfig()
+        self.replica = f"{os.uname().nodename}:{os.getpid()}"
+        self.started = time.time()
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Apply a new `user_config` (batch size, wait) to the live batch queue."""
+        self.config = BatchingConfig.from_dict(user_config)
+        self.score_batch.set_max_batch_size(self.config.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
+        log.info("batching: %s", self.config)
+
+    @serve.batch(max_batch_size=BatchingConfig.max_batch_size,
+                 batch_wait_timeout_s=BatchingConfig.batch_wait_timeout_s,
+                 batch_size_fn=batch_cost)
+    async def score_batch(self, requests: list[ParsedRequest]) -> list[Scores]:
+        self.stats.record(len(requests), sum(r.num_candidates for r in requests))
+        # The forward pass runs off the event loop so that requests keep being read and
+        # validated (and queued for the next batch) meanwhile.
+        return await asyncio.to_thread(self.served.scorer.score, requests)
+
+    @api.post("/v1/ctr")
+    async def ctr(self, request: Request) -> JSONResponse:
+        try:
+            body = await _read_body(request, self.limits.max_body_bytes)
+            parsed = self.served.parser.parse_body(body)
+        except RequestError as e:
+            return JSONResponse(e.to_dict(), status_code=e.status)
+        scores = await self.score_batch(parsed)
+        return JSONResponse(self.served.response(parsed, scores))
+
+    @api.get("/v1/model")
+    def model(self) -> dict:
+        return {**self.served.info(), "serving": self._serving()}
+
+    @api.get("/v1/stats")
+    def batch_stats(self) -> dict:
+        return {**self._serving(), **self.stats.to_dict()}
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        return {"status": "ok", "model": self.served.model_ref()}
+
+    def _serving(self) -> dict:
+        return {"replica": self.replica, "uptime_s": round(time.time() - self.started, 3),
+                **asdict(self.config), "max_batch_size_counts": "candidates"}
+
+
+def _actor_options() -> dict:
+    """One CPU per replica, and this repository on the replica's import path: replicas unpickle
+    `CTRServer` by reference to `serve.app`, which is not an installed package (a `working_dir`
+    runtime_env, as in serve/config.yaml, serves the same purpose on a remote cluster)."""
+    path = [p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p]
+    return {"num_cpus": 1, "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(path)}}}
+
+
+def build_app(args: dict) -> Application:
+    """`serve run serve.app:build_app checkpoint=DIR [max_batch_size=N] [batch_wait_ms=MS]
+    [max_candidates=N] [max_body_bytes=N] [threads=N] [max_ongoing_requests=N]` (values arrive
+    as strings from the command line or as YAML scalars from `serve/config.yaml`'s `args`)."""
+    args = dict(args)
+    if "checkpoint" not in args:
+        raise ValueError("build_app needs checkpoint=DIR (a checkpoint, train or tune output)")
+    checkpoint = str(args.pop("checkpoint"))
+    batching = BatchingConfig(
+        max_batch_size=int(args.pop("max_batch_size", BatchingConfig.max_batch_size)),
+        batch_wait_timeout_s=float(args.pop("batch_wait_ms",
+                                            BatchingConfig.batch_wait_timeout_s * 1e3)) / 1e3)
+    options: dict = {"user_config": asdict(batching), "ray_actor_options": _actor_options()}
+    if "max_ongoing_requests" in args:
+        options["max_ongoing_requests"] = int(args.pop("max_ongoing_requests"))
+    server_args = {k: int(args.pop(k)) for k in ("max_candidates", "max_body_bytes", "threads")
+                   if k in args}
+    if args:
+        raise ValueError(f"unknown build_app arguments {sorted(args)}; known: checkpoint, "
+                         "max_batch_size, batch_wait_ms, max_candidates, max_body_bytes, "
+                         "threads, max_ongoing_requests")
+    return CTRServer.options(**options).bind(checkpoint, **server_args)
