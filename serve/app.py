@@ -215,8 +215,9 @@ def _actor_options() -> dict:
 
 def build_app(args: dict) -> Application:
     """`serve run serve.app:build_app checkpoint=DIR [max_batch_size=N] [batch_wait_ms=MS]
-    [max_candidates=N] [max_body_bytes=N] [threads=N] [max_ongoing_requests=N]` (values arrive
-    as strings from the command line or as YAML scalars from `serve/config.yaml`'s `args`)."""
+    [max_candidates=N] [max_body_bytes=N] [threads=N] [max_ongoing_requests=N]
+    [num_replicas=N]` (values arrive as strings from the command line or as YAML scalars from
+    `serve/config.yaml`'s `args`)."""
     args = dict(args)
     if "checkpoint" not in args:
         raise ValueError("build_app needs checkpoint=DIR (a checkpoint, train or tune output)")
@@ -226,12 +227,71 @@ def build_app(args: dict) -> Application:
         batch_wait_timeout_s=float(args.pop("batch_wait_ms",
                                             BatchingConfig.batch_wait_timeout_s * 1e3)) / 1e3)
     options: dict = {"user_config": asdict(batching), "ray_actor_options": _actor_options()}
-    if "max_ongoing_requests" in args:
-        options["max_ongoing_requests"] = int(args.pop("max_ongoing_requests"))
+    for key in ("max_ongoing_requests", "num_replicas"):
+        if key in args:
+            options[key] = int(args.pop(key))
     server_args = {k: int(args.pop(k)) for k in ("max_candidates", "max_body_bytes", "threads")
                    if k in args}
     if args:
         raise ValueError(f"unknown build_app arguments {sorted(args)}; known: checkpoint, "
                          "max_batch_size, batch_wait_ms, max_candidates, max_body_bytes, "
-                         "threads, max_ongoing_requests")
+                         "threads, max_ongoing_requests, num_replicas")
     return CTRServer.options(**options).bind(checkpoint, **server_args)
+
+
+def app_config(args: dict, *, host: str = "127.0.0.1", port: int = 8000,
+               user_config: dict | None = None, deployment: dict | None = None,
+               access_log: bool = False) -> dict:
+    """A `serve deploy`-style config (the schema of serve/config.yaml) for this app.
+
+    Args:
+        args: `build_app` arguments (checkpoint=... at least).
+        user_config: batching settings (`BatchingConfig` fields); changing only these and
+            deploying again reconfigures the running replicas instead of restarting them.
+        deployment: further deployment options (num_replicas, autoscaling_config, ...).
+    """
+    overrides = {"name": "CTRServer", **(deployment or {})}
+    if user_config is not None:
+        overrides["user_config"] = asdict(BatchingConfig.from_dict(user_config))
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": port},
+        "applications": [{
+            # An installed module, so the controller can import it whatever its sys.path.
+            "name": "din", "route_prefix": "/", "import_path": "din_ray.serve_cli:build_app",
+            "args": {k: v for k, v in args.items() if v is not None},
+            "logging_config": {"enable_access_log": access_log},
+            "deployments": [overrides],
+        }],
+    }
+
+
+def deploy(config: dict, timeout_s: float = 120) -> None:
+    """Deploy `config` to the connected Ray cluster the way `serve run config.yaml` does, and
+    wait until the application runs. A second call that changes only `user_config` updates
+    the live replicas through `reconfigure` (Serve's versioning of config deployments); a
+    Python `serve.run` would replace them."""
+    from ray.serve._private.api import serve_start  # what the `serve` CLI itself calls
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_start(http_options=schema.http_options.model_dump(),
+                         proxy_location=schema.proxy_location)
+    client.deploy_apps(schema)
+    names = [a.name for a in schema.applications]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        apps = serve.status().applications
+        states = {n: apps[n].status if n in apps else "MISSING" for n in names}
+        if all(s == "RUNNING" for s in states.values()):
+            busy = [d for n in names for d in apps[n].deployments.values()
+                    if d.status != "HEALTHY"]
+            if not busy:
+                return
+        failed = {n: apps[n].message for n in names
+                  if n in apps and apps[n].status in ("DEPLOY_FAILED", "UNHEALTHY")}
+        if failed:
+            raise RuntimeError(f"Serve application failed: {failed}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve applications not running after {timeout_s}s: {states}")
+        time.sleep(0.2)

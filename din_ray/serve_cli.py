@@ -1,0 +1,105 @@
+"""`din-ray serve`: host a checkpoint behind Ray Serve on this machine.
+
+    din-ray serve --checkpoint runs/din              # train output (has checkpoint/)
+    din-ray serve --checkpoint runs/tune             # tune output (best.json names the best)
+    curl -s 127.0.0.1:8000/v1/model
+
+Starts (or joins, with --address) a Ray cluster, deploys `serve/app.py`'s application and keeps
+it up until Ctrl-C or SIGTERM, then shuts Serve down. Binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+import time
+from pathlib import Path
+
+from din_ray.serving import resolve_checkpoint
+
+
+def load_app_module():
+    """`serve.app`, from the repository next to this package when it is not on the path
+    (din-ray is installed in development mode; `serve/` is not part of the package)."""
+    try:
+        return importlib.import_module("serve.app")
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parents[1]
+        if not (root / "serve" / "app.py").exists():
+            raise FileNotFoundError(f"{root / 'serve' / 'app.py'}: the Serve app is not there; "
+                                    "run din-ray from a source checkout") from None
+        sys.path.insert(0, str(root))
+        return importlib.import_module("serve.app")
+
+
+def build_app(args: dict):
+    """Serve import target that works wherever din-ray is installed
+    (`import_path: din_ray.serve_cli:build_app`): serve/app.py's `build_app`."""
+    return load_app_module().build_app(args)
+
+
+def app_config(args: argparse.Namespace, checkpoint: Path) -> dict:
+    """The Serve config (serve/config.yaml's schema) for the command line's settings."""
+    build_args = {"checkpoint": str(checkpoint), "max_candidates": args.max_candidates,
+                  "max_body_bytes": args.max_body_bytes, "threads": args.threads,
+                  "num_replicas": args.replicas,
+                  "max_ongoing_requests": max(args.max_ongoing_requests, args.max_batch_size)}
+    user_config = {"max_batch_size": args.max_batch_size,
+                   "batch_wait_timeout_s": args.batch_wait_ms / 1e3}
+    return load_app_module().app_config(build_args, host=args.host, port=args.port,
+                                        user_config=user_config, access_log=args.access_log)
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _serve(args: argparse.Namespace) -> int:
+    checkpoint = resolve_checkpoint(args.checkpoint).resolve()
+    config = app_config(args, checkpoint)
+
+    import ray
+    from ray import serve
+
+    init = {"address": args.address} if args.address else {"num_cpus": args.num_cpus}
+    if args.temp_dir and not args.address:
+        init["_temp_dir"] = str(Path(args.temp_dir).resolve())
+    ray.init(**init, log_to_driver=args.verbose)
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        load_app_module().deploy(config)
+        print(f"serving {checkpoint} at http://{args.host}:{args.port}/v1/ctr "
+              "(GET /v1/model, /v1/stats, /healthz); Ctrl-C to stop", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("stopping", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a checkpoint over HTTP with Ray Serve")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint, train output (checkpoint/) or tune output (best.json)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=1024,
+                   help="candidates (not requests) merged into one forward pass")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0,
+                   help="how long a batch waits to fill")
+    p.add_argument("--max-ongoing-requests", type=int, default=1024,
+                   help="requests in flight per replica (raised to the batch size if lower)")
+    p.add_argument("--max-candidates", type=int, default=1000, help="per request")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="per request")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
+    p.add_argument("--address", default=None, help="join this Ray cluster instead")
+    p.add_argument("--temp-dir", default=None, help="Ray temp dir of the local cluster")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    p.set_defaults(func=_serve)

@@ -1,0 +1,84 @@
+"""Shared pieces of the serving tests: a tiny trained checkpoint, request payloads built from
+real test rows, and offline scores computed the way `din-ray evaluate` does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from builders import write_tiny_dataset
+
+from din_ray.data.format import PreparedDataset
+from din_ray.schema import OOV_ID, PAD_ID
+from din_ray.train import TrainConfig, forward, load_model, run_local
+
+
+def train_tiny(root: Path, model: str = "din") -> Path:
+    """Train `model` for one epoch on a tiny dataset; returns the train output directory."""
+    data = root / "data"
+    if not data.exists():
+        write_tiny_dataset(data, rows=600, seed=0)
+    out = root / model
+    run_local(TrainConfig(data=str(data), output=str(out), model=model, epochs=1,
+                          batch_size=64, embedding_dim=8, attention_hidden=(16, 8),
+                          mlp_hidden=(16, 8), threads=1, seed=1))
+    return out
+
+
+def raw_items(data: Path) -> dict[int, str]:
+    """Dense item id -> raw id string (the tiny data's item vocabulary is i<k>)."""
+    t = pq.read_table(data / "vocab" / "item_id.parquet")
+    return dict(zip(t.column("id").to_pylist(), t.column("raw").to_pylist()))
+
+
+def payloads(data: Path, n: int, candidates: int = 6, seed: int = 0) -> list[dict]:
+    """Requests for `n` test rows: the row's history (raw item ids; categories are dense ids,
+    the tiny data has no category vocabulary) and `candidates` ads including the row's own."""
+    ds = PreparedDataset.open(data)
+    rows = ds.read_split("test")
+    raw = raw_items(data)
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        hist = rows["hist_item_id"][i]
+        real = hist != PAD_ID
+        items = [int(rows["item_id"][i])] + rng.choice(sorted(raw), candidates - 1).tolist()
+        cates = [int(rows["cate_id"][i])] + rng.integers(2, 6, candidates - 1).tolist()
+        out.append({
+            "history": {"item_id": [raw[int(h)] for h in hist[real]],
+                        "cate_id": [int(c) for c in rows["hist_cate_id"][i][real]]},
+            "candidates": [{"item_id": raw[int(it)], "cate_id": c}
+                           for it, c in zip(items, cates)],
+        })
+    return out
+
+
+def offline_scores(checkpoint: Path, payload: dict) -> tuple[list[float], np.ndarray | None]:
+    """CTR of every candidate via `train.load_model` + `train.forward` on the equivalent
+    prepared batch (the user's history repeated per candidate), and DIN's attention weights
+    (C, history kept)."""
+    model, tables, c = load_model(checkpoint)
+    t = pq.read_table(checkpoint / "vocab" / "item_id.parquet")
+    vocab = dict(zip(t.column("raw").to_pylist(), t.column("id").to_pylist()))
+    L = c.schema.max_history
+    hist_items = [vocab.get(str(x), OOV_ID) for x in payload["history"]["item_id"]][-L:]
+    hist_cates = [x if 2 <= x < c.schema.tables["cate_id"][0] else OOV_ID
+                  for x in payload["history"]["cate_id"]][-L:]
+    cands = payload["candidates"]
+    C = len(cands)
+    batch = {"hist_item_id": torch.zeros(C, L, dtype=torch.long),
+             "hist_cate_id": torch.zeros(C, L, dtype=torch.long),
+             "item_id": torch.tensor([vocab.get(str(x["item_id"]), OOV_ID) for x in cands]),
+             "cate_id": torch.tensor([x["cate_id"] for x in cands])}
+    batch["hist_item_id"][:, :len(hist_items)] = torch.tensor(hist_items, dtype=torch.long)
+    batch["hist_cate_id"][:, :len(hist_cates)] = torch.tensor(hist_cates, dtype=torch.long)
+    with torch.no_grad():
+        probs = torch.sigmoid(forward(model, tables, batch)).tolist()
+        weights = None
+        if hasattr(model, "attention"):
+            emb = tables.lookup(model.sparse_inputs(batch))
+            _, w = model.user_interest(emb, batch)
+            weights = w[:, :len(hist_items)].numpy()
+    return probs, weights

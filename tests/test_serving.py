@@ -1,0 +1,232 @@
+"""Serving core without Ray: request validation, raw-id mapping, scores equal offline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from serve_helpers import offline_scores, payloads, train_tiny
+
+from din_ray.checkpoint import CheckpointError
+from din_ray.embedding import EmbeddingTables
+from din_ray.model import ModelConfig, build_model
+from din_ray.schema import OOV_ID, Feature, Schema
+from din_ray.serving import (
+    RequestError,
+    RequestLimits,
+    RequestParser,
+    Scorer,
+    ServedModel,
+    Vocabulary,
+    load_vocabularies,
+    resolve_checkpoint,
+)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    return {"root": root, "din": train_tiny(root, "din"), "base": train_tiny(root, "base")}
+
+
+@pytest.fixture(scope="module")
+def din(runs):
+    return ServedModel.load(runs["din"], RequestLimits(max_candidates=8, max_body_bytes=4000))
+
+
+def _score(served: ServedModel, payload: dict) -> dict:
+    parsed = served.parser.parse_body(json.dumps(payload).encode())
+    return served.response(parsed, served.scorer.score([parsed])[0])
+
+
+def test_vocabulary_maps_raw_ids_as_strings_and_unseen_to_oov():
+    v = Vocabulary("item_id", 10, {"296": 5, "Comedy": 7})
+    assert v.encode(296, "f") == v.encode("296", "f") == 5
+    assert v.encode("Comedy", "f") == 7
+    assert v.encode("never-seen", "f") == v.encode(1234, "f") == OOV_ID
+    for bad in (True, 2.5, None, [1], {"a": 1}):
+        with pytest.raises(RequestError) as e:
+            v.encode(bad, "candidates[2].item_id")
+        assert e.value.status == 422 and e.value.field == "candidates[2].item_id"
+    dense = Vocabulary("cate_id", 6, None)  # no vocabulary file: dense ids pass through
+    assert [dense.encode(i, "f") for i in (0, 1, 2, 5, 6, -3)] == [1, 1, 2, 5, 1, 1]
+    with pytest.raises(RequestError, match="dense integer id"):
+        dense.encode("3", "f")
+
+
+def test_resolve_checkpoint_accepts_checkpoint_train_and_tune_dirs(runs, tmp_path):
+    ckpt = runs["din"] / "checkpoint"
+    assert resolve_checkpoint(ckpt) == ckpt
+    assert resolve_checkpoint(runs["din"]) == ckpt
+    tune = tmp_path / "tune"
+    tune.mkdir()
+    (tune / "best.json").write_text(json.dumps({"checkpoint": str(ckpt), "gauc": 0.6}))
+    assert resolve_checkpoint(tune) == ckpt
+    (tune / "best.json").write_text(json.dumps({"checkpoint": "trial/checkpoint"}))
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        resolve_checkpoint(tune)  # best.json names a missing directory
+    (tune / "best.json").write_text("[]")
+    with pytest.raises(CheckpointError, match="best.json"):
+        resolve_checkpoint(tune)
+    with pytest.raises(CheckpointError):
+        resolve_checkpoint(tmp_path)
+
+
+def test_scores_equal_offline_predictions(runs, din):
+    for payload in payloads(runs["root"] / "data", 5):
+        served = _score(din, payload)
+        offline, _ = offline_scores(runs["din"] / "checkpoint", payload)
+        assert len(served["scores"]) == len(payload["candidates"])
+        np.testing.assert_allclose(served["scores"], offline, atol=1e-5, rtol=0)
+        assert served["model"]["name"] == "din" and len(served["model"]["version"]) == 12
+        assert "explain" not in served
+
+
+def test_candidate_order_is_kept(runs, din):
+    payload = payloads(runs["root"] / "data", 1, candidates=7, seed=3)[0]
+    forward = _score(din, payload)["scores"]
+    payload["candidates"] = payload["candidates"][::-1]
+    assert _score(din, payload)["scores"] == pytest.approx(forward[::-1], abs=1e-6)
+
+
+def test_explain_gives_attention_weights_of_kept_history(runs, din):
+    payload = payloads(runs["root"] / "data", 8, seed=1)
+    payload = max(payload, key=lambda p: len(p["history"]["item_id"]))  # a non-empty history
+    payload["explain"] = True
+    out = _score(din, payload)
+    _, weights = offline_scores(runs["din"] / "checkpoint", payload)
+    n = len(payload["history"]["item_id"])
+    assert out["explain"]["history_used"] == n > 0
+    assert np.asarray(out["explain"]["weights"]).shape == (len(payload["candidates"]), n)
+    np.testing.assert_allclose(out["explain"]["weights"], weights, atol=1e-5)
+
+
+def test_long_history_keeps_the_most_recent(runs, din):
+    L = din.parser.max_len
+    payload = payloads(runs["root"] / "data", 1)[0]
+    payload["history"] = {"item_id": [f"i{k}" for k in range(2, 2 + L + 3)],
+                          "cate_id": [2 + k % 4 for k in range(L + 3)], }
+    payload["explain"] = True
+    long = _score(din, payload)
+    recent = {"item_id": payload["history"]["item_id"][-L:],
+              "cate_id": payload["history"]["cate_id"][-L:]}
+    short = _score(din, {**payload, "history": recent})
+    assert long["scores"] == short["scores"]
+    assert long["explain"]["history_dropped"] == 3 and long["explain"]["history_used"] == L
+    oldest = {"item_id": payload["history"]["item_id"][:L],
+              "cate_id": payload["history"]["cate_id"][:L]}
+    assert _score(din, {**payload, "history": oldest})["scores"] != long["scores"]
+
+
+def test_a_batch_of_requests_scores_like_each_alone(runs, din):
+    reqs = [din.parser.parse(p) for p in payloads(runs["root"] / "data", 4, seed=5)]
+    reqs.append(din.parser.parse({"candidates": [{"item_id": "i4", "cate_id": 3}]}))  # no history
+    together = din.scorer.score(reqs)
+    for r, t in zip(reqs, together):
+        assert t.ctr == pytest.approx(din.scorer.score([r])[0].ctr, abs=1e-6)
+
+
+def test_base_model_explain_is_null_with_a_note(runs):
+    base = ServedModel.load(runs["base"])
+    payload = {**payloads(runs["root"] / "data", 1)[0], "explain": True}
+    out = _score(base, payload)
+    assert out["explain"] is None and "no per-behaviour activation weights" in out["explain_note"]
+    offline, weights = offline_scores(runs["base"] / "checkpoint", payload)
+    assert weights is None
+    np.testing.assert_allclose(out["scores"], offline, atol=1e-5, rtol=0)
+
+
+def test_user_and_context_features_are_shared_by_candidates():
+    schema = Schema((
+        Feature("age", "user", "age", 7, 4),
+        Feature("item_id", "ad", "item_id", 20, 4),
+        Feature("hist_item_id", "behavior", "item_id", 20, 4, 4, "item_id"),
+        Feature("hour", "context", "hour", 26, 4),
+    ))
+    model = build_model(schema, ModelConfig(attention_hidden=(8,), mlp_hidden=(8,))).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    tables = EmbeddingTables(model.table_specs(), init_std=0.5).eval()
+    vocabs = {"age": Vocabulary("age", 7, {"30-39": 3}), "item_id": Vocabulary("item_id", 20, None),
+              "hour": Vocabulary("hour", 26, None)}
+    parser = RequestParser(schema, vocabs)
+    req = parser.parse({"user": {"age": "30-39"}, "context": {"hour": 13},
+                        "history": {"item_id": [5, 6, 7, 8, 9]},
+                        "candidates": [{"item_id": i} for i in (3, 4, 19, 25)]})
+    assert req.user == {"age": 3, "hour": 13} and req.history_dropped == 1
+    got = Scorer(model, tables, schema).score([req])[0].ctr
+    full = {"age": torch.full((4,), 3), "hour": torch.full((4,), 13),
+            "hist_item_id": torch.tensor([[6, 7, 8, 9]] * 4),
+            "item_id": torch.tensor([3, 4, 19, OOV_ID])}
+    with torch.no_grad():
+        want = torch.sigmoid(model(tables.lookup(model.sparse_inputs(full)), full)).tolist()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    for payload, field in (({"context": {"hour": 1}, "candidates": [{"item_id": 3}]}, "user"),
+                           ({"user": {}, "context": {"hour": 1},
+                             "candidates": [{"item_id": 3}]}, "user.age"),
+                           ({"user": {"age": 1}, "candidates": [{"item_id": 3}]}, "context"),
+                           ({"user": {"age": 1}, "context": {"hour": 1, "day": 2},
+                             "candidates": [{"item_id": 3}]}, "context.day")):
+        with pytest.raises(RequestError) as e:
+            parser.parse(payload)
+        assert e.value.field == field
+
+
+GOOD_CANDIDATE = {"item_id": "i3", "cate_id": 2}
+BAD_REQUESTS = [
+    (b"{bad json", 400, "body"),
+    (b"\xff\xfe\x00", 400, "body"),
+    (b"[1, 2]", 422, "body"),
+    (b"{}", 422, "candidates"),
+    ({"candidates": []}, 422, "candidates"),
+    ({"candidates": {"item_id": "i3"}}, 422, "candidates"),
+    ({"candidates": [GOOD_CANDIDATE] * 9}, 422, "candidates"),  # limit is 8 here
+    ({"candidates": [GOOD_CANDIDATE, {"item_id": "i4"}]}, 422, "candidates[1].cate_id"),
+    ({"candidates": [{**GOOD_CANDIDATE, "price": 3}]}, 422, "candidates[0].price"),
+    ({"candidates": [{"item_id": 1.5, "cate_id": 2}]}, 422, "candidates[0].item_id"),
+    ({"candidates": [{"item_id": None, "cate_id": 2}]}, 422, "candidates[0].item_id"),
+    ({"candidates": [{"item_id": "i3", "cate_id": "Drama"}]}, 422, "candidates[0].cate_id"),
+    ({"candidates": ["i3"]}, 422, "candidates[0]"),
+    ({"candidates": [GOOD_CANDIDATE], "history": {"item_id": ["i1", "i2"], "cate_id": [2]}},
+     422, "history.cate_id"),
+    ({"candidates": [GOOD_CANDIDATE], "history": {"item_id": ["i1"]}}, 422, "history.cate_id"),
+    ({"candidates": [GOOD_CANDIDATE], "history": {"hist_item_id": ["i1"], "cate_id": [2]}},
+     422, "history.hist_item_id"),
+    ({"candidates": [GOOD_CANDIDATE], "history": {"item_id": "i1", "cate_id": [2]}},
+     422, "history.item_id"),
+    ({"candidates": [GOOD_CANDIDATE], "history": {"item_id": ["i1", True],
+                                                  "cate_id": [2, 3]}}, 422, "history.item_id[1]"),
+    ({"candidates": [GOOD_CANDIDATE], "history": [["i1", 2]]}, 422, "history"),
+    ({"candidates": [GOOD_CANDIDATE], "foo": 1}, 422, "foo"),
+    ({"candidates": [GOOD_CANDIDATE], "explain": "yes"}, 422, "explain"),
+    ({"candidates": [GOOD_CANDIDATE], "user": {"age": 3}}, 422, "user.age"),
+    ({"candidates": [GOOD_CANDIDATE], "context": {"hour": 3}}, 422, "context.hour"),
+    ({"candidates": [GOOD_CANDIDATE], "history": {"item_id": ["i1"] * 800,
+                                                  "cate_id": [2] * 800}}, 413, "body"),
+]
+
+
+@pytest.mark.parametrize("body,status,field", BAD_REQUESTS)
+def test_bad_requests_name_the_field(din, body, status, field):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    with pytest.raises(RequestError) as e:
+        din.parser.parse_body(raw)
+    assert (e.value.status, e.value.field) == (status, field), e.value
+    assert e.value.to_dict()["error"]["field"] == field
+
+
+def test_hint_for_behaviour_names_in_history(din):
+    with pytest.raises(RequestError, match="keyed by the ad feature: 'item_id'"):
+        din.parser.parse({"candidates": [GOOD_CANDIDATE],
+                          "history": {"hist_item_id": [], "cate_id": []}})
+
+
+def test_vocabularies_are_loaded_from_the_checkpoint(runs, din):
+    vocabs = load_vocabularies(din.path, din.checkpoint.schema)
+    assert vocabs["item_id"].mapping["i7"] == 7 and vocabs["cate_id"].mapping is None
+    info = din.info()
+    assert info["vocab_sizes"] == {"item_id": 30, "cate_id": 6}
+    assert info["request"]["history"] == ["item_id", "cate_id"]
+    assert info["model"]["checkpoint"] == str(din.path) and "valid_gauc" in info["metrics"]
