@@ -60,11 +60,15 @@ def write_worker_files(directory: str | Path, tables: EmbeddingTables,
                        optimizer: RowWiseOptimizer | None) -> None:
     """Write this worker's row block of every table, with its optimizer moments."""
     directory = Path(directory)
-    for name in tables.specs:
-        start, end = tables.blocks[name]
-        blob = {"weight": tables.weight(name).clone()}
+    for name, spec in tables.specs.items():
+        # The worker's row_block, which is all it holds unless the table is replicated (then
+        # every worker holds all rows and saves its row_block's slice, as the manifest lists).
+        start, end = row_block(spec.num_rows, tables.rank, tables.world_size)
+        held = tables.blocks[name][0]
+        blob = {"weight": tables.weight(name)[start - held:end - held].cpu().clone()}
         if optimizer is not None:
-            blob.update({k: v.clone() for k, v in optimizer.state_rows(name).items()})
+            blob.update({k: v[start - held:end - held].cpu().clone()
+                         for k, v in optimizer.state_rows(name).items()})
         _atomic_torch_save(blob, directory / shard_file(name, start, end))
 
 

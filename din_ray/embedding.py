@@ -117,11 +117,13 @@ class EmbeddingTables(torch.nn.Module):
             flat = torch.cat([requests[k][1].reshape(-1) for k in keys]).long()
             unique, inverse = torch.unique(flat, return_inverse=True)
             vectors = self._fetch(table, unique)  # (U, dim)
+            dim = self.specs[table].dim
             gathered = vectors[inverse]  # (sum of request sizes, dim)
             offset = 0
             for k in keys:
                 ids = requests[k][1]
-                out[k] = gathered[offset:offset + ids.numel()].reshape(*ids.shape, -1)
+                # (explicit width: an empty batch, S = (0, ...), cannot infer -1)
+                out[k] = gathered[offset:offset + ids.numel()].reshape(*ids.shape, dim)
                 offset += ids.numel()
         return out
 

@@ -77,6 +77,15 @@ class TrainConfig:
     # execution
     workers: int = 1
     threads: int = 0  # torch intra-op threads per worker; 0 keeps torch's default
+    # distributed (Ray Train; see din_ray.distributed)
+    storage_path: str = ""  # Ray Train storage: local dir or s3:// / gs:// URI; "" = OUTPUT/ray
+    run_name: str = "train"  # same storage_path + run_name resumes the run
+    address: str = ""  # Ray cluster to join; "" = $RAY_ADDRESS, else start a local Ray
+    max_failures: int = 1  # worker-group restarts (from the latest checkpoint) before giving up
+    use_gpu: bool = False  # one GPU per worker, NCCL for the embedding exchanges
+    # Oversubscribed on small machines on purpose: Ray Data needs CPUs of its own to read.
+    cpus_per_worker: float = 1.0
+    replicate_below: int = 1024  # tables with fewer rows are replicated, larger ones row-sharded
     extra: dict = field(default_factory=dict)  # free-form, recorded in the checkpoint
 
     def __post_init__(self) -> None:
@@ -84,7 +93,9 @@ class TrainConfig:
                   "eval_batch_size": self.eval_batch_size >= 1, "lr": self.lr > 0,
                   "lr_decay": 0 < self.lr_decay <= 1, "workers": self.workers >= 1,
                   "embedding_dim": self.embedding_dim >= 1, "lam": self.lam >= 0,
-                  "patience": self.patience >= 0}
+                  "patience": self.patience >= 0, "max_failures": self.max_failures >= -1,
+                  "cpus_per_worker": self.cpus_per_worker > 0,
+                  "replicate_below": self.replicate_below >= 0}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
