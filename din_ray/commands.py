@@ -6,6 +6,7 @@ import argparse
 import json
 
 from din_ray.model import ACTIVATIONS, model_names
+from din_ray.regularization import REGULARIZERS
 from din_ray.train import TrainConfig, evaluate_checkpoint, run_local
 
 
@@ -19,7 +20,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared data directory (din-ray prepare ...)")
     p.add_argument("--model", default=d.model, choices=model_names())
     p.add_argument("--activation", default=d.activation, choices=ACTIVATIONS)
-    p.add_argument("--reg", default=d.reg, help="embedding regularizer: mba | none | ...")
+    p.add_argument("--reg", default=d.reg, choices=REGULARIZERS,
+                   help="regularizer (paper §6.5; see din_ray.regularization)")
+    p.add_argument("--filter-top-k", type=int, default=d.filter_top_k,
+                   help="--reg filter: ids kept per table, the most frequent")
+    p.add_argument("--id-dropout", type=float, default=d.id_dropout,
+                   help="--reg dropout: share of each training sample's ids discarded")
     p.add_argument("--lam", type=float, default=d.lam, help="regularization strength λ")
     p.add_argument("--optimizer", default=d.optimizer, choices=("adam", "sgd"))
     p.add_argument("--lr", type=float, default=d.lr)
@@ -42,6 +48,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
     values = dict(
         data=args.data, model=args.model, activation=args.activation, reg=args.reg, lam=args.lam,
+        filter_top_k=args.filter_top_k, id_dropout=args.id_dropout,
         optimizer=args.optimizer, lr=args.lr, lr_decay=args.lr_decay, batch_size=args.batch_size,
         epochs=args.epochs, patience=args.patience, embedding_dim=args.embedding_dim,
         attention_hidden=args.attention_hidden, mlp_hidden=args.mlp_hidden,

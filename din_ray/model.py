@@ -27,7 +27,7 @@ from din_ray.schema import PAD_ID, Schema
 Batch = dict[str, Tensor]
 SparseRequests = dict[str, tuple[str, Tensor]]  # lookup key -> (table name, ids of any shape)
 
-MODELS = ("din", "base", "popularity")
+MODELS = ("din", "base", "popularity")  # plus din_ray.baselines: see model_names()
 ACTIVATIONS = ("dice", "prelu")
 
 
@@ -421,11 +421,19 @@ def register_model(name: str, cls: type[CTRModel]) -> None:
     _REGISTRY[name] = cls
 
 
+def _register_builtin_baselines() -> None:
+    """Import `din_ray.baselines` (LR, Wide&Deep, PNN, DeepFM), which registers itself. Done on
+    first use rather than at import time: baselines imports this module."""
+    import din_ray.baselines  # noqa: F401
+
+
 def model_names() -> tuple[str, ...]:
+    _register_builtin_baselines()
     return tuple(_REGISTRY)
 
 
 def build_model(schema: Schema, config: ModelConfig) -> CTRModel:
+    _register_builtin_baselines()
     if config.model not in _REGISTRY:
         raise ValueError(f"model must be one of {model_names()}, got {config.model!r}")
     return _REGISTRY[config.model](schema, config)

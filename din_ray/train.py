@@ -35,8 +35,8 @@ from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.embedding import EmbeddingTables, RowWiseOptimizer
 from din_ray.metrics import evaluate_predictions
 from din_ray.model import CTRModel, ModelConfig, Popularity, build_model
-from din_ray.regularization import build_regularizer
-from din_ray.schema import Schema
+from din_ray.regularization import REGULARIZERS, IdDropout, IdFilter, build_regularizer
+from din_ray.schema import PAD_ID, Schema
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,10 @@ class TrainConfig:
     smoothing: float = 20.0
     init_std: float = 0.01
     # optimisation
-    reg: str = "mba"
+    reg: str = "mba"  # one of din_ray.regularization.REGULARIZERS
     lam: float = 0.01
+    filter_top_k: int = 0  # reg="filter": ids kept per table (the most frequent)
+    id_dropout: float = 0.5  # reg="dropout": share of a sample's ids discarded (paper: 50 %)
     optimizer: str = "adam"
     lr: float = 1e-3
     lr_decay: float = 0.9
@@ -93,12 +95,19 @@ class TrainConfig:
                   "eval_batch_size": self.eval_batch_size >= 1, "lr": self.lr > 0,
                   "lr_decay": 0 < self.lr_decay <= 1, "workers": self.workers >= 1,
                   "embedding_dim": self.embedding_dim >= 1, "lam": self.lam >= 0,
-                  "patience": self.patience >= 0, "max_failures": self.max_failures >= -1,
+                  "patience": self.patience >= 0, "filter_top_k": self.filter_top_k >= 0,
+                  "id_dropout": 0 <= self.id_dropout < 1,
+                  "max_failures": self.max_failures >= -1,
                   "cpus_per_worker": self.cpus_per_worker > 0,
                   "replicate_below": self.replicate_below >= 0}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
+        if self.reg not in REGULARIZERS:
+            raise ValueError(f"reg must be one of {REGULARIZERS}, got {self.reg!r}")
+        if self.reg == "filter" and self.filter_top_k < 1:
+            raise ValueError("reg='filter' needs filter_top_k >= 1 (ids kept per table), got "
+                             f"{self.filter_top_k}")
         self.model_config()  # validates model fields
 
     def model_config(self) -> ModelConfig:
@@ -241,6 +250,64 @@ def evaluate_split(model, tables, batches, schema, env) -> dict:
     return evaluate_predictions(p["label"], p["prob"], p["user"])
 
 
+class BatchRegularizer:
+    """The data-level regularizers of `cfg.reg` applied to batches as they are loaded.
+
+    `filter` remaps ids in every split (training and evaluation see the same ids); `dropout`
+    discards ids of training batches only, from a generator seeded by (seed, epoch, rank) so a
+    resumed run draws the same drops.
+    """
+
+    def __init__(self, cfg: TrainConfig, dataset: PreparedDataset, rank: int = 0) -> None:
+        self.cfg, self.rank = cfg, rank
+        schema = dataset.schema
+        self.filter = (IdFilter(schema, dataset.counts(), cfg.filter_top_k)
+                       if cfg.reg == "filter" else None)
+        self.dropout = IdDropout(schema, cfg.id_dropout) if cfg.reg == "dropout" else None
+
+    def train(self, batches: Iterator[dict[str, np.ndarray]], epoch: int
+              ) -> Iterator[dict[str, np.ndarray]]:
+        rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])
+        for batch in batches:
+            if self.filter is not None:
+                batch = self.filter(batch)
+            if self.dropout is not None:
+                batch = self.dropout(batch, rng)
+            yield batch
+
+    def eval(self, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
+        for batch in batches:
+            yield self.filter(batch) if self.filter is not None else batch
+
+
+def tables_without_counts(model: CTRModel, counts: dict[str, np.ndarray]) -> list[str]:
+    """Tables of `model` with no n_j in `counts`, neither their own nor, for `<table>.<suffix>`,
+    their base table's (the fallback of `MiniBatchAware._inv`)."""
+    return [t for t in model.table_specs() if t not in counts and t.split(".", 1)[0] not in counts]
+
+
+def table_counts(model: CTRModel, tables: list[str], batches) -> dict[str, np.ndarray]:
+    """n_j for `tables` (e.g. Wide&Deep's hashed cross ids, which no prepared data counts):
+    the number of samples in `batches` whose lookups include id j. -> table -> (rows,) int64"""
+    specs = model.table_specs()
+    missing = list(tables)
+    out = {t: np.zeros(specs[t].num_rows, np.int64) for t in missing}
+    with torch.no_grad():
+        for batch in batches:
+            n = len(batch[model.schema.label])
+            per_table: dict[str, list[np.ndarray]] = {t: [] for t in missing}
+            for table, ids in model.sparse_inputs(to_torch(batch)).values():
+                if table in per_table:
+                    per_table[table].append(ids.reshape(n, -1).numpy())
+            for table, parts in per_table.items():
+                ids = np.sort(np.concatenate(parts, axis=1), axis=1)  # (B, slots)
+                first = np.ones_like(ids, dtype=bool)
+                first[:, 1:] = ids[:, 1:] != ids[:, :-1]  # count an id once per sample
+                keep = ids[first & (ids != PAD_ID)]
+                out[table] += np.bincount(keep, minlength=len(out[table]))
+    return out
+
+
 def _fit_popularity(model: Popularity, tables: EmbeddingTables, env: WorkerEnv) -> float:
     """Fill the popularity table from click/impression counts over the training split."""
     rows = model.candidate.vocab_size
@@ -275,7 +342,15 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
         dense_opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
                      else torch.optim.SGD(params, lr=cfg.lr))
     sparse_opt = RowWiseOptimizer(tables, cfg.optimizer, lr=cfg.lr)
-    regularizer = build_regularizer(cfg.reg, cfg.lam, dataset.counts())
+    data_reg = BatchRegularizer(cfg, dataset, env.rank)
+    counts = dataset.counts()
+    missing = tables_without_counts(model, counts)
+    if cfg.reg in ("mba", "difacto") and cfg.lam > 0 and missing:
+        local = table_counts(model, missing, data_reg.eval(env.train_batches(0)))
+        counts = {**counts, **{t: env.all_reduce_sum(torch.from_numpy(c)).numpy()
+                               for t, c in local.items()}}
+    steps_per_epoch = math.ceil(dataset.num_rows("train") / (cfg.batch_size * env.world_size))
+    regularizer = build_regularizer(cfg.reg, cfg.lam, counts, max(steps_per_epoch, 1))
     dense_model = env.wrap_dense(model) if params else model
 
     history: list[dict] = []
@@ -311,13 +386,13 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
             train_loss, samples = _fit_popularity(model, tables, env), dataset.num_rows("train")
         else:
             train_loss, samples = _train_epoch(dense_model, model, tables, dense_opt, sparse_opt,
-                                               regularizer, env, epoch, cfg, dataset)
+                                               regularizer, env, epoch, cfg, dataset, data_reg)
         seconds = time.perf_counter() - t0
         metrics = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
                    "train_seconds": seconds, "samples_per_s": samples / max(seconds, 1e-9)}
         for split in ("valid", "test"):
-            for k, v in evaluate_split(model, tables, env.eval_batches(split), schema,
-                                       env).items():
+            for k, v in evaluate_split(model, tables, data_reg.eval(env.eval_batches(split)),
+                                       schema, env).items():
                 metrics[f"{split}_{k}"] = v
         history.append(metrics)
         bad_epochs = _epochs_since_best(history)
@@ -330,14 +405,15 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
 
 
 def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer, env, epoch,
-                 cfg, dataset) -> tuple[float, int]:
+                 cfg, dataset, data_reg: BatchRegularizer) -> tuple[float, int]:
     dense_model.train()
     tables.train()
     loss_fn = nn.BCEWithLogitsLoss()
     total_loss, seen, steps = 0.0, 0, 0
     expected = max(1, dataset.num_rows("train") // max(cfg.batch_size * env.world_size, 1))
     t0 = time.perf_counter()
-    for batch in env.train_batches(epoch):
+    whole_tables = getattr(regularizer, "whole_tables", False)  # l2: every row, every step
+    for batch in data_reg.train(env.train_batches(epoch), epoch):
         t = to_torch(batch)
         logits = forward(dense_model, tables, t)
         loss = loss_fn(logits, t[dataset.schema.label])
@@ -346,7 +422,10 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
         loss.backward()
         if dense_opt:
             dense_opt.step()
-        sparse_opt.step(tables.touched_gradients(), regularizer)
+        gradients = tables.touched_gradients()
+        if whole_tables:
+            gradients = regularizer.expand(tables, gradients)
+        sparse_opt.step(gradients, regularizer)
         total_loss += float(loss) * len(batch[dataset.schema.label])
         seen += len(batch[dataset.schema.label])
         steps += 1
@@ -436,8 +515,11 @@ def evaluate_checkpoint(path: str | Path, data: str | Path, batch_size: int = 81
     if dataset.schema.with_embedding_dim(c.schema.features[0].embedding_dim) != c.schema:
         raise ValueError(f"{data}: its schema does not match the checkpoint's ({path})")
     out = {}
+    # A filter run is evaluated on the same filtered ids it was trained and validated on.
+    data_reg = BatchRegularizer(TrainConfig.from_dict(c.config), dataset)
     for split in ("valid", "test"):
-        batches = iter_numpy_batches(dataset.files(split), dataset.schema, batch_size)
+        batches = data_reg.eval(iter_numpy_batches(dataset.files(split), dataset.schema,
+                                                   batch_size))
         for k, v in evaluate_split(model, tables, batches, c.schema, WorkerEnv()).items():
             out[f"{split}_{k}"] = v
     out.update(gauc=out["test_gauc"], auc=out["test_auc"], logloss=out["test_logloss"])
