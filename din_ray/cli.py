@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "din_ray.data.commands",
     "din_ray.commands",
     "din_ray.reproduce_cli",
+    "din_ray.tune_cli",
     "din_ray.serve_cli",
 )
 
