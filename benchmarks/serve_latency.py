@@ -1,0 +1,245 @@
+"""Latency and throughput of the Serve endpoint (POST /v1/ctr), batching on versus off.
+
+    python benchmarks/serve_latency.py --checkpoint runs/ml-din \
+        --output benchmarks/results/serve_latency.json
+
+Starts a local Ray cluster with the Serve app (access log off) from the checkpoint, then runs
+each scenario's load client in a SEPARATE process (this script with --client: aiohttp on
+127.0.0.1, bodies pre-encoded so the client does little work per request):
+
+  * concurrency 1: one request of 200 candidates at a time, batching on and off;
+  * concurrency 32 and 64: batching on (max_batch_size counts candidates) versus
+    max_batch_size=1 (every request is its own forward pass).
+
+Batch settings change between scenarios through `user_config` (the replica is reconfigured, not
+restarted). Every request carries a full-length history and --candidates ads with raw ids drawn
+from the checkpoint's vocabularies. Each scenario stops after --requests requests or --seconds
+seconds, whichever comes first, after a warm-up. Prints a table and writes the JSON results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # serve/app.py lives beside din_ray, not inside it
+
+
+# --- client (runs in its own process) -----------------------------------------------------------
+async def _load(url: str, bodies: list[bytes], concurrency: int, requests: int, seconds: float,
+                warmup: int) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async def post(i: int) -> float:
+            t0 = time.perf_counter()
+            async with session.post(url, data=bodies[i % len(bodies)],
+                                    headers={"content-type": "application/json"}) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}")
+            return time.perf_counter() - t0
+
+        await asyncio.gather(*(post(i) for i in range(warmup)))
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal sent, errors
+            while sent < requests and time.perf_counter() < deadline:
+                sent += 1
+                try:
+                    latencies.append(await post(sent))
+                except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError):
+                    errors += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    ms = np.asarray(latencies) * 1e3
+    return {"requests": len(latencies), "errors": errors, "seconds": round(wall, 3),
+            "qps": round(len(latencies) / wall, 2),
+            "p50_ms": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
+            "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None,
+            "mean_ms": round(float(ms.mean()), 2) if len(ms) else None}
+
+
+def client_main(args: argparse.Namespace) -> int:
+    bodies = [json.dumps(b).encode() for b in json.loads(Path(args.bodies).read_text())]
+    result = asyncio.run(_load(args.url, bodies, args.concurrency, args.requests, args.seconds,
+                               args.warmup))
+    print(json.dumps(result))
+    return 0
+
+
+def run_client(url: str, bodies: Path, concurrency: int, requests: int, seconds: float) -> dict:
+    cmd = [sys.executable, __file__, "--client", "--url", url, "--bodies", str(bodies),
+           "--concurrency", str(concurrency), "--requests", str(requests),
+           "--seconds", str(seconds), "--warmup", str(max(4, concurrency))]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 300)
+    if out.returncode != 0:
+        raise RuntimeError(f"client failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- server side --------------------------------------------------------------------------------
+def make_bodies(checkpoint: Path, n: int, candidates: int, seed: int) -> list[dict]:
+    """`n` requests with a full-length history and `candidates` ads, raw ids from the
+    checkpoint's vocabularies (dense ids where a table has none)."""
+    from din_ray.checkpoint import Checkpoint
+    from din_ray.serving import load_vocabularies
+
+    ckpt = Checkpoint.open(checkpoint)
+    schema = ckpt.schema
+    vocabs = load_vocabularies(checkpoint, schema)
+    rng = np.random.default_rng(seed)
+
+    def draw(feature_name: str, size: int) -> list:
+        v = vocabs[schema.feature(feature_name).table]
+        if v.mapping is None:
+            return rng.integers(2, v.num_rows, size).tolist()
+        raws = list(v.mapping)
+        return [raws[i] for i in rng.integers(0, len(raws), size)]
+
+    L = schema.max_history
+    ad_names = [f.name for f in schema.ad_features]
+    bodies = []
+    for _ in range(n):
+        columns = [draw(name, candidates) for name in ad_names]
+        body: dict = {
+            "history": {f.aligned_with: draw(f.aligned_with, L) for f in schema.behavior_features},
+            "candidates": [dict(zip(ad_names, values)) for values in zip(*columns)],
+        }
+        for group in ("user", "context"):
+            feats = schema.group(group)
+            if feats:
+                body[group] = {f.name: draw(f.name, 1)[0] for f in feats}
+        bodies.append(body)
+    return bodies
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_main(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from din_ray.serve_cli import load_app_module
+    from din_ray.serving import resolve_checkpoint
+
+    app = load_app_module()
+    checkpoint = resolve_checkpoint(args.checkpoint).resolve()
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    bodies_path = work / "bodies.json"
+    bodies_path.write_text(json.dumps(make_bodies(checkpoint, 32, args.candidates, args.seed)))
+    temp = f"/tmp/rb-{uuid.uuid4().hex[:6]}"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    build_args = {"checkpoint": str(checkpoint), "threads": args.threads,
+                  "max_ongoing_requests": max(1024, args.max_batch_size)}
+    batched = {"max_batch_size": args.max_batch_size,
+               "batch_wait_timeout_s": args.batch_wait_ms / 1e3}
+    unbatched = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+    scenarios = [("c1-200cand-batched", 1, batched), ("c1-200cand-unbatched", 1, unbatched)]
+    for c in args.concurrency:
+        scenarios += [(f"c{c}-batched", c, batched), (f"c{c}-max_batch_size=1", c, unbatched)]
+    load_before = os.getloadavg()
+    results = []
+    try:
+        ray.init(num_cpus=args.num_cpus, _temp_dir=temp, log_to_driver=False)
+        app.deploy(app.app_config(build_args, port=port, user_config=batched))
+        import requests as http
+
+        for name, concurrency, user_config in scenarios:
+            app.deploy(app.app_config(build_args, port=port, user_config=user_config))
+            before = http.get(f"{url}/v1/stats", timeout=60).json()
+            n = args.single_requests if concurrency == 1 else args.requests
+            r = run_client(f"{url}/v1/ctr", bodies_path, concurrency, n, args.seconds)
+            after = http.get(f"{url}/v1/stats", timeout=60).json()
+            batches = after["batches"] - before["batches"]
+            r.update(scenario=name, concurrency=concurrency, candidates=args.candidates,
+                     **user_config, batches=batches,
+                     requests_per_batch=round((after["requests"] - before["requests"])
+                                              / max(batches, 1), 2),
+                     candidates_per_batch=round((after["candidates"] - before["candidates"])
+                                                / max(batches, 1), 1))
+            results.append(r)
+            print(f"{name:24s} p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  "
+                  f"{r['qps']:8.1f} req/s  {r['requests_per_batch']:6.2f} req/batch  "
+                  f"({r['requests']} requests, {r['errors']} errors)", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "checkpoint": str(checkpoint),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "loadavg_before": [round(x, 1) for x in load_before],
+                    "loadavg_after": [round(x, 1) for x in os.getloadavg()]},
+        "replica": {"num_cpus": 1, "torch_threads": args.threads},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": results,
+    }
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", help="checkpoint, train output or tune output directory")
+    p.add_argument("--output", default=str(ROOT / "benchmarks/results/serve_latency.json"))
+    p.add_argument("--candidates", type=int, default=200, help="ads per request")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--requests", type=int, default=600, help="per concurrent scenario")
+    p.add_argument("--single-requests", type=int, default=200, help="per concurrency-1 scenario")
+    p.add_argument("--seconds", type=float, default=20.0, help="time limit per scenario")
+    p.add_argument("--max-batch-size", type=int, default=1024, help="candidates, when batched")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the replica")
+    p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the Ray cluster")
+    p.add_argument("--seed", type=int, default=0)
+    # client mode (internal)
+    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    p.add_argument("--bodies", help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=int, default=8, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.client:
+        args.concurrency = args.concurrency[0]
+        return client_main(args)
+    if not args.checkpoint:
+        p.error("--checkpoint is required")
+    return server_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
