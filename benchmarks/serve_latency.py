@@ -190,8 +190,9 @@ def server_main(args: argparse.Namespace) -> int:
                   f"{r['qps']:8.1f} req/s  {r['requests_per_batch']:6.2f} req/batch  "
                   f"({r['requests']} requests, {r['errors']} errors)", flush=True)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     report = {
