@@ -159,3 +159,36 @@ def test_reconfigure_changes_batch_size_without_restart(server):
     stats = _stats(server)
     assert stats["max_batch_size"] == 1 and stats["recent_batches"][-1]["requests"] == 1
     assert all(b["requests"] == 1 for b in stats["recent_batches"][-8:])
+
+
+def test_config_yaml_and_cli_config_are_valid_serve_configs(tmp_path):
+    import argparse
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from din_ray import serve_cli
+
+    raw = yaml.safe_load((app.REPO_ROOT / "serve" / "config.yaml").read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    (din,) = config.applications
+    assert din.import_path == "din_ray.serve_cli:build_app"
+    assert serve_cli.build_app  # the import target exists
+    (deployment,) = din.deployments
+    assert deployment.max_ongoing_requests >= deployment.user_config["max_batch_size"]
+    assert deployment.autoscaling_config["max_replicas"] > 1
+
+    parser = argparse.ArgumentParser()
+    serve_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--checkpoint", str(tmp_path), "--max-batch-size",
+                              "2048", "--batch-wait-ms", "5"])
+    assert args.host == "127.0.0.1"
+    built = ServeDeploySchema.model_validate(serve_cli.app_config(args, tmp_path))
+    (deployment,) = built.applications[0].deployments
+    assert deployment.user_config == {"max_batch_size": 2048, "batch_wait_timeout_s": 0.005}
+    assert built.http_options.host == "127.0.0.1"
+    assert built.applications[0].args["max_ongoing_requests"] == 2048
+    with pytest.raises(ValueError, match="unknown build_app arguments"):
+        app.build_app({"checkpoint": str(tmp_path), "max_batch": 3})
+    with pytest.raises(ValueError, match="unknown user_config keys"):
+        app.BatchingConfig.from_dict({"max_batch_size": 8, "wait": 1})
