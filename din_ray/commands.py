@@ -63,8 +63,20 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    result = run_local(cfg)
+    """`--local`: this process, one worker, no Ray. Otherwise Ray Train with `--workers` workers
+    (1 by default) on the cluster at --address / $RAY_ADDRESS, or on a local Ray it starts."""
+    if args.local and args.workers != 1:
+        raise ValueError(f"--local trains in one process; it cannot use --workers {args.workers}")
+    cfg = config_from_args(args, storage_path=args.storage_path, run_name=args.run_name,
+                           address=args.address, max_failures=args.max_failures,
+                           use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
+                           replicate_below=args.replicate_below)
+    if args.local:
+        result = run_local(cfg)
+    else:
+        from din_ray.distributed import run_ray  # imports Ray: only when it is used
+
+        result = run_ray(cfg)
     print(json.dumps({k: result[k] for k in ("best_epoch", "gauc", "auc", "logloss")}))
     print(f"wrote {cfg.output}/metrics.json and {cfg.output}/checkpoint")
     return 0
@@ -79,7 +91,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on prepared data")
     add_train_arguments(p)
     p.add_argument("--output", required=True, help="run directory (metrics.json, checkpoint/)")
-    p.add_argument("--workers", type=int, default=1, help="training workers")
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers")
+    d = TrainConfig(data="")
+    p.add_argument("--storage-path", default=d.storage_path,
+                   help="Ray Train storage (dir or s3:// gs:// URI); default OUTPUT/ray")
+    p.add_argument("--run-name", default=d.run_name,
+                   help="Ray run name; rerunning with the same name and storage resumes")
+    p.add_argument("--address", default=d.address, help="Ray cluster address (or $RAY_ADDRESS)")
+    p.add_argument("--max-failures", type=int, default=d.max_failures,
+                   help="worker-group restarts from the latest checkpoint")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker)
+    p.add_argument("--replicate-below", type=int, default=d.replicate_below,
+                   help="replicate embedding tables with fewer rows; shard the others row-wise")
+    p.add_argument("--local", action="store_true",
+                   help="train in this process without Ray (a single worker)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="recompute a checkpoint's metrics on prepared data")

@@ -191,6 +191,13 @@ class EvalSplitConfig(DataConfig):
 def check_config(cfg: TrainConfig) -> PreparedDataset:
     """Everything that can be checked before a worker starts; raises ValueError (or DataError /
     SchemaError, both ValueErrors) naming the directory, file, table or field at fault."""
+    if cfg.use_gpu:
+        # ShardedEmbeddingTables and RayEnv are device-agnostic (NCCL needs the ids and rows on
+        # the GPU, which they keep wherever the batch is), but train.train_loop still builds its
+        # batches and tables on the CPU; until it places them on env.device, refuse rather than
+        # fail on the first step.
+        raise ValueError("use_gpu=True: the training loop (din_ray.train) does not place batches "
+                         "and tables on the GPU yet; train on CPU workers")
     dataset = PreparedDataset.open(cfg.data)
     for split in SPLITS:
         files = dataset.files(split)
@@ -236,6 +243,18 @@ def build_trainer(cfg: TrainConfig, dataset: PreparedDataset,
     datasets = {split: ray.data.read_parquet([str(f) for f in dataset.files(split)],
                                              shuffle="files" if split == "train" else None)
                 for split in SPLITS}
+    # The trainer copies the current DataContext for its workers: turn Ray Data's progress bars
+    # off there (three datasets per epoch would bury the training log), not in the caller.
+    context = ray.data.DataContext.get_current()
+    bars = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        return _trainer(cfg, datasets, callbacks)
+    finally:
+        context.enable_progress_bars = bars
+
+
+def _trainer(cfg: TrainConfig, datasets: dict, callbacks: list | None) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker=_train_worker,
         train_loop_config=cfg.to_dict(),
