@@ -266,7 +266,7 @@ def app_config(args: dict, *, host: str = "127.0.0.1", port: int = 8000,
     }
 
 
-def deploy(config: dict, timeout_s: float = 120) -> None:
+def deploy(config: dict, timeout_s: float = 300) -> None:
     """Deploy `config` to the connected Ray cluster the way `serve run config.yaml` does, and
     wait until the application runs. A second call that changes only `user_config` updates
     the live replicas through `reconfigure` (Serve's versioning of config deployments); a
