@@ -1,7 +1,7 @@
 """Ray Serve app: DIN click-through rates over HTTP, with candidate-counting dynamic batching.
 
     din-ray serve --checkpoint runs/din                      # embedded, binds 127.0.0.1:8000
-    serve run serve/config.yaml                              # from the repository root
+    serve run serve/config.yaml                              # set its checkpoint path first
     serve run serve.app:build_app checkpoint=runs/din max_batch_size=512
 
     curl -s 127.0.0.1:8000/v1/ctr -d '{"history": {"item_id": [1, 50], "cate_id": ["Comedy",
@@ -36,7 +36,14 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
 
-from din_ray.serving import ParsedRequest, RequestError, RequestLimits, Scores, ServedModel
+from din_ray.serving import (
+    ParsedRequest,
+    RequestError,
+    RequestLimits,
+    Scores,
+    ServedModel,
+    resolve_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -213,29 +220,32 @@ def _actor_options() -> dict:
     return {"num_cpus": 1, "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(path)}}}
 
 
+BUILD_ARGS = ("checkpoint", "max_batch_size", "batch_wait_ms", "max_candidates",
+              "max_body_bytes", "threads", "max_ongoing_requests", "num_replicas")
+
+
 def build_app(args: dict) -> Application:
     """`serve run serve.app:build_app checkpoint=DIR [max_batch_size=N] [batch_wait_ms=MS]
     [max_candidates=N] [max_body_bytes=N] [threads=N] [max_ongoing_requests=N]
     [num_replicas=N]` (values arrive as strings from the command line or as YAML scalars from
     `serve/config.yaml`'s `args`)."""
-    args = dict(args)
+    unknown = sorted(set(args) - set(BUILD_ARGS))
+    if unknown:
+        raise ValueError(f"unknown build_app arguments {unknown}; known: {list(BUILD_ARGS)}")
     if "checkpoint" not in args:
         raise ValueError("build_app needs checkpoint=DIR (a checkpoint, train or tune output)")
-    checkpoint = str(args.pop("checkpoint"))
+    # Resolved here, where the command was given, so that replicas get an absolute path and a
+    # wrong one fails the deploy at once instead of crash-looping replicas.
+    checkpoint = str(resolve_checkpoint(args["checkpoint"]).resolve())
     batching = BatchingConfig(
-        max_batch_size=int(args.pop("max_batch_size", BatchingConfig.max_batch_size)),
-        batch_wait_timeout_s=float(args.pop("batch_wait_ms",
+        max_batch_size=int(args.get("max_batch_size", BatchingConfig.max_batch_size)),
+        batch_wait_timeout_s=float(args.get("batch_wait_ms",
                                             BatchingConfig.batch_wait_timeout_s * 1e3)) / 1e3)
     options: dict = {"user_config": asdict(batching), "ray_actor_options": _actor_options()}
-    for key in ("max_ongoing_requests", "num_replicas"):
-        if key in args:
-            options[key] = int(args.pop(key))
-    server_args = {k: int(args.pop(k)) for k in ("max_candidates", "max_body_bytes", "threads")
+    options.update({k: int(args[k]) for k in ("max_ongoing_requests", "num_replicas")
+                    if k in args})
+    server_args = {k: int(args[k]) for k in ("max_candidates", "max_body_bytes", "threads")
                    if k in args}
-    if args:
-        raise ValueError(f"unknown build_app arguments {sorted(args)}; known: checkpoint, "
-                         "max_batch_size, batch_wait_ms, max_candidates, max_body_bytes, "
-                         "threads, max_ongoing_requests, num_replicas")
     return CTRServer.options(**options).bind(checkpoint, **server_args)
 
 
