@@ -142,6 +142,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_ray(num_cpus: int, attempts: int = 3) -> str:
+    """A local Ray cluster in its own short temp dir; returns the dir. Retried because a
+    raylet on a heavily loaded machine can miss Ray's fixed 30 s registration window."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        temp = f"/tmp/rb-{uuid.uuid4().hex[:6]}"  # short: unix socket paths must stay short
+        try:
+            ray.init(num_cpus=num_cpus, _temp_dir=temp, log_to_driver=False)
+            return temp
+        except Exception as e:  # Ray raises a bare Exception for a startup timeout
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
+            if attempt == attempts:
+                raise
+            print(f"Ray did not start ({e}); retrying", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
 def server_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -154,7 +173,6 @@ def server_main(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     bodies_path = work / "bodies.json"
     bodies_path.write_text(json.dumps(make_bodies(checkpoint, 32, args.candidates, args.seed)))
-    temp = f"/tmp/rb-{uuid.uuid4().hex[:6]}"
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     build_args = {"checkpoint": str(checkpoint), "threads": args.threads,
@@ -167,8 +185,9 @@ def server_main(args: argparse.Namespace) -> int:
         scenarios += [(f"c{c}-batched", c, batched), (f"c{c}-max_batch_size=1", c, unbatched)]
     load_before = os.getloadavg()
     results = []
+    temp = ""
     try:
-        ray.init(num_cpus=args.num_cpus, _temp_dir=temp, log_to_driver=False)
+        temp = start_ray(args.num_cpus)
         app.deploy(app.app_config(build_args, port=port, user_config=batched))
         import requests as http
 
@@ -193,7 +212,8 @@ def server_main(args: argparse.Namespace) -> int:
         if ray.is_initialized():
             serve.shutdown()
             ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
