@@ -350,7 +350,10 @@ def _names(dataset: PreparedDataset, table: str) -> dict[int, str]:
 def attention_figure(dataset: PreparedDataset, checkpoint: Path, path: Path,
                      users: int = 3, max_rows: int = 50_000) -> Path | None:
     """Fig. 5 from test users whose history spans several categories: for each, two of their
-    test candidates of different categories that both occur in the history."""
+    test candidates of different categories that both occur in the history.
+
+    Users qualify with at least min(8, L/2) behaviours over at least 3 categories (2 when the
+    category table is tiny)."""
     model, tables, _ = load_model(checkpoint)
     schema = dataset.schema
     item_f, cate_f = schema.ad_features[0], schema.ad_features[1]
@@ -358,6 +361,8 @@ def attention_figure(dataset: PreparedDataset, checkpoint: Path, path: Path,
     hist_cate = next(f for f in schema.behavior_features if f.aligned_with == cate_f.name)
     cate_names = _names(dataset, cate_f.table)
     item_names = _names(dataset, item_f.table)
+    min_len = min(8, max(2, schema.max_history // 2))
+    min_cates = 3 if cate_f.vocab_size > 8 else 2
     cases: list[plots.AttentionCase] = []
     seen_users = set()
     read = 0
@@ -373,7 +378,7 @@ def attention_figure(dataset: PreparedDataset, checkpoint: Path, path: Path,
             last = max(idx, key=lambda i: int((batch[hist_item.name][i] != PAD_ID).sum()))
             cates = batch[hist_cate.name][last]
             real = batch[hist_item.name][last] != PAD_ID
-            if real.sum() < 8 or len(set(cates[real].tolist())) < 3:
+            if real.sum() < min_len or len(set(cates[real].tolist())) < min_cates:
                 continue
             present = set(cates[real].tolist())
             picks: dict[int, int] = {}
@@ -402,8 +407,9 @@ def attention_figure(dataset: PreparedDataset, checkpoint: Path, path: Path,
         if len(cases) >= users or read >= max_rows:
             break
     if not cases:
-        log.warning("attention figure: no test user with >= 8 behaviours over >= 3 categories "
-                    "and two candidates of categories in the history; skipped")
+        log.warning("attention figure: no test user with >= %d behaviours over >= %d "
+                    "categories and two candidates of categories in the history; skipped",
+                    min_len, min_cates)
         return None
     title = f"DIN activation weights ({checkpoint.parent.name}), as the paper's Fig. 5"
     return plots.plot_attention(cases, path, title=title)

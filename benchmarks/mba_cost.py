@@ -1,0 +1,106 @@
+"""Cost of one embedding update step as the table grows: MBA (Eq. 7) vs L2 over whole tables.
+
+    python benchmarks/mba_cost.py                       # 10^4 .. 10^7 rows, writes the JSON
+    python benchmarks/mba_cost.py --rows 10000 100000 --repeats 5
+
+The paper's point (§5.1): ordinary L2 needs every embedding row at every step, which is
+impossible at Alibaba's scale; MBA regularizes only the rows a mini-batch touches, so a step
+costs the same however large the table is. This times the real sparse step of din-ray
+(`EmbeddingTables.lookup` -> backward -> `touched_gradients` -> `RowWiseOptimizer.step` with
+the regularizer) for one batch shape (B samples × (1 + L) ids each) over tables of growing
+size, and prints each regularizer's step time relative to the smallest table. Results go to
+benchmarks/results/mba_cost.json. One torch thread; the fastest of `--repeats` steps is the
+step's cost (on a shared, loaded machine the slower ones measure waiting for a CPU, not work);
+the medians are recorded too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from din_ray.embedding import EmbeddingTables, RowWiseOptimizer
+from din_ray.model import TableSpec
+from din_ray.regularization import MiniBatchAware, WholeTableL2
+
+RESULTS = Path(__file__).parent / "results" / "mba_cost.json"
+
+
+def step_seconds(rows: int, reg: str, batch: int, history: int, dim: int, repeats: int,
+                 seed: int = 0) -> tuple[float, float]:
+    """(fastest, median) seconds of one sparse training step on a `rows`-row table."""
+    spec = TableSpec("item_id", rows, dim)
+    tables = EmbeddingTables({"item_id": spec}, seed=seed).train()
+    opt = RowWiseOptimizer(tables, "adam", lr=1e-3)
+    rng = np.random.default_rng(seed)
+    counts = {"item_id": rng.integers(1, 1000, size=rows)}
+    regularizer = {"none": None, "mba": MiniBatchAware(0.01, counts),
+                   "l2": WholeTableL2(0.01, steps_per_epoch=100)}[reg]
+    times = []
+    for step in range(repeats + 1):  # the first step warms up allocations
+        # A fresh batch each step: B candidates and their B×L behaviours, ids anywhere in the table.
+        ids = torch.from_numpy(rng.integers(2, rows, size=(batch, 1 + history)))
+        t0 = time.perf_counter()
+        emb = tables.lookup({"x": ("item_id", ids)})["x"]  # (B, 1+L, dim)
+        emb.pow(2).mean().backward()
+        gradients = tables.touched_gradients()
+        if regularizer is not None and getattr(regularizer, "whole_tables", False):
+            gradients = regularizer.expand(tables, gradients)
+        opt.step(gradients, regularizer)
+        if step:
+            times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, nargs="+", default=[10**4, 10**5, 10**6, 10**7])
+    p.add_argument("--regs", nargs="+", default=["none", "mba", "l2"])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--history", type=int, default=50)
+    p.add_argument("--dim", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--output", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+
+    results: dict[str, dict[str, float]] = {r: {} for r in args.regs}
+    medians: dict[str, dict[str, float]] = {r: {} for r in args.regs}
+    for rows in args.rows:
+        for reg in args.regs:
+            fastest, median = step_seconds(rows, reg, args.batch, args.history, args.dim,
+                                           args.repeats)
+            results[reg][str(rows)], medians[reg][str(rows)] = fastest, median
+            print(f"rows {rows:>10,}  reg {reg:<5} {fastest * 1e3:10.2f} ms/step "
+                  f"(median {median * 1e3:.2f})", flush=True)
+    smallest = str(args.rows[0])
+    ratios = {reg: {r: t / by_rows[smallest] for r, t in by_rows.items()}
+              for reg, by_rows in results.items()}
+    print(f"\nstep time relative to {int(smallest):,} rows "
+          f"(batch {args.batch} x {1 + args.history} ids, dim {args.dim}):")
+    print("rows".rjust(12) + "".join(reg.rjust(10) for reg in args.regs))
+    for rows in args.rows:
+        print(f"{rows:>12,}" + "".join(f"{ratios[reg][str(rows)]:>9.2f}x" for reg in args.regs))
+    out = {"what": "fastest seconds per sparse embedding step (lookup, backward, regularizer, "
+                   "lazy Adam) on one table", "batch": args.batch, "ids_per_sample":
+           1 + args.history, "dim": args.dim, "repeats": args.repeats, "threads": 1,
+           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared, loaded)",
+           "seconds": results, "median_seconds": medians, "ratio_to_smallest": ratios}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
