@@ -17,8 +17,7 @@ import aiohttp
 import numpy as np
 import pytest
 import requests
-from serve_helpers import offline_scores, payloads, train_tiny
-from test_serving import BAD_REQUESTS
+from serve_helpers import BAD_REQUESTS, offline_scores, payloads, train_tiny
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")

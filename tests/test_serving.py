@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from serve_helpers import offline_scores, payloads, train_tiny
+from serve_helpers import BAD_REQUESTS, GOOD_CANDIDATE, offline_scores, payloads, train_tiny
 
 from din_ray.checkpoint import CheckpointError
 from din_ray.embedding import EmbeddingTables
@@ -172,40 +172,6 @@ def test_user_and_context_features_are_shared_by_candidates():
         with pytest.raises(RequestError) as e:
             parser.parse(payload)
         assert e.value.field == field
-
-
-GOOD_CANDIDATE = {"item_id": "i3", "cate_id": 2}
-BAD_REQUESTS = [
-    (b"{bad json", 400, "body"),
-    (b"\xff\xfe\x00", 400, "body"),
-    (b"[1, 2]", 422, "body"),
-    (b"{}", 422, "candidates"),
-    ({"candidates": []}, 422, "candidates"),
-    ({"candidates": {"item_id": "i3"}}, 422, "candidates"),
-    ({"candidates": [GOOD_CANDIDATE] * 9}, 422, "candidates"),  # limit is 8 here
-    ({"candidates": [GOOD_CANDIDATE, {"item_id": "i4"}]}, 422, "candidates[1].cate_id"),
-    ({"candidates": [{**GOOD_CANDIDATE, "price": 3}]}, 422, "candidates[0].price"),
-    ({"candidates": [{"item_id": 1.5, "cate_id": 2}]}, 422, "candidates[0].item_id"),
-    ({"candidates": [{"item_id": None, "cate_id": 2}]}, 422, "candidates[0].item_id"),
-    ({"candidates": [{"item_id": "i3", "cate_id": "Drama"}]}, 422, "candidates[0].cate_id"),
-    ({"candidates": ["i3"]}, 422, "candidates[0]"),
-    ({"candidates": [GOOD_CANDIDATE], "history": {"item_id": ["i1", "i2"], "cate_id": [2]}},
-     422, "history.cate_id"),
-    ({"candidates": [GOOD_CANDIDATE], "history": {"item_id": ["i1"]}}, 422, "history.cate_id"),
-    ({"candidates": [GOOD_CANDIDATE], "history": {"hist_item_id": ["i1"], "cate_id": [2]}},
-     422, "history.hist_item_id"),
-    ({"candidates": [GOOD_CANDIDATE], "history": {"item_id": "i1", "cate_id": [2]}},
-     422, "history.item_id"),
-    ({"candidates": [GOOD_CANDIDATE], "history": {"item_id": ["i1", True],
-                                                  "cate_id": [2, 3]}}, 422, "history.item_id[1]"),
-    ({"candidates": [GOOD_CANDIDATE], "history": [["i1", 2]]}, 422, "history"),
-    ({"candidates": [GOOD_CANDIDATE], "foo": 1}, 422, "foo"),
-    ({"candidates": [GOOD_CANDIDATE], "explain": "yes"}, 422, "explain"),
-    ({"candidates": [GOOD_CANDIDATE], "user": {"age": 3}}, 422, "user.age"),
-    ({"candidates": [GOOD_CANDIDATE], "context": {"hour": 3}}, 422, "context.hour"),
-    ({"candidates": [GOOD_CANDIDATE], "history": {"item_id": ["i1"] * 800,
-                                                  "cate_id": [2] * 800}}, 413, "body"),
-]
 
 
 @pytest.mark.parametrize("body,status,field", BAD_REQUESTS)
