@@ -10,7 +10,7 @@ process (GCS, raylet, workers) is a descendant of this one. A sampler thread rea
 `--sample-every` seconds and records the peak over time of the summed resident memory of this
 process and all its descendants: total RSS, and RSS without shared pages (RssAnon: the private
 heap, what grows with data held in a process), plus the largest single process. Peak memory is
-printed beside the input size (Parquet on disk and uncompressed) and the output size.
+printed beside the input and output sizes (Parquet on disk, and in memory as Arrow tables).
 
 Rows/s counts input rows (impressions + behaviours) over the prepare wall time. Results are
 appended (one entry per --impressions) to benchmarks/results/prepare_logs.json.
@@ -102,12 +102,19 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def parquet_uncompressed_bytes(path: Path) -> int:
-    total = 0
-    for p in path.rglob("*.parquet"):
-        meta = pq.ParquetFile(p).metadata
-        total += sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
-    return total
+def arrow_bytes(path: Path, max_files: int | None = None) -> int:
+    """In-memory (Arrow) size of the Parquet data under `path`: every file, or `max_files` of
+    them scaled up by row count. One file at a time."""
+    files = sorted(path.rglob("*.parquet"))
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+    sample = files if max_files is None else files[:: max(1, len(files) // max_files)]
+    got_bytes = got_rows = 0
+    for p in sample:
+        t = pq.read_table(p)
+        got_bytes += t.nbytes
+        got_rows += t.num_rows
+        del t
+    return int(got_bytes * rows / max(got_rows, 1))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -137,7 +144,6 @@ def main(argv: list[str] | None = None) -> dict:
         gen_seconds = time.perf_counter() - t0
         print(f"generated {raw} in {gen_seconds:.0f}s")
     input_disk = dir_bytes(raw)
-    input_mem = parquet_uncompressed_bytes(raw)
 
     from din_ray.data.log_spec import load_spec
     spec = load_spec(spec_path)
@@ -153,8 +159,17 @@ def main(argv: list[str] | None = None) -> dict:
     out = work / f"prepared-{args.impressions}"
     sampler = PeakSampler(args.sample_every)
     sampler.start()
-    ray.init(num_cpus=args.num_cpus, object_store_memory=args.object_store_mb << 20,
-             _temp_dir=f"/tmp/ray-pl{os.getpid()}")
+    for attempt in range(6):  # a shared, overloaded machine can time the raylet start out
+        try:
+            ray.init(num_cpus=args.num_cpus, object_store_memory=args.object_store_mb << 20,
+                     _temp_dir=f"/tmp/ray-pl{os.getpid()}")
+            break
+        except Exception as e:  # Ray raises a bare Exception for a startup timeout
+            print(f"ray.init attempt {attempt + 1} failed: {e}")
+            ray.shutdown()
+            time.sleep(20)
+    else:
+        raise RuntimeError("could not start a local Ray")
     try:
         t0 = time.perf_counter()
         report = prepare_logs(spec, out, overwrite=True)
@@ -164,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
         peak = sampler.stop()
     rows_in = report.input_rows["impressions"] + report.input_rows["behaviors"]
     output_disk = dir_bytes(out)
+    input_mem = arrow_bytes(raw, max_files=12)  # after the run: must not inflate the peaks
+    output_mem = arrow_bytes(out, max_files=8)
     result = {
         "impressions": report.input_rows["impressions"],
         "behaviors": report.input_rows["behaviors"],
@@ -179,8 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_processes": peak.get("processes", 0),
         "memory_samples": sampler.samples,
         "input_parquet_mb": input_disk >> 20,
-        "input_uncompressed_mb": input_mem >> 20,
-        "output_mb": output_disk >> 20,
+        "input_in_memory_mb": input_mem >> 20,
+        "output_parquet_mb": output_disk >> 20,
+        "output_in_memory_mb": output_mem >> 20,
         "rows_out": report.rows,
         "buckets": report.buckets,
         "units": report.units,
@@ -196,8 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"peak memory {result['peak_rss_total_mb']:,} MB total RSS "
           f"({result['peak_rss_private_mb']:,} MB private) over {result['peak_processes']} "
           f"processes; input {result['input_parquet_mb']:,} MB Parquet / "
-          f"{result['input_uncompressed_mb']:,} MB uncompressed; output "
-          f"{result['output_mb']:,} MB")
+          f"{result['input_in_memory_mb']:,} MB in memory; output "
+          f"{result['output_parquet_mb']:,} MB Parquet / {result['output_in_memory_mb']:,} MB "
+          f"in memory")
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(path.read_text()) if path.exists() else {"runs": []}

@@ -208,6 +208,11 @@ def test_too_many_malformed_rows_fail_and_write_nothing(ray_cluster, tmp_path):
     assert "imp.csv line 7: field 'user': 'x'" in msg
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # A column the spec names but the file lacks: the file and the column are named.
+    spec = {**SPEC, "behaviors": {**SPEC["behaviors"], "timestamp": "ts"}}
+    with pytest.raises(DataError, match=r"beh.csv line 1: column\(s\) \['ts'\] not found"):
+        prepare_logs(handmade(tmp_path / "cols", spec), tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 # --- random Parquet log vs a brute-force reference ---------------------------------------------

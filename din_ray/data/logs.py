@@ -189,8 +189,12 @@ def parse_int(arr: pa.Array, nulls: tuple[str, ...]) -> tuple[np.ndarray, np.nda
     t = arr.type
     if pa.types.is_integer(t) or pa.types.is_boolean(t):
         return arr.cast(pa.int64()).fill_null(0).to_numpy(), missing, np.zeros_like(missing)
+    if pa.types.is_timestamp(t):  # -> seconds since the epoch
+        v = arr.cast(pa.timestamp("s"), safe=False).cast(pa.int64()).fill_null(0).to_numpy()
+        return v, missing, np.zeros_like(missing)
     if pa.types.is_floating(t):
         v = arr.fill_null(0).to_numpy()
+        missing = missing | np.isnan(v)  # pandas writes missing integers as NaN
         with np.errstate(invalid="ignore"):
             bad = ~missing & ~(np.isfinite(v) & (v == np.round(v)) & (np.abs(v) < 2 ** 62))
         return np.where(bad | missing, 0, v).astype(np.int64), missing, bad
@@ -211,6 +215,7 @@ def parse_float(arr: pa.Array, nulls: tuple[str, ...]) -> tuple[np.ndarray, np.n
     missing = _null_mask(arr, nulls)
     if pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type):
         v = arr.cast(pa.float64()).fill_null(0).to_numpy()
+        missing = missing | np.isnan(v)
     else:
         raw = arr.cast(pa.string()).to_numpy(zero_copy_only=False)
         v = pd.to_numeric(pd.Series(raw, dtype=object), errors="coerce").to_numpy(np.float64)
@@ -631,12 +636,15 @@ def _parse_task(batch: dict, *, spec: LogSpec, joins: list[JoinTable], staging: 
         columns = _needed_columns(spec, unit.log)
         for table, rownum in read_unit(unit, columns, part.source, stats, spec.malformed.show):
             stats.rows += table.num_rows
-            if unit.log == IMPRESSIONS:
-                clean, examples = parse_impressions(spec, joins, table, rownum, stats)
-                if clean.num_rows:
-                    hist = hist.merge(TimeHistogram.of(clean.column("ts").to_numpy()))
-            else:
-                clean, examples = parse_behaviors(spec, table, rownum, stats)
+            try:
+                if unit.log == IMPRESSIONS:
+                    clean, examples = parse_impressions(spec, joins, table, rownum, stats)
+                else:
+                    clean, examples = parse_behaviors(spec, table, rownum, stats)
+            except DataError as e:
+                raise DataError(f"{unit.path}: {e}") from None
+            if unit.log == IMPRESSIONS and clean.num_rows:
+                hist = hist.merge(TimeHistogram.of(clean.column("ts").to_numpy()))
             if examples and len(stats.examples) < spec.malformed.show:
                 stats.examples = sorted(stats.examples + examples)[: spec.malformed.show]
             writer.add(clean)
@@ -998,9 +1006,31 @@ def _run_stage(name: str, items: list[dict], fn, kwargs: dict) -> Iterator:
     ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
     out = ds.map_batches(fn, batch_size=1, batch_format="numpy", fn_kwargs=kwargs, num_cpus=1)
     log.info("%s: %d tasks", name, len(items))
-    for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-        for blob in batch["summary"]:
-            yield pickle.loads(blob)
+    try:
+        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+            for blob in batch["summary"]:
+                yield pickle.loads(blob)
+    except Exception as e:
+        user = _input_error(e)
+        if user is None:
+            raise
+        raise user from e
+
+
+def _input_error(error: BaseException) -> Exception | None:
+    """The DataError / FileNotFoundError a task raised, unwrapped from Ray's task errors, so
+    callers (and the CLI) see one clear message naming the file."""
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if type(e) in (DataError, FileNotFoundError):
+            return type(e)(*e.args)
+        stack.extend([e.__context__, e.__cause__, cause])
+    return None
 
 
 @contextlib.contextmanager
