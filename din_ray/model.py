@@ -234,9 +234,11 @@ class TargetAttention(nn.Module):
         w_e, w_v, w_d, w_p = self.first.weight.split(self.dim, dim=1)  # each (H, D)
         per_behaviour = keys @ (w_e + w_d).T  # (U, L, H), shared by the user's candidates
         per_candidate = query @ (w_v - w_d).T + self.first.bias  # (C, H)
-        keys, mask = keys[owner], mask[owner]  # (C, L, D), (C, L): gathers, no arithmetic
+        # Row copies (index_select: several times faster than x[owner] on CPU), no arithmetic.
+        keys, mask = keys.index_select(0, owner), mask.index_select(0, owner)  # (C, L, D), (C, L)
         interaction = (keys * query.unsqueeze(1)) @ w_p.T  # (C, L, H)
-        h = self.first_act(per_behaviour[owner] + per_candidate.unsqueeze(1) + interaction, mask)
+        h = self.first_act(per_behaviour.index_select(0, owner) + per_candidate.unsqueeze(1)
+                           + interaction, mask)
         return self._pool(self.rest(h, mask).squeeze(-1), keys, mask)  # scores (C, L)
 
 
@@ -323,7 +325,7 @@ class _Interest(CTRModel):
                     owner: Tensor) -> tuple[Tensor, Tensor | None]:
         """`pool` for C candidates over U histories: query (C, D), keys (U, L, D), mask (U, L),
         owner (C,) -> pooled (C, D), weights (C, L) or None. Subclasses share per-history work."""
-        return self.pool(query, keys[owner], mask[owner])
+        return self.pool(query, keys.index_select(0, owner), mask.index_select(0, owner))
 
     @torch.no_grad()
     def score_candidates(self, emb: dict[str, Tensor], batch: Batch,
@@ -343,8 +345,8 @@ class _Interest(CTRModel):
         keys = torch.cat([emb[f.name] for f in self.behavior], dim=-1)  # (U, L, D)
         query = torch.cat([emb[f.name] for f in self.aligned], dim=-1)  # (C, D)
         pooled, weights = self.pool_shared(query, keys, self.history_mask(batch), owner)
-        parts = [pooled, query] + [emb[f.name] if f.group == "ad" else emb[f.name][owner]
-                                   for f in self.singles]
+        parts = [pooled, query] + [emb[f.name] if f.group == "ad"
+                                   else emb[f.name].index_select(0, owner) for f in self.singles]
         logits = self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (C,)
         if self.config.ad_bias:
             for f in self.schema.ad_features:
@@ -380,7 +382,7 @@ class BaseModel(_Interest):
     def pool_shared(self, query: Tensor, keys: Tensor, mask: Tensor,
                     owner: Tensor) -> tuple[Tensor, None]:
         total, _ = self.pool(query[:0], keys, mask)  # (U, D): candidate-blind, once per user
-        return total[owner], None
+        return total.index_select(0, owner), None
 
 
 class Popularity(CTRModel):
