@@ -11,13 +11,12 @@ import asyncio
 import json
 import shutil
 import socket
-import uuid
 
 import aiohttp
 import numpy as np
 import pytest
 import requests
-from serve_helpers import BAD_REQUESTS, offline_scores, payloads, train_tiny
+from serve_helpers import BAD_REQUESTS, offline_scores, payloads, start_local_ray, train_tiny
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -39,8 +38,7 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     run = train_tiny(root, "din")
-    temp = f"/tmp/rs-{uuid.uuid4().hex[:6]}"  # short: Ray's unix socket paths must stay short
-    ray.init(num_cpus=4, _temp_dir=temp, log_to_driver=False)
+    temp = start_local_ray(num_cpus=4)
     port = _free_port()
     args = {"checkpoint": str(run), "max_candidates": 8, "max_body_bytes": 4000}
     try:
