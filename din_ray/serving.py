@@ -20,6 +20,11 @@ Ray. One request ranks the candidate ads of ONE user:
         "explain": {"history_used", "history_dropped", "weights": [[w per behaviour]
                     per candidate]}}                        # only when asked
 
+`weights[c][j]` is the activation weight a(e_j, v_c) of Eq. 3 (softmax-normalised only if the
+model was trained with attention_softmax) of candidate c on the history entry at position
+`history_dropped + j` of the request's lists; BaseModel has none (`"explain": null` and an
+`explain_note`).
+
 Raw ids are JSON strings or integers, compared as strings (296 and "296" are the same movie)
 against the checkpoint's vocabularies (`CKPT/vocab/<table>.parquet`); ids never seen in training
 map to OOV_ID. A table without a vocabulary file was built from dense ids: it takes integers,
