@@ -136,6 +136,33 @@ def make_bodies(checkpoint: Path, n: int, candidates: int, seed: int) -> list[di
     return bodies
 
 
+def compute_profile(checkpoint: Path, bodies: list[dict], threads: int,
+                    repeats: int = 20) -> dict:
+    """In-process cost of the replica's work, without HTTP or Serve: CPU (process) time and
+    wall time per parse, per 1-request forward pass and per 5-request batch. CPU time is the
+    steadier figure on a shared machine."""
+    import torch
+
+    from din_ray.serving import ServedModel
+
+    torch.set_num_threads(threads)
+    served = ServedModel.load(checkpoint)
+    raw = [json.dumps(b).encode() for b in bodies]
+    parsed = [served.parser.parse_body(r) for r in raw]
+
+    def measure(fn) -> dict:
+        fn()
+        c0, w0 = time.process_time(), time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return {"cpu_ms": round((time.process_time() - c0) / repeats * 1e3, 2),
+                "wall_ms": round((time.perf_counter() - w0) / repeats * 1e3, 2)}
+
+    return {"parse_one_request": measure(lambda: served.parser.parse_body(raw[0])),
+            "score_1_request": measure(lambda: served.scorer.score(parsed[:1])),
+            "score_5_requests_one_pass": measure(lambda: served.scorer.score(parsed[:5]))}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -172,7 +199,10 @@ def server_main(args: argparse.Namespace) -> int:
     checkpoint = resolve_checkpoint(args.checkpoint).resolve()
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     bodies_path = work / "bodies.json"
-    bodies_path.write_text(json.dumps(make_bodies(checkpoint, 32, args.candidates, args.seed)))
+    bodies = make_bodies(checkpoint, 32, args.candidates, args.seed)
+    bodies_path.write_text(json.dumps(bodies))
+    profile = compute_profile(checkpoint, bodies, args.threads)
+    print("in-process replica work:", json.dumps(profile), flush=True)
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     build_args = {"checkpoint": str(checkpoint), "threads": args.threads,
@@ -223,6 +253,7 @@ def server_main(args: argparse.Namespace) -> int:
                     "loadavg_after": [round(x, 1) for x in os.getloadavg()]},
         "replica": {"num_cpus": 1, "torch_threads": args.threads},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "in_process": profile,
         "results": results,
     }
     out = Path(args.output)
