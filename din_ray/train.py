@@ -62,6 +62,8 @@ class TrainConfig:
     ad_bias: bool = True
     dropout: float = 0.0
     smoothing: float = 20.0
+    # "popularity": ad bias rows start at the candidate's smoothed training click rate; "zero".
+    bias_init: str = "popularity"
     init_std: float = 0.01
     # optimisation
     reg: str = "mba"  # one of din_ray.regularization.REGULARIZERS
@@ -70,6 +72,9 @@ class TrainConfig:
     id_dropout: float = 0.5  # reg="dropout": share of a sample's ids discarded (paper: 50 %)
     optimizer: str = "adam"
     lr: float = 1e-3
+    # Embedding rows: a row moves about lr per touch under Adam and rare ids are touched a few
+    # times an epoch, so tables usually need a larger rate than dense layers. 0 = same as lr.
+    sparse_lr: float = 0.0
     lr_decay: float = 0.9
     batch_size: int = 256
     eval_batch_size: int = 8192
@@ -93,6 +98,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
                   "eval_batch_size": self.eval_batch_size >= 1, "lr": self.lr > 0,
+                  "sparse_lr": self.sparse_lr >= 0,
                   "lr_decay": 0 < self.lr_decay <= 1, "workers": self.workers >= 1,
                   "embedding_dim": self.embedding_dim >= 1, "lam": self.lam >= 0,
                   "patience": self.patience >= 0, "filter_top_k": self.filter_top_k >= 0,
@@ -103,6 +109,8 @@ class TrainConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
+        if self.bias_init not in ("popularity", "zero"):
+            raise ValueError(f"bias_init must be 'popularity' or 'zero', got {self.bias_init!r}")
         if self.reg not in REGULARIZERS:
             raise ValueError(f"reg must be one of {REGULARIZERS}, got {self.reg!r}")
         if self.reg == "filter" and self.filter_top_k < 1:
@@ -308,22 +316,48 @@ def table_counts(model: CTRModel, tables: list[str], batches) -> dict[str, np.nd
     return out
 
 
-def _fit_popularity(model: Popularity, tables: EmbeddingTables, env: WorkerEnv) -> float:
-    """Fill the popularity table from click/impression counts over the training split."""
-    rows = model.candidate.vocab_size
+def click_counts(feature: str, label: str, batches, env: WorkerEnv,
+                 rows: int) -> tuple[Tensor, Tensor]:
+    """Clicks and impressions per id of `feature` over `batches`, summed over workers.
+
+    Returns: clicks (rows,), impressions (rows,) float64.
+    """
     clicks = torch.zeros(rows, dtype=torch.float64)
     shows = torch.zeros(rows, dtype=torch.float64)
-    for batch in env.train_batches(0):
-        ids = torch.from_numpy(batch[model.candidate.name])
-        clicks.index_add_(0, ids, torch.from_numpy(batch[model.schema.label]).double())
+    for batch in batches:
+        ids = torch.from_numpy(batch[feature])
+        clicks.index_add_(0, ids, torch.from_numpy(batch[label]).double())
         shows.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
-    clicks, shows = env.all_reduce_sum(clicks), env.all_reduce_sum(shows)
+    return env.all_reduce_sum(clicks), env.all_reduce_sum(shows)
+
+
+def _fit_popularity(model: Popularity, tables: EmbeddingTables, env: WorkerEnv) -> float:
+    """Fill the popularity table from click/impression counts over the training split."""
+    clicks, shows = click_counts(model.candidate.name, model.schema.label, env.train_batches(0),
+                                 env, model.candidate.vocab_size)
     logits = Popularity.table_from_counts(clicks, shows, model.config.smoothing)  # (V, 1)
     tables.set_rows(next(iter(model.table_specs())), logits.float())
     # Training log loss of the fitted rates, from the counts alone.
     p = torch.sigmoid(logits.squeeze(-1).double())
     nll = -(clicks * p.log() + (shows - clicks) * (1 - p).log()).sum()
     return float(nll / shows.sum().clamp(min=1))
+
+
+def _init_bias_from_popularity(model: CTRModel, tables: EmbeddingTables, env: WorkerEnv,
+                               cfg: TrainConfig) -> None:
+    """Start the candidate's bias row at its smoothed training click rate (as a logit).
+
+    The model then starts where the popularity baseline ends, and early stopping on validation
+    keeps only what the history adds on top. Without it a rare item's bias moves about one
+    learning rate per touch and the model never learns item quality on small data.
+    """
+    candidate = model.schema.ad_features[0]
+    name = f"{candidate.table}.bias"
+    if name not in tables.specs:
+        return
+    clicks, shows = click_counts(candidate.name, model.schema.label, env.train_batches(0), env,
+                                 candidate.vocab_size)
+    tables.set_rows(name, Popularity.table_from_counts(clicks, shows, cfg.smoothing).float())
 
 
 def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
@@ -341,7 +375,7 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
     if params:
         dense_opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
                      else torch.optim.SGD(params, lr=cfg.lr))
-    sparse_opt = RowWiseOptimizer(tables, cfg.optimizer, lr=cfg.lr)
+    sparse_opt = RowWiseOptimizer(tables, cfg.optimizer, lr=cfg.sparse_lr or cfg.lr)
     data_reg = BatchRegularizer(cfg, dataset, env.rank)
     counts = dataset.counts()
     missing = tables_without_counts(model, counts)
@@ -359,6 +393,8 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
     if resume is not None:
         start_epoch, history = _restore(resume, model, tables, dense_opt, sparse_opt)
         log.info("resuming from %s at epoch %d", resume, start_epoch)
+    elif cfg.bias_init == "popularity" and not counting:
+        _init_bias_from_popularity(model, tables, env, cfg)
 
     def write_checkpoint(directory: Path, metrics: dict) -> None:
         ckpt.write_worker_files(directory, tables, sparse_opt)
@@ -377,7 +413,7 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
         if cfg.patience and bad_epochs >= cfg.patience:
             break
         lr = cfg.lr * cfg.lr_decay ** epoch
-        sparse_opt.lr = lr
+        sparse_opt.lr = (cfg.sparse_lr or cfg.lr) * cfg.lr_decay ** epoch
         if dense_opt:
             for group in dense_opt.param_groups:
                 group["lr"] = lr
@@ -426,7 +462,7 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
         if whole_tables:
             gradients = regularizer.expand(tables, gradients)
         sparse_opt.step(gradients, regularizer)
-        total_loss += float(loss) * len(batch[dataset.schema.label])
+        total_loss += loss.item() * len(batch[dataset.schema.label])
         seen += len(batch[dataset.schema.label])
         steps += 1
         if env.rank == 0 and steps % max(1, expected // 10) == 0:
