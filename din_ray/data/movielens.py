@@ -1,0 +1,520 @@
+"""MovieLens ratings -> prepared DIN data, following the paper's protocol (§6.1).
+
+    din-ray prepare movielens --input din_ray/bundled/ml-latest-small --output out/ml-small
+
+Each rating is one sample: the candidate is the rated movie and its genre, the label is
+rating >= 4, and the behaviour sequence is the movies the same user rated before it (with their
+genres), most recent `max_history` kept. Users are split at random into train/valid/test (the
+paper's protocol); `split="time"` splits each user's ratings chronologically instead.
+
+Three on-disk layouts are recognised (see `LAYOUTS`): `ratings.csv` + `movies.csv` (ml-latest,
+ml-latest-small, ml-20m, ml-25m), `ratings.dat` + `movies.dat` with `::` separators (ml-1m,
+ml-10m) and `u.data` + `u.item` (ml-100k).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from din_ray.data.format import DataError, DatasetWriter
+from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, PAD_ID, Feature, Schema
+
+log = logging.getLogger(__name__)
+
+# A movie without any genre gets this category, as ml-latest itself writes it.
+NO_GENRE = "(no genres listed)"
+
+# ml-100k `u.item` ends with 19 genre flags in this fixed order (its `u.genre` file).
+ML100K_GENRES = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+    "Thriller", "War", "Western",
+)
+
+# Rows gathered at once when building (rows, max_history) history matrices: bounds memory to
+# about CHUNK_ROWS * max_history * 4 bytes per feature whatever the dataset size.
+CHUNK_ROWS = 250_000
+
+# Placeholders stored for the reserved dense ids in the vocab files (format.add_vocab skips them).
+RESERVED_RAW = ("<pad>", "<oov>")
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    ratings: str
+    movies: str
+    releases: str
+
+
+LAYOUTS = (
+    Layout("csv", "ratings.csv", "movies.csv", "ml-latest, ml-latest-small, ml-20m, ml-25m"),
+    Layout("dat", "ratings.dat", "movies.dat", "ml-1m, ml-10m"),
+    Layout("100k", "u.data", "u.item", "ml-100k"),
+)
+
+RATING_FIELDS = ("userId", "movieId", "rating", "timestamp")
+
+
+@dataclass
+class Ratings:
+    """Ratings in file order."""
+
+    user: np.ndarray  # (N,) int64 raw userId
+    movie: np.ndarray  # (N,) int64 raw movieId
+    rating: np.ndarray  # (N,) float32
+    timestamp: np.ndarray  # (N,) int64
+
+
+@dataclass
+class Movies:
+    """Movie -> first genre. `ids` is sorted; `genre[i]` indexes `genre_names`."""
+
+    ids: np.ndarray  # (M,) int64
+    genre: np.ndarray  # (M,) int32
+    genre_names: list[str]
+
+
+# --- shared by the item/category sources --------------------------------------------------------
+def item_category_schema(name: str, item_vocab_size: int, cate_vocab_size: int, max_history: int,
+                         embedding_dim: int) -> Schema:
+    """The paper's public-dataset features: candidate item and category, and the user's behaviour
+    sequences of items and categories (sharing the candidate's embedding tables)."""
+    return Schema(
+        (
+            Feature("item_id", "ad", "item_id", item_vocab_size, embedding_dim),
+            Feature("cate_id", "ad", "cate_id", cate_vocab_size, embedding_dim),
+            Feature("hist_item_id", "behavior", "item_id", item_vocab_size, embedding_dim,
+                    max_len=max_history, aligned_with="item_id"),
+            Feature("hist_cate_id", "behavior", "cate_id", cate_vocab_size, embedding_dim,
+                    max_len=max_history, aligned_with="cate_id"),
+        ),
+        label="label",
+        user_column="user",
+        name=name,
+    )
+
+
+def train_rows_per_file(n_train: int) -> int:
+    """Rows per train Parquet file: at least 8 files so Ray Data can shard them evenly, none
+    tiny, none huge."""
+    return max(10_000, min(math.ceil(n_train / 8), 1_000_000))
+
+
+def check_split_fracs(valid_frac: float, test_frac: float) -> None:
+    for name, v in (("valid_frac", valid_frac), ("test_frac", test_frac)):
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {v}")
+    if valid_frac + test_frac >= 1.0:
+        raise ValueError(f"valid_frac + test_frac must be < 1 to leave training data, got "
+                         f"{valid_frac} + {test_frac}")
+
+
+# --- reading ------------------------------------------------------------------------------------
+def detect_layout(input_dir: Path) -> Layout:
+    """Which MovieLens release layout `input_dir` holds."""
+    if not input_dir.is_dir():
+        raise DataError(f"{input_dir}: MovieLens input directory not found")
+    for layout in LAYOUTS:
+        if (input_dir / layout.ratings).is_file():
+            if not (input_dir / layout.movies).is_file():
+                raise DataError(f"{input_dir / layout.movies}: file not found (needed beside "
+                                f"{layout.ratings} for the {layout.releases} layout)")
+            return layout
+    for layout in LAYOUTS:
+        if (input_dir / layout.movies).is_file():
+            raise DataError(f"{input_dir / layout.ratings}: file not found (needed beside "
+                            f"{layout.movies} for the {layout.releases} layout)")
+    expected = "; ".join(f"{x.ratings} + {x.movies} ({x.releases})" for x in LAYOUTS)
+    raise DataError(f"{input_dir}: no MovieLens files found; expected one of: {expected}")
+
+
+def read_ratings(path: Path, layout: Layout) -> Ratings:
+    """Parse a ratings file with pandas; on any failure re-scan it line by line to report the
+    first bad line (file, line number, field, value)."""
+    if layout.name == "csv":
+        header = _csv_header(path)
+        missing = [c for c in RATING_FIELDS if c not in header]
+        if missing:
+            raise DataError(f"{path} line 1: missing column(s) {missing}; header is {header}")
+        kwargs = dict(sep=",", usecols=list(RATING_FIELDS), encoding="utf-8-sig",
+                      dtype={"userId": "int64", "movieId": "int64", "rating": "float64",
+                             "timestamp": "int64"})
+    elif layout.name == "dat":
+        # `::` is two one-character separators with an empty field between: the C parser reads
+        # it fast, the regex separator "::" would need the slow python engine.
+        kwargs = dict(sep=":", header=None, names=range(7), usecols=[0, 2, 4, 6],
+                      encoding="latin-1", dtype="float64")
+    else:
+        kwargs = dict(sep="\t", header=None, names=range(4), encoding="latin-1",
+                      dtype="float64")
+    try:
+        df = pd.read_csv(path, engine="c", **kwargs)
+        df.columns = list(RATING_FIELDS)
+        ok = df.notna().all(axis=None) and np.isfinite(df["rating"].to_numpy()).all()
+        if layout.name != "csv":  # read as floats: also check the ids are integers
+            ints = df[["userId", "movieId", "timestamp"]].to_numpy()
+            ok = ok and bool((ints == np.round(ints)).all())
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        pandas_error, ok = e, False
+    else:
+        pandas_error = None
+    if not ok:
+        _scan_ratings(path, layout)  # raises with the line number
+        raise DataError(f"{path}: could not be parsed: {pandas_error}")
+    if len(df) == 0:
+        raise DataError(f"{path}: empty file (no data rows)")
+    return Ratings(
+        user=df["userId"].to_numpy().astype(np.int64),
+        movie=df["movieId"].to_numpy().astype(np.int64),
+        rating=df["rating"].to_numpy().astype(np.float32),
+        timestamp=df["timestamp"].to_numpy().astype(np.int64),
+    )
+
+
+def _csv_header(path: Path) -> list[str]:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        header = next(csv.reader(f), None)
+    if not header:
+        raise DataError(f"{path}: empty file (no header, no data rows)")
+    return [h.strip() for h in header]
+
+
+def _ratings_lines(path: Path, layout: Layout) -> Iterator[tuple[int, list[str]]]:
+    """(1-based line number, the four rating fields) for every non-blank data line."""
+    if layout.name == "csv":
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            reader = csv.reader(f)
+            header = [h.strip() for h in next(reader)]
+            cols = [header.index(c) for c in RATING_FIELDS]
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path} line {reader.line_num}: expected {len(header)} "
+                                    f"fields, got {len(row)}")
+                yield reader.line_num, [row[i] for i in cols]
+        return
+    sep = "::" if layout.name == "dat" else "\t"
+    with open(path, encoding="latin-1", newline="") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split(sep)
+            if len(fields) != 4:
+                raise DataError(f"{path} line {lineno}: expected 4 {sep!r}-separated fields "
+                                f"(user, movie, rating, timestamp), got {len(fields)}: {line!r}")
+            yield lineno, fields
+
+
+def _scan_ratings(path: Path, layout: Layout) -> None:
+    rows = 0
+    for lineno, fields in _ratings_lines(path, layout):
+        rows += 1
+        for name, value in zip(RATING_FIELDS, fields, strict=True):
+            if name == "rating":
+                try:
+                    ok = math.isfinite(float(value))
+                except ValueError:
+                    ok = False
+                kind = "a number"
+            else:
+                try:
+                    int(value)
+                    ok = True
+                except ValueError:
+                    ok = False
+                kind = "an integer"
+            if not ok:
+                raise DataError(f"{path} line {lineno}: field {name!r}: {value!r} is not {kind}")
+    if rows == 0:
+        raise DataError(f"{path}: empty file (no data rows)")
+
+
+def read_movies(path: Path, layout: Layout) -> Movies:
+    """movieId -> first listed genre (ml-100k: the first set flag in `ML100K_GENRES` order)."""
+    ids: list[int] = []
+    genres: list[str] = []
+    seen: dict[int, int] = {}
+
+    def add(lineno: int, raw_id: str, genre: str) -> None:
+        try:
+            movie = int(raw_id)
+        except ValueError:
+            raise DataError(f"{path} line {lineno}: field 'movieId': {raw_id!r} is not an "
+                            f"integer") from None
+        if movie in seen:
+            raise DataError(f"{path} line {lineno}: movieId {movie} already defined on line "
+                            f"{seen[movie]}")
+        seen[movie] = lineno
+        ids.append(movie)
+        genres.append(genre)
+
+    if layout.name == "csv":
+        header = _csv_header(path)
+        missing = [c for c in ("movieId", "genres") if c not in header]
+        if missing:
+            raise DataError(f"{path} line 1: missing column(s) {missing}; header is {header}")
+        id_col, genre_col = header.index("movieId"), header.index("genres")
+        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+            reader = csv.reader(f)
+            next(reader)
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path} line {reader.line_num}: expected {len(header)} "
+                                    f"fields, got {len(row)}")
+                add(reader.line_num, row[id_col], _first_genre(path, reader.line_num,
+                                                               row[genre_col]))
+    else:
+        # Titles are never used, so Latin-1 (which decodes any byte) is safe for both releases.
+        with open(path, encoding="latin-1", newline="") as f:
+            for lineno, line in enumerate(f, start=1):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                if layout.name == "dat":
+                    fields = line.split("::")
+                    if len(fields) < 3:
+                        raise DataError(f"{path} line {lineno}: expected movieId::title::genres, "
+                                        f"got {line!r}")
+                    add(lineno, fields[0], _first_genre(path, lineno, fields[-1]))
+                else:
+                    fields = line.split("|")
+                    if len(fields) < 5 + len(ML100K_GENRES):
+                        raise DataError(f"{path} line {lineno}: expected {5 + len(ML100K_GENRES)}"
+                                        f" '|'-separated fields, got {len(fields)}")
+                    flags = fields[-len(ML100K_GENRES):]
+                    bad = [v for v in flags if v not in ("0", "1")]
+                    if bad:
+                        raise DataError(f"{path} line {lineno}: genre flag {bad[0]!r} is not 0/1")
+                    first = next((g for g, v in zip(ML100K_GENRES, flags, strict=True)
+                                  if v == "1"), NO_GENRE)
+                    add(lineno, fields[0], first)
+    if not ids:
+        raise DataError(f"{path}: empty file (no data rows)")
+    names = sorted(set(genres))
+    code = {g: i for i, g in enumerate(names)}
+    order = np.argsort(np.array(ids, np.int64), kind="stable")
+    return Movies(ids=np.array(ids, np.int64)[order],
+                  genre=np.array([code[g] for g in genres], np.int32)[order], genre_names=names)
+
+
+def _first_genre(path: Path, lineno: int, value: str) -> str:
+    first = value.split("|")[0].strip()
+    if not first:
+        raise DataError(f"{path} line {lineno}: field 'genres' is empty "
+                        f"(MovieLens writes {NO_GENRE!r} for none)")
+    return first
+
+
+# --- preparing ----------------------------------------------------------------------------------
+def prepare_movielens(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    *,
+    max_history: int = 50,
+    split: str = "user",
+    valid_frac: float = 0.1,
+    test_frac: float = 0.1,
+    seed: int = 0,
+    embedding_dim: int = 16,
+    overwrite: bool = False,
+) -> Path:
+    """Prepare a MovieLens release for DIN.
+
+    Protocol (paper §6.1): one sample per rating, label = rating >= 4. The candidate is the rated
+    movie (`item_id`) and its genre (`cate_id`); a movie with several genres takes the FIRST one
+    listed ("Comedy|Drama" -> Comedy; ml-100k: the first set flag in `ML100K_GENRES` order), and
+    "(no genres listed)" (or no ml-100k flag set) is a category like any other. The behaviour
+    sequences (`hist_item_id`, `hist_cate_id`) are the movies the user rated strictly earlier,
+    ordered by (timestamp, line in the file), so of two ratings with equal timestamps the one
+    earlier in the file counts as earlier; the `max_history` most recent are kept, oldest first,
+    PAD-padded at the end. The `user` column is the raw userId, for GAUC grouping only.
+
+    Vocabularies (raw movieId -> 2.., genre -> 2.., in sorted raw order) are built from the
+    training rows only (their candidates, which include every movie in their histories); ids
+    unseen in training map to OOV (1). A rating of a movie absent from the movies file gets
+    category OOV; such ratings are counted, logged as a warning and recorded in the manifest
+    (`params.ratings_without_movie`).
+
+    Args:
+        input_dir: directory of one MovieLens release (layout detected, see `LAYOUTS`).
+        output_dir: prepared dataset to create (see `din_ray.data.format`).
+        max_history: behaviour sequence length L.
+        split: "user" (paper: users shuffled with `seed`, assigned by fraction) or "time" (each
+            user's ratings in order: the last floor(n * test_frac) go to test, the
+            floor(n * valid_frac) before them to valid, the rest to train; histories still reach
+            back into earlier splits).
+        valid_frac, test_frac: fractions of users (or of each user's ratings) for valid/test.
+        seed: user split and train row shuffle.
+        embedding_dim: width written into the schema (training may override it).
+        overwrite: replace an existing `output_dir`.
+
+    Returns:
+        The prepared dataset directory.
+
+    Raises:
+        DataError: missing/unknown files or malformed input; the message names the file, line
+            and field. Nothing is written then.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if max_history <= 0:
+        raise ValueError(f"max_history must be > 0, got {max_history}")
+    if split not in ("user", "time"):
+        raise ValueError(f"split must be 'user' or 'time', got {split!r}")
+    check_split_fracs(valid_frac, test_frac)
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite)")
+
+    layout = detect_layout(input_dir)
+    movies = read_movies(input_dir / layout.movies, layout)
+    ratings = read_ratings(input_dir / layout.ratings, layout)
+    log.info("read %d ratings and %d movies from %s (%s layout)", len(ratings.user),
+             len(movies.ids), input_dir, layout.name)
+
+    rng = np.random.default_rng(seed)
+    seq = _Sequences.build(ratings, movies, split, valid_frac, test_frac, rng)
+    if seq.missing_movie:
+        example = int(seq.movie_raw[seq.genre < 0][0])
+        log.warning("%s: %d ratings refer to movies absent from %s (e.g. movieId %d); their "
+                    "category is OOV", input_dir / layout.ratings, seq.missing_movie,
+                    layout.movies, example)
+    train_pos = np.flatnonzero(seq.split == 0)
+    if train_pos.size == 0:
+        raise DataError(f"{input_dir}: no training rows (valid_frac={valid_frac}, "
+                        f"test_frac={test_frac}, {len(seq.user_start)} ratings)")
+    train_pos = rng.permutation(train_pos)  # shuffled so every train file is a random sample
+
+    schema = item_category_schema("movielens", len(seq.item_raw), len(seq.cate_raw),
+                                  max_history, embedding_dim)
+    params = {"input": str(input_dir), "layout": layout.name, "max_history": max_history,
+              "split": split, "valid_frac": valid_frac, "test_frac": test_frac, "seed": seed,
+              "embedding_dim": embedding_dim, "ratings_without_movie": seq.missing_movie}
+    rows_per_file = train_rows_per_file(train_pos.size)
+    chunk = min(rows_per_file, CHUNK_ROWS)
+    with DatasetWriter(output_dir, schema, source="movielens", params=params,
+                       overwrite=overwrite, rows_per_file=rows_per_file) as writer:
+        for s in range(0, train_pos.size, chunk):
+            writer.write("train", seq.columns(train_pos[s:s + chunk], max_history))
+        for code, name in ((1, "valid"), (2, "test")):
+            pos = np.flatnonzero(seq.split == code)  # (user, time) order
+            for s in range(0, pos.size, CHUNK_ROWS):
+                writer.write(name, seq.columns(pos[s:s + CHUNK_ROWS], max_history))
+        writer.add_vocab("item_id", list(RESERVED_RAW) + [str(m) for m in seq.item_raw[2:]])
+        writer.add_vocab("cate_id", list(RESERVED_RAW) + list(seq.cate_raw[2:]))
+    return output_dir
+
+
+@dataclass
+class _Sequences:
+    """All ratings sorted by (user, timestamp, file line), with dense ids and split codes.
+
+    A user's ratings are contiguous, so the history of the rating at sorted position p is the
+    slice [max(user_start[p], p - L), p): histories are gathered by index arithmetic.
+    """
+
+    user: np.ndarray  # (N,) int64 raw userId
+    label: np.ndarray  # (N,) int8
+    item: np.ndarray  # (N,) int32 dense movie id
+    cate: np.ndarray  # (N,) int32 dense genre id
+    user_start: np.ndarray  # (N,) int64 sorted position of the user's first rating
+    split: np.ndarray  # (N,) int8: 0 train, 1 valid, 2 test
+    genre: np.ndarray  # (N,) int32 index into movies.genre_names, -1 if the movie is unknown
+    movie_raw: np.ndarray  # (N,) int64
+    item_raw: np.ndarray  # (V_item,) raw movieId of each dense id (0, 1 unused)
+    cate_raw: np.ndarray  # (V_cate,) genre of each dense id (0, 1 unused)
+    missing_movie: int
+
+    @classmethod
+    def build(cls, r: Ratings, movies: Movies, split: str, valid_frac: float, test_frac: float,
+              rng: np.random.Generator) -> _Sequences:
+        n = len(r.user)
+        # lexsort is stable and its last key is the primary one; the explicit line index makes
+        # the file-order tie-break independent of that guarantee.
+        order = np.lexsort((np.arange(n), r.timestamp, r.user))
+        user = r.user[order]
+        movie = r.movie[order]
+        first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])  # (U,) run starts
+        counts = np.diff(np.r_[first, n])  # (U,)
+        user_start = np.repeat(first, counts)  # (N,)
+
+        if split == "user":
+            n_users = len(first)
+            perm = rng.permutation(n_users)
+            n_test = math.floor(n_users * test_frac + 0.5)
+            n_valid = math.floor(n_users * valid_frac + 0.5)
+            code = np.zeros(n_users, np.int8)
+            code[perm[:n_test]] = 2
+            code[perm[n_test:n_test + n_valid]] = 1
+            split_code = np.repeat(code, counts)
+        else:
+            rank = np.arange(n) - user_start
+            total = np.repeat(counts, counts)
+            n_test = np.floor(total * test_frac + 1e-9).astype(np.int64)
+            n_valid = np.floor(total * valid_frac + 1e-9).astype(np.int64)
+            split_code = np.where(rank < total - n_valid - n_test, 0,
+                                  np.where(rank < total - n_test, 1, 2)).astype(np.int8)
+
+        pos = np.searchsorted(movies.ids, movie).clip(max=len(movies.ids) - 1)
+        known = movies.ids[pos] == movie
+        genre = np.where(known, movies.genre[pos], -1).astype(np.int32)
+
+        # Every history movie of a training row is itself a training row's candidate (user
+        # split: same user; time split: the user's earlier, hence training, ratings), so the
+        # training candidates are the whole training vocabulary.
+        train = split_code == 0
+        item_raw = np.unique(movie[train])
+        item = _lookup(item_raw, movie)
+        train_genres = np.unique(genre[train & known])
+        names = np.array(movies.genre_names, dtype=object)
+        genre_to_dense = np.full(len(names), OOV_ID, np.int32)
+        genre_to_dense[train_genres] = np.arange(len(train_genres)) + NUM_RESERVED_IDS
+        cate = np.where(known, genre_to_dense[genre.clip(min=0)], OOV_ID).astype(np.int32)
+        reserved = np.array(RESERVED_RAW, dtype=object)
+        return cls(
+            user=user,
+            label=(r.rating[order] >= 4.0).astype(np.int8),
+            item=item,
+            cate=cate,
+            user_start=user_start,
+            split=split_code,
+            genre=genre,
+            movie_raw=movie,
+            item_raw=np.concatenate([np.zeros(2, np.int64), item_raw]),
+            cate_raw=np.concatenate([reserved, names[train_genres]]),
+            missing_movie=int((~known).sum()),
+        )
+
+    def columns(self, pos: np.ndarray, max_history: int) -> dict[str, np.ndarray]:
+        """Prepared columns for the ratings at sorted positions `pos` (B,)."""
+        k = np.minimum(pos - self.user_start[pos], max_history)  # (B,) history lengths
+        slot = np.arange(max_history)  # (L,)
+        real = slot < k[:, None]  # (B, L)
+        src = np.where(real, pos[:, None] - k[:, None] + slot, 0)  # (B, L) oldest first
+        return {
+            "label": self.label[pos],
+            "user": self.user[pos],
+            "item_id": self.item[pos],
+            "cate_id": self.cate[pos],
+            "hist_item_id": np.where(real, self.item[src], PAD_ID).astype(np.int32),
+            "hist_cate_id": np.where(real, self.cate[src], PAD_ID).astype(np.int32),
+        }
+
+
+def _lookup(vocab: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """Dense ids (2.. in `vocab` order) of `raw`; OOV where absent. `vocab` is sorted."""
+    if vocab.size == 0:
+        return np.full(raw.shape, OOV_ID, np.int32)
+    pos = np.searchsorted(vocab, raw).clip(max=vocab.size - 1)
+    return np.where(vocab[pos] == raw, pos + NUM_RESERVED_IDS, OOV_ID).astype(np.int32)
