@@ -28,7 +28,7 @@ from din_ray.schema import OOV_ID, PAD_ID
 @pytest.fixture(scope="module")
 def ray_cluster():
     tmp = f"/tmp/ray-lg{os.getpid()}"
-    ray.init(num_cpus=4, _temp_dir=tmp)
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp)  # fewer processes to start
     yield
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)

@@ -67,7 +67,7 @@ def write_taobao(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     tmp = f"/tmp/ray-tb{os.getpid()}"
-    ray.init(num_cpus=2, _temp_dir=tmp)
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp)  # fewer processes to start
     root = write_taobao(tmp_path_factory.mktemp("taobao") / "raw")
     out = root.parent / "out"
     # Train: before 1494600000; valid: up to 1494651100; test: the rest.
