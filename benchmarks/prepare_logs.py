@@ -143,6 +143,29 @@ def arrow_bytes(path: Path, max_files: int | None = None) -> int:
     return int(got_bytes * rows / max(got_rows, 1))
 
 
+def start_ray(args: argparse.Namespace) -> None:
+    """A local Ray whose workers run at niceness `args.nice`; retried, because on a shared,
+    overloaded machine the raylet can time out waiting for its agents."""
+    import ray
+
+    def lower_priority() -> None:  # runs in every Ray worker as it starts
+        os.nice(args.nice)
+
+    for attempt in range(40):
+        try:
+            # No dashboard: fewer processes to start on a loaded machine (Ray Data needs none).
+            ray.init(num_cpus=args.num_cpus, object_store_memory=args.object_store_mb << 20,
+                     include_dashboard=False, _temp_dir=f"/tmp/ray-pl{os.getpid()}",
+                     runtime_env={"worker_process_setup_hook": lower_priority})
+            return
+        except Exception as e:  # Ray raises a bare Exception for a startup timeout
+            print(f"ray.init attempt {attempt + 1} failed: {e}")
+            ray.shutdown()
+            kill_descendants()  # a failed start leaves its GCS and agents running
+            time.sleep(45)
+    raise RuntimeError("could not start a local Ray")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--impressions", type=int, default=20_000_000)
@@ -156,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--nice", type=int, default=10,
                     help="niceness of the driver and the Ray workers (the CPU-heavy part) on a "
                          "shared machine; GCS and raylet keep normal priority so they start")
+    ap.add_argument("--executor", choices=("ray", "local"), default="ray",
+                    help="local: the pipeline's tasks in this process, without Ray")
     ap.add_argument("--keep-output", action="store_true")
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
@@ -188,27 +213,12 @@ def main(argv: list[str] | None = None) -> dict:
     out = work / f"prepared-{args.impressions}"
     sampler = PeakSampler(args.sample_every)
     sampler.start()
-    def lower_priority() -> None:  # runs in every Ray worker as it starts
-        os.nice(args.nice)
-
-    for attempt in range(40):  # a shared, overloaded machine can time the raylet start out
-        try:
-            # No dashboard: fewer processes to start on a loaded machine (Ray Data needs none).
-            ray.init(num_cpus=args.num_cpus, object_store_memory=args.object_store_mb << 20,
-                     include_dashboard=False, _temp_dir=f"/tmp/ray-pl{os.getpid()}",
-                     runtime_env={"worker_process_setup_hook": lower_priority})
-            break
-        except Exception as e:  # Ray raises a bare Exception for a startup timeout
-            print(f"ray.init attempt {attempt + 1} failed: {e}")
-            ray.shutdown()
-            kill_descendants()  # a failed start leaves its GCS and agents running
-            time.sleep(45)
-    else:
-        raise RuntimeError("could not start a local Ray")
+    if args.executor == "ray":
+        start_ray(args)
     os.nice(args.nice)  # the driver too; only Ray's control plane keeps normal priority
     try:
         t0 = time.perf_counter()
-        report = prepare_logs(spec, out, overwrite=True)
+        report = prepare_logs(spec, out, overwrite=True, executor=args.executor)
         seconds = time.perf_counter() - t0
     finally:
         ray.shutdown()
@@ -241,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
         "vocab_sizes": report.vocab_sizes,
         "generate_seconds": None if gen_seconds is None else round(gen_seconds, 1),
         "num_cpus": args.num_cpus,
+        "executor": args.executor,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "note": "shared with other agents' jobs; timings are CPU-contended"},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -999,8 +999,16 @@ class LogReport:
         return asdict(self)
 
 
-def _run_stage(name: str, items: list[dict], fn, kwargs: dict) -> Iterator:
-    """`from_items(items).map_batches(fn)`, one task per item; yields the unpickled summaries."""
+def _run_stage(name: str, items: list[dict], fn, kwargs: dict, executor: str = "ray"
+               ) -> Iterator:
+    """`from_items(items).map_batches(fn)`, one task per item; yields the unpickled summaries.
+    executor="local" runs the same tasks one after the other in this process (no Ray)."""
+    if executor == "local":
+        for item in items:
+            for out in fn({k: [v] for k, v in item.items()}, **kwargs):
+                for blob in out["summary"]:
+                    yield pickle.loads(blob)
+        return
     import ray
 
     ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
@@ -1095,7 +1103,7 @@ def log_schema(spec: LogSpec, encoders: dict[str, Encoder]) -> Schema:
 
 def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrite: bool = False,
                  staging_dir: str | None = None, address: str | None = None,
-                 num_cpus: int | None = None) -> LogReport:
+                 num_cpus: int | None = None, executor: str = "ray") -> LogReport:
     """Prepare an impression log + behaviour log described by `spec` (see the module docstring).
 
     Args:
@@ -1106,6 +1114,9 @@ def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrit
             hidden sibling of `output_dir`. Must be visible to every node.
         address: Ray cluster to join when Ray is not initialised; None starts a local Ray.
         num_cpus: CPUs of that local Ray (None: all).
+        executor: "ray" (the Ray Data pipeline) or "local": the same tasks run one after the
+            other in this process, without Ray (small data, debugging, machines where Ray
+            cannot start).
 
     Returns:
         A LogReport (rows per split, per-file malformed/filtered/missing/join-miss counts,
@@ -1116,6 +1127,8 @@ def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrit
             the first offending rows: file, line, field, value), missing columns, no data.
         FileNotFoundError / FileExistsError: inputs missing, output present without overwrite.
     """
+    if executor not in ("ray", "local"):
+        raise ValueError(f"executor must be 'ray' or 'local', got {executor!r}")
     if not isinstance(spec, LogSpec):
         spec = load_spec(spec)
     output = Path(output_dir)
@@ -1137,9 +1150,11 @@ def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrit
     log.info("%d input units (~%d rows) -> %d buckets; staging in %s", len(units), est, buckets,
              staging)
     try:
-        with ray_session(address, num_cpus):
+        session = (ray_session(address, num_cpus) if executor == "ray"
+                   else contextlib.nullcontext())
+        with session:
             return _prepare(spec, output, overwrite, staging, joins, join_stats, units, buckets,
-                            seconds)
+                            seconds, executor)
     finally:
         fs, inner = _fs(staging)
         if fs.get_file_info(inner).type != pafs.FileType.NotFound:
@@ -1148,14 +1163,14 @@ def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrit
 
 def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: list[JoinTable],
              join_stats: list[FileStats], units: list[Unit], buckets: int,
-             seconds: dict[str, float]) -> LogReport:
+             seconds: dict[str, float], executor: str) -> LogReport:
     t0 = time.perf_counter()
     per_file: dict[str, FileStats] = {}
     hist = TimeHistogram()
     staged = {IMPRESSIONS: 0, BEHAVIORS: 0}
     items = [{"unit": json.dumps(asdict(u))} for u in units]
     kwargs = {"spec": spec, "joins": joins, "staging": staging, "buckets": buckets}
-    for index, stats, h, written in _run_stage("parse", items, _parse_task, kwargs):
+    for index, stats, h, written in _run_stage("parse", items, _parse_task, kwargs, executor):
         mine = per_file.setdefault(stats.path, FileStats(stats.path, stats.log,
                                                           line_numbers=stats.line_numbers))
         mine.add(stats, spec.malformed.show)
@@ -1177,7 +1192,8 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
     bucket_items = [{"bucket": b} for b in range(buckets)]
     if sources:
         kwargs = {"spec": spec, "staging": staging, "valid_start": valid_start}
-        for _, out in _run_stage("vocab", bucket_items, _vocab_task, kwargs):
+        for _, out in _run_stage("vocab", bucket_items, _vocab_task, kwargs,
+                                     executor):
             for table, (values, counts) in out.items():
                 partial[table].append(pd.Series(counts, index=values.to_pandas()))
                 if len(partial[table]) >= 16:  # bound the driver's memory
@@ -1189,7 +1205,7 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
     log.info("vocabularies: %s", {t: e.vocab_size for t, e in encoders.items()})
 
     t0 = time.perf_counter()
-    params = {"spec": spec.name, "max_history": spec.max_history,
+    params = {"spec": spec.name, "max_history": spec.max_history, "executor": executor,
               "valid_start": valid_start, "test_start": test_start, "buckets": buckets}
     summary = {"impressions": 0, "behaviors": 0, "history": 0}
     with DatasetWriter(output, schema, source="logs", params=params,
@@ -1197,7 +1213,7 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
         kwargs = {"spec": spec, "schema": schema.to_dict(), "encoders": encoders,
                   "staging": staging, "out_root": str(writer.tmp), "valid_start": valid_start,
                   "test_start": test_start}
-        for res in _run_stage("build", bucket_items, _build_task, kwargs):
+        for res in _run_stage("build", bucket_items, _build_task, kwargs, executor):
             for split, n in res["rows"].items():
                 writer.rows[split] += n
             for t, (ids, c) in res["counts"].items():
