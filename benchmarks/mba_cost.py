@@ -8,10 +8,15 @@ impossible at Alibaba's scale; MBA regularizes only the rows a mini-batch touche
 costs the same however large the table is. This times the real sparse step of din-ray
 (`EmbeddingTables.lookup` -> backward -> `touched_gradients` -> `RowWiseOptimizer.step` with
 the regularizer) for one batch shape (B samples × (1 + L) ids each) over tables of growing
-size, and prints each regularizer's step time relative to the smallest table. Results go to
+size, and prints each regularizer's step time relative to the smallest table, and relative to
+the unregularized step on the same table (the regularizer's own cost, which is less disturbed
+by cache effects and by other load on the machine). Results go to
 benchmarks/results/mba_cost.json. One torch thread; the fastest of `--repeats` steps is the
 step's cost (on a shared, loaded machine the slower ones measure waiting for a CPU, not work);
-the medians are recorded too.
+the medians are recorded too. The ids of a batch are distinct, so every table size sees the
+same number of touched rows (at 10^4 rows random ids would collide more often than at 10^7 and
+the comparison would mix in a change of work). L2 steps on 10^7 rows take minutes on a loaded
+machine, so those are repeated only twice.
 """
 
 from __future__ import annotations
@@ -45,9 +50,13 @@ def step_seconds(rows: int, reg: str, batch: int, history: int, dim: int, repeat
     regularizer = {"none": None, "mba": MiniBatchAware(0.01, counts),
                    "l2": WholeTableL2(0.01, steps_per_epoch=100)}[reg]
     times = []
+    if reg == "l2" and rows >= 10**7:
+        repeats = min(repeats, 2)
     for step in range(repeats + 1):  # the first step warms up allocations
-        # A fresh batch each step: B candidates and their B×L behaviours, ids anywhere in the table.
-        ids = torch.from_numpy(rng.integers(2, rows, size=(batch, 1 + history)))
+        # A fresh batch each step: B candidates and their B×L behaviours, distinct ids anywhere
+        # in the table (Floyd-style sampling; no O(rows) permutation).
+        n = batch * (1 + history)
+        ids = torch.from_numpy(2 + rng.choice(rows - 2, size=n, replace=False)).view(batch, -1)
         t0 = time.perf_counter()
         emb = tables.lookup({"x": ("item_id", ids)})["x"]  # (B, 1+L, dim)
         emb.pow(2).mean().backward()
@@ -64,12 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, nargs="+", default=[10**4, 10**5, 10**6, 10**7])
     p.add_argument("--regs", nargs="+", default=["none", "mba", "l2"])
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=128, help="samples (x (1 + history) ids)")
     p.add_argument("--history", type=int, default=50)
     p.add_argument("--dim", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--output", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    ids_per_batch = args.batch * (1 + args.history)
+    if min(args.rows) - 2 < ids_per_batch:
+        p.error(f"--rows {min(args.rows)} is too small for {ids_per_batch} distinct ids a batch "
+                "(lower --batch or --history)")
     torch.set_num_threads(1)
 
     results: dict[str, dict[str, float]] = {r: {} for r in args.regs}
@@ -89,11 +102,21 @@ def main(argv: list[str] | None = None) -> int:
     print("rows".rjust(12) + "".join(reg.rjust(10) for reg in args.regs))
     for rows in args.rows:
         print(f"{rows:>12,}" + "".join(f"{ratios[reg][str(rows)]:>9.2f}x" for reg in args.regs))
+    over_none = {}
+    if "none" in results:
+        over_none = {reg: {r: t / results["none"][r] for r, t in by_rows.items()}
+                     for reg, by_rows in results.items() if reg != "none"}
+        print("\nstep time relative to the unregularized step on the same table:")
+        print("rows".rjust(12) + "".join(reg.rjust(10) for reg in over_none))
+        for rows in args.rows:
+            print(f"{rows:>12,}" + "".join(f"{over_none[reg][str(rows)]:>9.2f}x"
+                                           for reg in over_none))
     out = {"what": "fastest seconds per sparse embedding step (lookup, backward, regularizer, "
                    "lazy Adam) on one table", "batch": args.batch, "ids_per_sample":
            1 + args.history, "dim": args.dim, "repeats": args.repeats, "threads": 1,
            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared, loaded)",
-           "seconds": results, "median_seconds": medians, "ratio_to_smallest": ratios}
+           "seconds": results, "median_seconds": medians, "ratio_to_smallest": ratios,
+           "ratio_to_none_same_rows": over_none}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_name(f".{args.output.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(out, indent=2) + "\n")

@@ -172,6 +172,16 @@ def _load_result(run_dir: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
+def _same_config(done: dict, want: dict) -> bool:
+    """A finished run is reused when its recorded config agrees on every field both know
+    (fields added to TrainConfig since it ran are not held against it)."""
+    def norm(v):  # JSON turned tuples into lists
+        return list(v) if isinstance(v, tuple) else v
+
+    return all(norm(done[k]) == norm(want[k]) for k in done.keys() & want.keys()
+               if k not in ("output", "data"))
+
+
 def train_all(cfg: ReproduceConfig) -> list[dict]:
     """Train every cell × seed (reusing finished runs); one record per run."""
     dataset = PreparedDataset.open(cfg.data)
@@ -183,7 +193,7 @@ def train_all(cfg: ReproduceConfig) -> list[dict]:
     todo = []
     for i, (*_, tc) in enumerate(jobs):
         done = _load_result(Path(tc.output))
-        if done is not None and done.get("config", {}).get("epochs") == tc.epochs:
+        if done is not None and _same_config(done.get("config", {}), tc.to_dict()):
             records[i] = done
         else:
             todo.append(i)
@@ -401,8 +411,9 @@ def attention_figure(dataset: PreparedDataset, checkpoint: Path, path: Path,
             cases.append(plots.AttentionCase(
                 user=str(u),
                 behaviours=[cate_names.get(int(c), str(int(c))) for c in cates[:n]],
-                candidates=[(item_names.get(int(rows[item_f.name][k]), "?"),
-                             cate_names.get(int(rows[cate_f.name][k]), "?")) for k in range(2)],
+                candidates=[(item_names.get(int(c), str(int(c))),
+                             cate_names.get(int(g), str(int(g))))
+                            for c, g in zip(rows[item_f.name], rows[cate_f.name])],
                 weights=weights.numpy()[:, :n]))
         if len(cases) >= users or read >= max_rows:
             break

@@ -12,9 +12,21 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(n for n in text.split(",") if n)
 
 
+def _setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as JSON when it parses (numbers, true, lists), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     train = {k: v for k, v in (("lr", args.lr), ("lam", args.lam), ("batch_size", args.batch_size),
                                ("embedding_dim", args.embedding_dim)) if v is not None}
+    train.update(dict(args.set))
     cfg = ReproduceConfig(
         data=args.data, output=args.output, seeds=args.seeds, models=args.models, regs=args.regs,
         model_reg=args.model_reg, cross=args.cross,
@@ -49,5 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lam", type=float, default=None, help="λ of MBA, DiFacto and L2")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--embedding-dim", type=int, default=None)
+    p.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                   help="any other TrainConfig field for every run, e.g. --set bias_init=zero")
     p.add_argument("--quick", action="store_true", help="tiny widths and batches, for tests")
     p.set_defaults(func=_reproduce)

@@ -221,3 +221,21 @@ def test_processed_layout_errors_name_the_line(tmp_path):
     bad.write_text("1 2;3 4;5;6\n")
     with pytest.raises(DataError, match=r"p\.txt:1: expected 5"):
         prepare_amazon_processed(bad, tmp_path / "out")
+
+
+def test_cli_prepares_raw_and_processed_and_reports_bad_arguments(tmp_path, capsys):
+    from din_ray.cli import main
+
+    reviews = write_reviews(tmp_path / "r.json.gz")
+    meta = write_meta(tmp_path / "m.json")
+    assert main(["prepare", "amazon", "--reviews", str(reviews), "--meta", str(meta),
+                 "--output", str(tmp_path / "raw"), "--valid-frac", "0"]) == 0
+    assert PreparedDataset.open(tmp_path / "raw").num_rows("test") == 6
+    processed = tmp_path / "p.txt"
+    processed.write_text("".join(f"{i} {i + 1};1 2;{i + 5};3;{i % 2}\n" for i in range(40)))
+    assert main(["prepare", "amazon", "--processed", str(processed), "--output",
+                 str(tmp_path / "proc")]) == 0
+    assert PreparedDataset.open(tmp_path / "proc").schema.name == "amazon-processed"
+    assert main(["prepare", "amazon", "--reviews", str(reviews), "--output",
+                 str(tmp_path / "x")]) == 2
+    assert "needs --reviews and --meta" in capsys.readouterr().err

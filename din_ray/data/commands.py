@@ -5,6 +5,8 @@
     din-ray prepare synthetic --rows 30000 --output out/synthetic --signal 1.0
     din-ray prepare log --spec examples/log_spec.yaml --output out/logs
     din-ray prepare taobao --input data/taobao --output out/taobao
+    din-ray prepare amazon --reviews reviews_Electronics_5.json.gz \
+        --meta meta_Electronics.json.gz --output out/amazon
 
 Adding a source: write `_add_<source>(sources)` that adds a parser with `_add_common`, its own
 arguments and `set_defaults(func=...)`, and list it in `SOURCES`.
@@ -164,10 +166,41 @@ def _run_taobao(args: argparse.Namespace) -> int:
         min_count=args.min_count, embedding_dim=args.embedding_dim, seed=args.seed))
 
 
+def _add_amazon(sources: argparse._SubParsersAction) -> None:
+    p = sources.add_parser("amazon", help="Amazon reviews + meta (paper §6.1 protocol), or "
+                                          "processed hist;hist_cates;item;cate;label text")
+    p.add_argument("--reviews", type=Path, help="reviews_<Category>_5.json[.gz]")
+    p.add_argument("--meta", type=Path,
+                   help="meta_<Category>.json[.gz] (one Python literal per line)")
+    p.add_argument("--processed", type=Path,
+                   help="already processed samples instead of --reviews/--meta")
+    p.add_argument("--processed-test", type=Path,
+                   help="processed test samples (default: --test-frac of --processed)")
+    _add_common(p)
+    p.set_defaults(func=_run_amazon)
+
+
+def _run_amazon(args: argparse.Namespace) -> int:
+    from din_ray.data.amazon import prepare_amazon, prepare_amazon_processed
+
+    if args.processed:
+        if args.reviews or args.meta:
+            raise ValueError("give --processed or --reviews with --meta, not both")
+        out = prepare_amazon_processed(args.processed, args.output,
+                                       processed_test=args.processed_test,
+                                       **_common_kwargs(args))
+    elif args.reviews and args.meta:
+        out = prepare_amazon(args.reviews, args.meta, args.output, **_common_kwargs(args))
+    else:
+        raise ValueError("prepare amazon needs --reviews and --meta (raw files) or --processed")
+    return _summary("amazon", out)
+
+
 # `din-ray prepare --help` lists them in this order.
 SOURCES: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_movielens,
     _add_synthetic,
     _add_log,
     _add_taobao,
+    _add_amazon,
 )
