@@ -182,6 +182,18 @@ def test_splits_vocab_and_counts_come_from_the_training_period(handmade_run):
     assert schema.feature("hist_brand").table == "brand"
 
 
+def test_local_executor_writes_the_same_dataset(handmade_run, tmp_path):
+    root, report, ds = handmade_run
+    local = prepare_logs(root / "spec.yaml", tmp_path / "local", executor="local")
+    assert local.rows == report.rows and local.files == report.files
+    other = PreparedDataset.open(tmp_path / "local")
+    assert other.schema == ds.schema
+    for split in ("train", "valid", "test"):
+        a, b = ds.read_split(split), other.read_split(split)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert all(np.array_equal(c, other.counts()[t]) for t, c in ds.counts().items())
+
+
 def test_malformed_rows_are_counted_per_file_with_line_field_value(handmade_run):
     root, report, _ = handmade_run
     files = {Path(f["path"]).name: f for f in report.files}
