@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from din_ray.schema import PAD_ID, Schema
 
@@ -84,6 +85,38 @@ class ModelConfig:
                 raise ValueError(f"{name} must be non-empty positive widths, got {widths}")
 
 
+# --- row gather ---------------------------------------------------------------------------------
+class _GatherRows(torch.autograd.Function):
+    """`src.index_select(0, index)` whose backward sums the gradient rows with one vectorised
+    scatter_add. (On CPU the backward of index_select, index_add_, loops over the indices one
+    slice at a time, and that of `src[index]` goes through a slower accumulating index_put; with
+    B·L ≈ 50k history slots per batch either one costs more than the whole model.)"""
+
+    @staticmethod
+    def forward(ctx, src: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = src.shape[0]
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        out = grad.new_zeros(ctx.rows, *grad.shape[1:])
+        flat = out.view(ctx.rows, -1)
+        flat.scatter_add_(0, index.unsqueeze(1).expand(-1, flat.shape[1]),
+                          grad.view(grad.shape[0], -1))
+        return out, None
+
+
+def gather_rows(src: Tensor, index: Tensor) -> Tensor:
+    """Rows `index` (N,) of `src` (R, ...) -> (N, ...), differentiable in `src`; any index may
+    repeat (its gradient rows are summed)."""
+    if not (src.requires_grad and torch.is_grad_enabled()):
+        return src.index_select(0, index)
+    return _GatherRows.apply(src, index)
+
+
 # --- activations --------------------------------------------------------------------------------
 class PReLU(nn.Module):
     """PReLU (Eq. 8) with one slope per channel of the LAST dimension.
@@ -96,7 +129,9 @@ class PReLU(nn.Module):
         self.alpha = nn.Parameter(torch.full((num_features,), init))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return torch.where(x > 0, x, self.alpha * x)
+        # Flattened to (N, C), our channels sit on F.prelu's dim 1: one fused kernel each way
+        # instead of compare, multiply and select (and their backward).
+        return F.prelu(x.reshape(-1, x.shape[-1]), self.alpha).reshape(x.shape)
 
 
 class Dice(nn.Module):
@@ -128,22 +163,35 @@ class Dice(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features))
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if self.training:
-            rows = x.reshape(-1, x.shape[-1])  # (N, C)
-            if mask is not None:
-                rows = rows[mask.reshape(-1)]
-            if rows.shape[0] > 1:
-                mean = rows.mean(0)
-                var = rows.var(0, unbiased=False)
-                with torch.no_grad():
-                    self.running_mean.lerp_(mean, self.momentum)
-                    self.running_var.lerp_(var, self.momentum)
-            else:  # a single row has no variance; fall back to the moving averages
-                mean, var = self.running_mean, self.running_var
+        rows = x.reshape(-1, x.shape[-1])  # (N, C)
+        if self.training and mask is None and rows.shape[0] > 1:
+            # Every row counts: batch normalisation without affine parameters is exactly
+            # (s − E[s]) / sqrt(Var[s] + ε) with biased batch statistics, and its fused kernels
+            # (forward and backward, gradient through the statistics included) replace about
+            # eight elementwise passes.
+            z, mean, invstd = torch.native_batch_norm(rows, None, None, None, None, True, 0.0,
+                                                      self.eps)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(invstd.pow(-2) - self.eps, self.momentum)
+            z = z.reshape(x.shape)
         else:
-            mean, var = self.running_mean, self.running_var
-        p = torch.sigmoid((x - mean) * torch.rsqrt(var + self.eps))
-        return p * x + (1 - p) * self.alpha * x
+            if self.training:
+                if mask is not None:
+                    rows = rows[mask.reshape(-1)]
+                if rows.shape[0] > 1:
+                    mean = rows.mean(0)
+                    var = rows.var(0, unbiased=False)
+                    with torch.no_grad():
+                        self.running_mean.lerp_(mean, self.momentum)
+                        self.running_var.lerp_(var, self.momentum)
+                else:  # a single row has no variance; fall back to the moving averages
+                    mean, var = self.running_mean, self.running_var
+            else:
+                mean, var = self.running_mean, self.running_var
+            z = (x - mean) * torch.rsqrt(var + self.eps)
+        p = torch.sigmoid(z)
+        return x * torch.addcmul(self.alpha, p, 1 - self.alpha)  # p·s + (1 − p)·α·s
 
 
 def make_activation(name: str, num_features: int) -> nn.Module:
@@ -201,13 +249,24 @@ class TargetAttention(nn.Module):
         self.rest = MLP(hidden[0], hidden[1:], activation, out=1)
 
     def scores(self, query: Tensor, keys: Tensor, mask: Tensor) -> Tensor:
-        """Raw activation a(e_j, v_A) per behaviour, before masking. -> (B, L)"""
+        """Activation a(e_j, v_A) of every real behaviour; 0 on padded slots. -> (B, L)
+
+        Only the real behaviours go through the unit: they are packed into N = mask.sum() rows
+        first. Padded slots are weighted 0 and left out of Dice's statistics anyway, so the
+        result is the same as running the unit on all B·L slots, at N/(B·L) of the cost.
+        """
+        B, L, D = keys.shape
+        real = mask.reshape(-1).nonzero().squeeze(1)  # (N,) flat index of each real slot
+        owner = torch.div(real, L, rounding_mode="floor")  # (N,) its sample
+        e = gather_rows(keys.reshape(B * L, D), real)  # (N, D)
+        v = gather_rows(query, owner)  # (N, D)
         w_e, w_v, w_d, w_p = self.first.weight.split(self.dim, dim=1)  # each (H, D)
-        per_behaviour = keys @ (w_e + w_d).T  # (B, L, H)
-        per_candidate = query @ (w_v - w_d).T + self.first.bias  # (B, H)
-        interaction = (keys * query.unsqueeze(1)) @ w_p.T  # (B, L, H)
-        h = self.first_act(per_behaviour + per_candidate.unsqueeze(1) + interaction, mask)
-        return self.rest(h, mask).squeeze(-1)  # (B, L)
+        per_candidate = query @ (w_v - w_d).T + self.first.bias  # (B, H), once per sample
+        # [e, e ⊙ v] @ [W_e + W_d, W_p].T plus the candidate's term: one matmul with the add fused.
+        h = torch.addmm(gather_rows(per_candidate, owner), torch.cat([e, e * v], dim=1),
+                        torch.cat([w_e + w_d, w_p], dim=1).T)  # (N, H)
+        s = self.rest(self.first_act(h)).squeeze(-1)  # (N,)
+        return s.new_zeros(B * L).index_copy(0, real, s).view(B, L)
 
     def forward(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         return self._pool(self.scores(query, keys, mask), keys, mask)
