@@ -42,6 +42,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ad-bias", action="store_true", help="drop the per-id ad bias terms")
     p.add_argument("--dropout", type=float, default=d.dropout)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--sparse-lr", type=float, default=d.sparse_lr,
+                   help="learning rate of embedding rows (0 = --lr)")
+    p.add_argument("--bias-init", default=d.bias_init, choices=("popularity", "zero"),
+                   help="start ad bias rows at the smoothed training click rate, or at zero")
+    p.add_argument("--eval-at-start", action="store_true",
+                   help="evaluate the untrained model as epoch 0, a candidate for the best")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per worker")
 
 
@@ -53,7 +59,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         epochs=args.epochs, patience=args.patience, embedding_dim=args.embedding_dim,
         attention_hidden=args.attention_hidden, mlp_hidden=args.mlp_hidden,
         attention_softmax=args.softmax, pooling=args.pooling, ad_bias=not args.no_ad_bias,
-        dropout=args.dropout, seed=args.seed, threads=args.threads)
+        dropout=args.dropout, seed=args.seed, threads=args.threads, sparse_lr=args.sparse_lr,
+        bias_init=args.bias_init, eval_at_start=args.eval_at_start)
     if getattr(args, "output", None):
         values["output"] = args.output
     if getattr(args, "workers", None):

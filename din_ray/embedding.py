@@ -39,6 +39,8 @@ def init_rows(spec: TableSpec, start: int, end: int, seed: int, std: float) -> T
 
     Returns: (end - start, dim)
     """
+    if spec.zero_init:
+        return torch.zeros(end - start, spec.dim)
     out = torch.empty(end - start, spec.dim)
     table_seed = int.from_bytes(spec.name.encode(), "little") % (2**31)
     for chunk in range(start // INIT_CHUNK_ROWS, math.ceil(end / INIT_CHUNK_ROWS)):

@@ -34,11 +34,15 @@ ACTIVATIONS = ("dice", "prelu")
 
 @dataclass(frozen=True)
 class TableSpec:
-    """An embedding table: `num_rows` ids of width `dim`; row PAD_ID is kept at zero."""
+    """An embedding table: `num_rows` ids of width `dim`; row PAD_ID is kept at zero.
+
+    `zero_init` starts every row at zero (per-id bias terms) instead of small random values.
+    """
 
     name: str
     num_rows: int
     dim: int
+    zero_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -345,13 +349,17 @@ class _Interest(CTRModel):
         self.behavior_dim = sum(f.embedding_dim for f in self.behavior)  # D
         in_dim = 2 * self.behavior_dim + sum(f.embedding_dim for f in self.singles)
         self.mlp = MLP(in_dim, config.mlp_hidden, config.activation, out=1, dropout=config.dropout)
+        # The logit starts as the ad bias alone (with bias_init="popularity", the popularity
+        # baseline); the network learns a correction on top of it.
+        nn.init.zeros_(self.mlp.out.weight)
+        nn.init.zeros_(self.mlp.out.bias)
 
     def table_specs(self) -> dict[str, TableSpec]:
         specs = super().table_specs()
         if self.config.ad_bias:
             for f in self.schema.ad_features:
                 name = f"{f.table}.bias"
-                specs[name] = TableSpec(name, f.vocab_size, 1)
+                specs[name] = TableSpec(name, f.vocab_size, 1, zero_init=True)
         return specs
 
     def sparse_inputs(self, batch: Batch) -> SparseRequests:

@@ -64,6 +64,8 @@ class TrainConfig:
     smoothing: float = 20.0
     # "popularity": ad bias rows start at the candidate's smoothed training click rate; "zero".
     bias_init: str = "popularity"
+    # Evaluate (and checkpoint) the model before training as epoch 0, a candidate for the best.
+    eval_at_start: bool = False
     init_std: float = 0.01
     # optimisation
     reg: str = "mba"  # one of din_ray.regularization.REGULARIZERS
@@ -407,6 +409,27 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
                                 dense=dense, specs=tables.specs, world_size=env.world_size,
                                 vocab_dir=dataset.root / "vocab")
 
+    def close_epoch(epoch: int, lr: float, train_loss: float | None, seconds: float,
+                    samples: int) -> None:
+        """Evaluate valid and test, append to the history, report with a checkpoint."""
+        metrics = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
+                   "train_seconds": seconds, "samples_per_s": samples / max(seconds, 1e-9)}
+        for split in ("valid", "test"):
+            for k, v in evaluate_split(model, tables, data_reg.eval(env.eval_batches(split)),
+                                       schema, env).items():
+                metrics[f"{split}_{k}"] = v
+        history.append(metrics)
+        if env.rank == 0:
+            log.info("epoch %d: loss %s  valid gauc %.4f  test gauc %.4f  (%.0f samples/s)",
+                     epoch, "-" if train_loss is None else f"{train_loss:.4f}",
+                     metrics["valid_gauc"], metrics["test_gauc"], metrics["samples_per_s"])
+        env.report(metrics, lambda d, m=metrics: write_checkpoint(d, m))
+
+    if cfg.eval_at_start and not history and not counting:
+        # "Epoch 0": the model before any update (with bias_init="popularity" it ranks exactly
+        # as the popularity baseline), so validation-based selection keeps it when training
+        # does not improve on it.
+        close_epoch(0, 0.0, None, 0.0, 0)
     bad_epochs = _epochs_since_best(history)
     epochs = 1 if counting else cfg.epochs
     for epoch in range(start_epoch, epochs):
@@ -424,19 +447,8 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
             train_loss, samples = _train_epoch(dense_model, model, tables, dense_opt, sparse_opt,
                                                regularizer, env, epoch, cfg, dataset, data_reg)
         seconds = time.perf_counter() - t0
-        metrics = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss,
-                   "train_seconds": seconds, "samples_per_s": samples / max(seconds, 1e-9)}
-        for split in ("valid", "test"):
-            for k, v in evaluate_split(model, tables, data_reg.eval(env.eval_batches(split)),
-                                       schema, env).items():
-                metrics[f"{split}_{k}"] = v
-        history.append(metrics)
+        close_epoch(epoch + 1, lr, train_loss, seconds, samples)
         bad_epochs = _epochs_since_best(history)
-        if env.rank == 0:
-            log.info("epoch %d: loss %.4f  valid gauc %.4f  test gauc %.4f  (%.0f samples/s)",
-                     epoch + 1, train_loss, metrics["valid_gauc"], metrics["test_gauc"],
-                     metrics["samples_per_s"])
-        env.report(metrics, lambda d, m=metrics: write_checkpoint(d, m))
     return summarize(history)
 
 

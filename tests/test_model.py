@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from builders import tiny_schema
 
 from din_ray.embedding import EmbeddingTables
 from din_ray.model import DIN, BaseModel, Dice, ModelConfig, PReLU, TargetAttention, build_model
 from din_ray.schema import PAD_ID
-
-from builders import tiny_schema
 
 # Two users, history length 4: user 0 has 3 behaviours, user 1 has 1 (PAD = 0 after them).
 HIST_ITEM = torch.tensor([[5, 7, 9, PAD_ID], [4, PAD_ID, PAD_ID, PAD_ID]])

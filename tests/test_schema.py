@@ -3,10 +3,9 @@
 import json
 
 import pytest
+from builders import tiny_schema
 
 from din_ray.schema import Feature, Schema, SchemaError
-
-from builders import tiny_schema
 
 
 def test_round_trip(tmp_path):

@@ -2,16 +2,16 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from builders import write_tiny_dataset
 
 from din_ray.checkpoint import Checkpoint, CheckpointError, write_manifest, write_worker_files
 from din_ray.cli import main as cli_main
 from din_ray.data.format import DataError
 from din_ray.embedding import EmbeddingTables
 from din_ray.train import TrainConfig, evaluate_checkpoint, load_model, run_local
-
-from builders import write_tiny_dataset
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +115,18 @@ def test_cli_train_and_evaluate(data, tmp_path, capsys):
     assert cli_main(["train", "--local", "--data", str(tmp_path / "nope"), "--output",
                      str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_warm_started_model_ranks_like_popularity_at_epoch_zero(data, tmp_path):
+    pop = run_local(config(data, tmp_path / "pop", model="popularity"))
+    din = run_local(config(data, tmp_path / "din", epochs=1, eval_at_start=True))
+    start = din["history"][0]
+    assert start["epoch"] == 0 and start["train_loss"] is None
+    # bias rows = smoothed click-rate logits and a zero-initialised output layer: the untrained
+    # model's logits are the popularity baseline's, so every ranking metric is identical.
+    assert start["test_gauc"] == pytest.approx(pop["gauc"], abs=1e-12)
+    assert start["valid_logloss"] == pytest.approx(pop["valid_logloss"], abs=1e-6)
+    assert [h["epoch"] for h in din["history"]] == [0, 1]
+    cold = run_local(config(data, tmp_path / "cold", epochs=1, eval_at_start=True,
+                            bias_init="zero"))
+    assert cold["history"][0]["test_logloss"] == pytest.approx(np.log(2), abs=1e-6)
