@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 # "marker" (a file path)} makes that worker exit abruptly at that step, once (the marker file
 # records that it happened, so the restarted worker carries on).
 FAIL_KEY = "fail_at"
+LOCAL_START_ATTEMPTS = 3
 
 
 # --- the worker side ----------------------------------------------------------------------------
@@ -182,6 +183,8 @@ class EvalSplitConfig(DataConfig):
                                 worker_handles, worker_node_ids, **kwargs)
         for name, ds in datasets.items():
             if name != "train":
+                if ds.name is None:
+                    ds.set_name(name)  # names the split in Ray Data's logs and dashboard
                 for i, it in enumerate(ds.streaming_split(world_size, equal=False)):
                     out[i][name] = it
         return out
@@ -231,8 +234,16 @@ def _connect(cfg: TrainConfig) -> bool:
     else:
         # Logical CPUs beyond the workers' so Ray Data always has some to read with (2 workers at
         # 1 CPU on a 2-core machine would otherwise leave it none and the run would hang).
-        ray.init(address="local",
-                 num_cpus=max(4, math.ceil(cfg.workers * cfg.cpus_per_worker) + 2))
+        num_cpus = max(4, math.ceil(cfg.workers * cfg.cpus_per_worker) + 2)
+        for attempt in range(LOCAL_START_ATTEMPTS):
+            try:
+                ray.init(address="local", num_cpus=num_cpus)
+                break
+            except Exception:  # Ray raises a bare Exception when its raylet misses the fixed
+                ray.shutdown()  # 30 s registration window, as it does on an overloaded host
+                if attempt == LOCAL_START_ATTEMPTS - 1:
+                    raise
+                log.warning("local Ray did not start (attempt %d); retrying", attempt + 1)
     return True
 
 

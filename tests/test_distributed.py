@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
+import time
+import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -33,10 +34,21 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    ray.init(num_cpus=4, _temp_dir=f"/tmp/ray-dt{os.getpid()}")
+    for attempt in range(4):
+        temp = f"/tmp/ray-dt{uuid.uuid4().hex[:6]}"  # fresh and short (unix socket paths)
+        try:
+            # No dashboard (no Tune here): fewer processes to start on a loaded host.
+            ray.init(num_cpus=4, _temp_dir=temp, include_dashboard=False)
+            break
+        except Exception:  # Ray gives its raylet 30 s to register: too short on a loaded host
+            ray.shutdown()
+            shutil.rmtree(temp, ignore_errors=True)
+            if attempt == 3:
+                raise
+            time.sleep(5)
     yield
     ray.shutdown()
-    shutil.rmtree(f"/tmp/ray-dt{os.getpid()}", ignore_errors=True)
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def small_config(data: Path, output: Path, **overrides) -> TrainConfig:
