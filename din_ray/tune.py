@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -54,7 +55,9 @@ TRIAL_CPUS = 0.01
 READ_CPUS = 1.0
 # Where Ray processes look for the dashboard's API server (see start_local_ray).
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
-STATUSES = ("completed", "early-stopped", "patience-stopped", "errored", "not-run")
+START_ATTEMPTS = 3
+STATUSES = ("completed", "early-stopped", "patience-stopped", "errored", "unfinished",
+            "not-run")
 
 
 @dataclass(frozen=True)
@@ -145,8 +148,8 @@ def concurrent_trials(cluster_cpus: float, workers: int, cpus_per_worker: float)
 def _settings_record(settings: TuneSettings, space: SearchSpace, base: TrainConfig) -> dict:
     """What a resumed run must share with the original (how it connects may differ)."""
     record = {k: v for k, v in asdict(settings).items()
-              if k not in ("address", "num_cpus", "max_concurrent", "output")}
-    record["space"] = space.to_dict()
+              if k not in ("address", "num_cpus", "max_concurrent", "output", "space")}
+    record["space"] = space.to_dict()  # its content: the same file may be named another way
     record["train"] = json.loads(json.dumps(base.to_dict()))  # tuples as lists, as on disk
     return record
 
@@ -180,17 +183,55 @@ def start_local_ray(num_cpus: int, temp_dir: str | None = None) -> None:
     """
     import ray
 
-    port = _free_port()
     previous = os.environ.get(API_SERVER_ENV)
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
     try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                 dashboard_port=port, _temp_dir=temp_dir)
+        for attempt in range(1, START_ATTEMPTS + 1):
+            before = _own_sessions(temp_dir)
+            port = _free_port()  # a fresh one: a failed attempt's dashboard may still hold its
+            os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+            try:
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+                         dashboard_port=port, _temp_dir=temp_dir)
+                break
+            except Exception as e:  # Ray raises a plain Exception for this one
+                # Ray gives the raylet a fixed 30 s to register, which a machine under heavy
+                # load can miss; the next attempt usually makes it.
+                if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS:
+                    raise
+                log.warning("local Ray did not start in time (attempt %d of %d); retrying",
+                            attempt, START_ATTEMPTS)
+                ray.shutdown()
+                _stop_failed_session(before, temp_dir)
     finally:
         if previous is None:
             os.environ.pop(API_SERVER_ENV, None)
         else:
             os.environ[API_SERVER_ENV] = previous
+
+
+def _own_sessions(temp_dir: str | None) -> set[str]:
+    """Ray session directories this process started (their names end in its pid)."""
+    root = Path(temp_dir or "/tmp/ray")
+    return {p.name for p in root.glob(f"session_*_{os.getpid()}")}
+
+
+def _stop_failed_session(before: set[str], temp_dir: str | None) -> None:
+    """Stop the processes of a session whose start timed out. `ray.shutdown` cannot: the node
+    never registered, so this process holds no handle on its GCS, raylet or dashboard."""
+    failed = _own_sessions(temp_dir) - before
+    if not failed or not Path("/proc").is_dir():
+        return
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue  # exited meanwhile, or not ours to read
+        if any(name in cmdline for name in failed):
+            try:
+                os.kill(int(proc.name), signal.SIGTERM)
+            except OSError:
+                pass  # already gone
+    log.warning("stopped the processes of the failed Ray session %s", ", ".join(sorted(failed)))
 
 
 def _free_port() -> int:
@@ -225,12 +266,8 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
 
     from din_ray.distributed import check_config
 
-    space = load_space(settings.space)
-    out = Path(settings.output).resolve()
-    base = replace(base, data=str(Path(base.data).resolve()), output=str(out),
-                   workers=settings.workers_per_trial)
+    space, base, out = _prepare(settings, base)
     check_config(base)  # the data and the fixed fields, before any Ray work
-    out.mkdir(parents=True, exist_ok=True)
     record = _settings_record(settings, space, base)
     _check_resume(out / "settings.json", record)
     _write_json(out / "settings.json", record)
@@ -261,6 +298,30 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
     finally:
         if connected:
             ray.shutdown()
+
+
+def summarize_tune(settings: TuneSettings, base: TrainConfig) -> dict:
+    """Write the outputs from the trials of a search so far, without running any (for a search
+    that was interrupted, or is still running under another driver). No Ray cluster needed."""
+    from ray.tune import ExperimentAnalysis
+
+    space, base, out = _prepare(settings, base)
+    _check_resume(out / "settings.json", _settings_record(settings, space, base))
+    experiment = _join(settings.storage(), settings.name)
+    analysis = ExperimentAnalysis(experiment)
+    frames = analysis.trial_dataframes
+    records = [_record(t.trial_id, t.config, frames.get(t.trial_id), None, t.status, base)
+               for t in analysis.trials]
+    return write_outputs(out, space, base, records)
+
+
+def _prepare(settings: TuneSettings, base: TrainConfig) -> tuple[SearchSpace, TrainConfig, Path]:
+    space = load_space(settings.space)
+    out = Path(settings.output).resolve()
+    base = replace(base, data=str(Path(base.data).resolve()), output=str(out),
+                   workers=settings.workers_per_trial)
+    out.mkdir(parents=True, exist_ok=True)
+    return space, base, out
 
 
 def _new_tuner(settings, space, base, trainable, storage, max_concurrent, sampler_cls,
@@ -303,20 +364,29 @@ def _join(storage: str, name: str) -> str:
 
 # --- results ------------------------------------------------------------------------------------
 def _trial_record(result, base: TrainConfig) -> dict:
-    """One trial's row: its config, status, best epoch, and its per-epoch history."""
-    df = result.metrics_dataframe
+    """A finished trial's row from its Tune Result."""
+    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+    error = None
+    if result.error is not None:
+        first = str(result.error).splitlines()[0] if str(result.error) else ""
+        error = f"{type(result.error).__name__}: {first}"
+    return _record(trial_id, result.config, result.metrics_dataframe, error, "TERMINATED", base)
+
+
+def _record(trial_id: str, config: dict, df: pd.DataFrame | None, error: str | None,
+            tune_status: str, base: TrainConfig) -> dict:
+    """One trial's row: its config, status, and its per-epoch history (rank 0's reports)."""
     rows: list[dict] = []
     if df is not None and len(df) and "epoch" in df:
         # A restarted trial may repeat the epochs it reported before; the latest report wins.
         df = df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
         rows = df.to_dict("records")
-    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-    record = {"trial_id": trial_id, "config": {k: _plain(v) for k, v in result.config.items()},
-              "history": rows, "error": None}
-    if result.error is not None:
+    record = {"trial_id": trial_id, "config": {k: _plain(v) for k, v in config.items()},
+              "history": rows, "error": error}
+    if error is not None or tune_status == "ERROR":
         record["status"] = "errored"
-        record["error"] = f"{type(result.error).__name__}: {str(result.error).splitlines()[0]}" \
-            if str(result.error) else type(result.error).__name__
+    elif tune_status in ("PENDING", "RUNNING", "PAUSED"):
+        record["status"] = "unfinished"  # only when summarizing a search still under way
     elif not rows:
         record["status"] = "not-run"
     elif int(rows[-1]["epoch"]) >= base.epochs:
@@ -405,7 +475,7 @@ def plot_trials(records: list[dict], space: SearchSpace, path: Path, best_id: st
 
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {"completed": ("-", "o"), "early-stopped": ("--", "x"),
-              "patience-stopped": (":", "s"), "errored": (":", "v")}
+              "patience-stopped": (":", "s"), "errored": (":", "v"), "unfinished": ("-.", ".")}
     seen = set()
     for rec in records:
         h = rec["history"]
@@ -422,6 +492,10 @@ def plot_trials(records: list[dict], space: SearchSpace, path: Path, best_id: st
     best = next(r for r in records if r["trial_id"] == best_id)
     ax.plot([], [], color="black", linewidth=2.5,
             label="best: " + ", ".join(f"{k}={_fmt(v)}" for k, v in best["config"].items()))
+    if best.get("best"):  # the epoch whose checkpoint is handed over
+        ax.plot([best["best"]["epoch"]], [best["best"][space.metric]], marker="*",
+                markersize=16, color="gold", markeredgecolor="black", linestyle="none",
+                label="best checkpoint")
     ax.set_xlabel("epoch")
     ax.set_ylabel(space.metric)
     ax.xaxis.get_major_locator().set_params(integer=True)

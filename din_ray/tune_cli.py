@@ -10,7 +10,7 @@ import argparse
 import json
 
 from din_ray.commands import add_train_arguments, config_from_args
-from din_ray.tune import TuneSettings, run_tune
+from din_ray.tune import TuneSettings, run_tune, summarize_tune
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -23,7 +23,7 @@ def _tune(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus)
     base = config_from_args(args, workers=args.workers_per_trial,
                             cpus_per_worker=args.cpus_per_worker)
-    result = run_tune(settings, base)
+    result = (summarize_tune if args.summarize else run_tune)(settings, base)
     print(json.dumps({k: result[k] for k in ("trial_id", "config", "metrics", "statuses",
                                               "checkpoint")}, indent=2))
     print("wrote " + ", ".join(result["paths"].values()))
@@ -60,4 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, default=d.num_cpus,
                    help="logical CPUs of a local Ray (0 = enough for the concurrent trials)")
+    p.add_argument("--summarize", action="store_true",
+                   help="only write the outputs from the trials so far (an interrupted search, "
+                        "or one still running); rerun without it to resume the search")
     p.set_defaults(func=_tune)
