@@ -155,9 +155,16 @@ def _settings_record(settings: TuneSettings, space: SearchSpace, base: TrainConf
 
 
 def _check_resume(path: Path, record: dict) -> None:
+    """Refuse to resume a run recorded in `path` under different settings, naming the first
+    difference. A TrainConfig field added since the run was recorded counts as unchanged while
+    it keeps its default (the original run trained with that behaviour)."""
     if not path.exists():
         return
     old = json.loads(path.read_text())
+    defaults = json.loads(json.dumps(TrainConfig(data="").to_dict()))
+    old_train = {**{k: v for k, v in defaults.items() if k not in old.get("train", {})},
+                 **old.get("train", {})}
+    old = {**old, "train": old_train}
     for key in sorted(set(old) | set(record)):
         if old.get(key) != record.get(key):
             if isinstance(old.get(key), dict) and isinstance(record.get(key), dict):
@@ -310,9 +317,20 @@ def summarize_tune(settings: TuneSettings, base: TrainConfig) -> dict:
     experiment = _join(settings.storage(), settings.name)
     analysis = ExperimentAnalysis(experiment)
     frames = analysis.trial_dataframes
-    records = [_record(t.trial_id, t.config, frames.get(t.trial_id), None, t.status, base)
-               for t in analysis.trials]
+    records = [_record(t.trial_id, t.config, frames.get(t.trial_id), _error_line(t), t.status,
+                       base) for t in analysis.trials]
     return write_outputs(out, space, base, records)
+
+
+def _error_line(trial) -> str | None:
+    """The exception line of an errored trial's error.txt, when stored locally."""
+    path = Path(trial.path or "") / "error.txt"
+    if trial.status != "ERROR" or not path.is_file():
+        return None
+    lines = [line.strip() for line in path.read_text(errors="replace").splitlines()
+             if line.strip()]
+    raised = [line for line in lines if "Error:" in line]  # "module.SomeError: message"
+    return (raised or lines or [None])[-1][:300] if lines else None
 
 
 def _prepare(settings: TuneSettings, base: TrainConfig) -> tuple[SearchSpace, TrainConfig, Path]:
