@@ -34,12 +34,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from din_ray import checkpoint as ckpt
 from din_ray import plots
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.metrics import rela_impr
 from din_ray.regularization import REGULARIZERS
 from din_ray.schema import NUM_RESERVED_IDS, PAD_ID
-from din_ray.train import TrainConfig, load_model, run_local, to_torch
+from din_ray.train import TrainConfig, load_model, run_local, summarize, to_torch
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class ReproduceConfig:
         filter_top_k: ids kept by the filter; None = a quarter of the largest table's ids.
         jobs: runs trained at once (separate processes, one torch thread each).
         quick: tiny model widths and batches (tests, smoke runs).
+        report_only: train nothing; report finished runs, and unfinished ones from their latest
+            epoch checkpoint (marked partial in the tables); runs not started are left out.
         train: further `TrainConfig` fields for every run (lr, batch_size, lam, ...).
     """
 
@@ -105,6 +108,7 @@ class ReproduceConfig:
     filter_top_k: int | None = None
     jobs: int = 1
     quick: bool = False
+    report_only: bool = False
     train: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -198,6 +202,12 @@ def train_all(cfg: ReproduceConfig) -> list[dict]:
         else:
             todo.append(i)
     log.info("reproduce: %d runs (%d already done)", len(jobs), len(jobs) - len(todo))
+    if cfg.report_only:
+        for i in todo:
+            partial = _partial_result(Path(jobs[i][3].output))
+            if partial is not None:
+                records[i] = partial
+        todo = []
     t0 = time.perf_counter()
     if cfg.jobs == 1 or len(todo) <= 1:
         for n, i in enumerate(todo):
@@ -211,12 +221,27 @@ def train_all(cfg: ReproduceConfig) -> list[dict]:
                 _progress(n + 1, len(todo), jobs[futures[fut]], t0)
     out = []
     for i, (entry, reg, seed, _) in enumerate(jobs):
-        r = records[i]
+        r = records.get(i)
+        if r is None:  # report_only: never started
+            continue
         out.append({"entry": entry, "reg": reg, "seed": seed, "gauc": r["gauc"], "auc": r["auc"],
                     "logloss": r["logloss"], "best_epoch": r["best_epoch"],
                     "epochs_run": r["epochs_run"], "history": r["history"],
+                    "partial": bool(r.get("partial")),
                     "train_seconds": sum(h["train_seconds"] for h in r["history"])})
+    if not out:
+        raise ValueError(f"{cfg.output}: no finished or checkpointed runs to report")
     return out
+
+
+def _partial_result(run_dir: Path) -> dict | None:
+    """An unfinished run summarised from its latest complete epoch checkpoint, or None."""
+    done = sorted(p for p in (run_dir / "checkpoints").glob("epoch-*")
+                  if (p / ckpt.MANIFEST).exists())
+    if not done:
+        return None
+    history = json.loads(ckpt.Checkpoint.open(done[-1]).dense_state()["history"])
+    return {**summarize(history), "partial": True}
 
 
 def _progress(n: int, total: int, job, t0: float) -> None:
@@ -236,8 +261,9 @@ def aggregate(records: list[dict], entry: str, reg: str) -> dict | None:
     rows = [r for r in records if r["entry"] == entry and r["reg"] == reg]
     if not rows:
         return None
-    out = {"entry": entry, "reg": reg, "seeds": len(rows)}
-    for key in ("gauc", "auc", "logloss", "best_epoch"):
+    out = {"entry": entry, "reg": reg, "seeds": len(rows),
+           "partial": any(r.get("partial") for r in rows)}
+    for key in ("gauc", "auc", "logloss", "best_epoch", "epochs_run"):
         out[f"{key}_mean"], out[f"{key}_std"] = _stats([r[key] for r in rows])
     return out
 
@@ -273,7 +299,8 @@ def build_tables(cfg: ReproduceConfig, records: list[dict]) -> list[dict]:
 
 
 CSV_FIELDS = ("table", "row", "entry", "reg", "seeds", "gauc_mean", "gauc_std", "auc_mean",
-              "auc_std", "logloss_mean", "logloss_std", "rela_impr", "best_epoch_mean")
+              "auc_std", "logloss_mean", "logloss_std", "rela_impr", "best_epoch_mean",
+              "epochs_run_mean", "partial")
 
 
 def write_csv(rows: list[dict], path: Path, fields) -> None:
@@ -307,9 +334,9 @@ def markdown(cfg: ReproduceConfig, rows: list[dict], dataset: PreparedDataset,
                       else ""), "",
                   "| " + ("Model" if table == "3" else "Regularization")
                   + (" | reg" if table == "3" and cfg.cross else "")
-                  + " | GAUC (mean ± std) | RelaImpr | AUC | LogLoss | best epoch |",
+                  + " | GAUC (mean ± std) | RelaImpr | AUC | LogLoss | best epoch | seeds |",
                   "|---" + ("|---" if table == "3" and cfg.cross else "")
-                  + "|---:|---:|---:|---:|---:|"]
+                  + "|---:|---:|---:|---:|---:|---:|"]
         best = max(r["gauc_mean"] for r in sub)
         for r in sub:
             g = f"{r['gauc_mean']:.4f} ± {r['gauc_std']:.4f}"
@@ -318,8 +345,12 @@ def markdown(cfg: ReproduceConfig, rows: list[dict], dataset: PreparedDataset,
             lines.append(
                 f"| {r['row']}" + (f" | {r['reg']}" if table == "3" and cfg.cross else "")
                 + f" | {g} | {r['rela_impr']:+.2f}% | {r['auc_mean']:.4f} ± {r['auc_std']:.4f}"
-                f" | {r['logloss_mean']:.4f} | {r['best_epoch_mean']:.1f} |")
+                f" | {r['logloss_mean']:.4f} | {r['best_epoch_mean']:.1f}"
+                f" | {r['seeds']}{' †' if r['partial'] else ''} |")
         lines.append("")
+    if any(r["partial"] for r in rows):
+        lines += [f"† Some runs of this row stopped before epoch {cfg.epochs}; they are reported "
+                  "from their latest epoch checkpoint (see runs.csv, `epochs_run`).", ""]
     return "\n".join(lines)
 
 
@@ -347,9 +378,9 @@ def _picture_run(cfg: ReproduceConfig) -> Path | None:
     """The DIN checkpoint the pictures use: DIN with Dice (else DIN), model_reg, seed 0."""
     for entry in ("din_dice", "din"):
         for reg in (cfg.model_reg, *cfg.regs):
-            ckpt = Path(cfg.output) / "runs" / run_name(entry, reg, 0) / "checkpoint"
-            if (ckpt / "manifest.json").exists() and (entry in cfg.models):
-                return ckpt
+            path = Path(cfg.output) / "runs" / run_name(entry, reg, 0) / "checkpoint"
+            if (path / ckpt.MANIFEST).exists() and entry in cfg.models:
+                return path
     return None
 
 
@@ -480,18 +511,19 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     _atomic_text(out / "table.md", markdown(cfg, rows, dataset, seconds))
     write_csv(rows, out / "table.csv", CSV_FIELDS)
     write_csv(records, out / "runs.csv", ("entry", "reg", "seed", "gauc", "auc", "logloss",
-                                          "best_epoch", "epochs_run", "train_seconds"))
+                                          "best_epoch", "epochs_run", "partial",
+                                          "train_seconds"))
     written.update(table_md=out / "table.md", table_csv=out / "table.csv",
                    runs_csv=out / "runs.csv")
     curves = curves_figure(cfg, records, out / "curves.png")
     if curves:
         written["curves"] = curves
-    ckpt = _picture_run(cfg)
-    if ckpt is None:
+    picture_ckpt = _picture_run(cfg)
+    if picture_ckpt is None:
         log.warning("no DIN run among the models: attention.png and embeddings.png skipped")
     else:
         for key, fn in (("attention", attention_figure), ("embeddings", embeddings_figure)):
-            p = fn(dataset, ckpt, out / f"{key}.png")
+            p = fn(dataset, picture_ckpt, out / f"{key}.png")
             if p:
                 written[key] = p
     return {"paths": {k: str(v) for k, v in written.items()}, "rows": rows}

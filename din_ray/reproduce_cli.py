@@ -32,7 +32,7 @@ def _reproduce(args: argparse.Namespace) -> int:
         model_reg=args.model_reg, cross=args.cross,
         epochs=args.epochs if args.epochs is not None else (2 if args.quick else 4),
         patience=args.patience, filter_top_k=args.filter_top_k, jobs=args.jobs, quick=args.quick,
-        train=train)
+        report_only=args.report_only, train=train)
     result = reproduce(cfg)
     print(json.dumps(result["paths"], indent=2))
     return 0
@@ -64,4 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                    help="any other TrainConfig field for every run, e.g. --set bias_init=zero")
     p.add_argument("--quick", action="store_true", help="tiny widths and batches, for tests")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: tables and figures from the runs finished so far (and "
+                        "unfinished ones from their latest epoch checkpoint, marked †)")
     p.set_defaults(func=_reproduce)
