@@ -264,7 +264,8 @@ class _World:
         noise = rng.random((n_users, L)) < HISTORY_NOISE
         seq_cate = np.where(noise, rng.integers(0, C, (n_users, L)),
                             self._interest_cate(rng, interests, cum_weight, owner))  # (U, L)
-        seq_item = self._item_in(rng, seq_cate)  # (U, L)
+        seq_cate = seq_cate.astype(np.int32)
+        seq_item = self._item_in(rng, seq_cate).astype(np.int32)  # (U, L)
 
         user = np.repeat(np.arange(n_users), self.samples[u0:u1])  # (B,) local user index
         n = user.size
