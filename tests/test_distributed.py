@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import time
 import uuid
@@ -34,6 +35,9 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
+    # Ray's memory monitor kills workers when the whole host passes 95 % memory, whoever uses
+    # it; on a shared CI host that is other jobs' memory. The test's own use is tiny.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     for attempt in range(4):
         temp = f"/tmp/ray-dt{uuid.uuid4().hex[:6]}"  # fresh and short (unix socket paths)
         try:
