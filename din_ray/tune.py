@@ -60,6 +60,10 @@ STATUSES = ("completed", "early-stopped", "patience-stopped", "errored", "unfini
             "not-run")
 
 
+class NoResultError(RuntimeError):
+    """No trial has reported a metric (all errored, or none got through an epoch yet)."""
+
+
 @dataclass(frozen=True)
 class TuneSettings:
     """A tuning run. The training fields that stay fixed come separately, as a TrainConfig.
@@ -450,8 +454,8 @@ def write_outputs(out: Path, space: SearchSpace, base: TrainConfig, records: lis
     _atomic(out / "trials.csv", lambda p: frame.to_csv(p, index=False))
     paths = {"trials": str(out / "trials.csv")}
     if best_record is None:
-        raise RuntimeError(f"no trial reported a {space.metric}; see {out / 'trials.csv'} and "
-                           "the trial errors there")
+        raise NoResultError(f"no trial reported a {space.metric} yet; see {out / 'trials.csv'} "
+                            "for each trial's status and error")
     checkpoint = _copy_checkpoint(best_row.get("checkpoint_path"), out / "best_checkpoint")
     metric_keys = [k for k in best_row if k.startswith(("valid_", "test_"))] + ["epoch"]
     best = {"trial_id": best_record["trial_id"], "config": best_record["config"],

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from din_ray.commands import add_train_arguments, config_from_args
-from din_ray.tune import TuneSettings, run_tune, summarize_tune
+from din_ray.tune import NoResultError, TuneSettings, run_tune, summarize_tune
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -23,7 +24,11 @@ def _tune(args: argparse.Namespace) -> int:
         num_cpus=args.num_cpus)
     base = config_from_args(args, workers=args.workers_per_trial,
                             cpus_per_worker=args.cpus_per_worker)
-    result = (summarize_tune if args.summarize else run_tune)(settings, base)
+    try:
+        result = (summarize_tune if args.summarize else run_tune)(settings, base)
+    except NoResultError as e:
+        print(f"din-ray tune: {e}", file=sys.stderr)
+        return 1
     print(json.dumps({k: result[k] for k in ("trial_id", "config", "metrics", "statuses",
                                               "checkpoint")}, indent=2))
     print("wrote " + ", ".join(result["paths"].values()))
