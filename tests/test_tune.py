@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import uuid
 from dataclasses import replace
@@ -35,6 +36,9 @@ SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "default.yaml"
 
 @pytest.fixture(scope="module")
 def cluster():
+    # Ray's memory monitor kills workers when the whole host passes 95 % memory, whoever uses it;
+    # on a shared host that is other jobs' memory (it killed this module's trials once).
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     start_local_ray(8, temp_dir=f"/tmp/ray-tt{uuid.uuid4().hex[:6]}")
     yield
     ray.shutdown()
