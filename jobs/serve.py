@@ -68,4 +68,8 @@ def _cluster_address(address: str | None, num_cpus: int | None, temp_dir: str | 
 
 
 if __name__ == "__main__":
+    # `python jobs/serve.py` puts jobs/ first on sys.path, where this file would shadow the
+    # repository's `serve` package (serve/app.py, which the deployment imports).
+    here = os.path.dirname(os.path.realpath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != here]
     sys.exit(main())
