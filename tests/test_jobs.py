@@ -280,7 +280,7 @@ def _job_output(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(2700)  # a loaded machine may need several attempts to start the cluster
+@pytest.mark.timeout(1200)  # a loaded machine may need several attempts to start the cluster
 def test_submitted_train_and_serve_jobs_run_on_the_cluster(cluster, data, tmp_path):
     out, storage = tmp_path / "run", tmp_path / "storage"
     result = cluster.submit("jobs/train.py", "--data", str(data), "--output", str(out),
