@@ -62,7 +62,7 @@ def test_quick_reproduce_writes_tables_and_figures(data, tmp_path):
 
 def record(entry, reg, seed, gauc):
     return {"entry": entry, "reg": reg, "seed": seed, "gauc": gauc, "auc": gauc - 0.01,
-            "logloss": 0.5, "best_epoch": 1, "history": []}
+            "logloss": 0.5, "best_epoch": 1, "epochs_run": 1, "history": []}
 
 
 def test_tables_follow_the_papers_layout_and_rela_impr():
