@@ -385,11 +385,11 @@ def prepare_movielens(
 
     rng = np.random.default_rng(seed)
     seq = _Sequences.build(ratings, movies, split, valid_frac, test_frac, rng)
+    del ratings  # the sorted copy in `seq` is all that is needed from here on
     if seq.missing_movie:
-        example = int(seq.movie_raw[seq.genre < 0][0])
         log.warning("%s: %d ratings refer to movies absent from %s (e.g. movieId %d); their "
                     "category is OOV", input_dir / layout.ratings, seq.missing_movie,
-                    layout.movies, example)
+                    layout.movies, seq.missing_example)
     train_pos = np.flatnonzero(seq.split == 0)
     if train_pos.size == 0:
         raise DataError(f"{input_dir}: no training rows (valid_frac={valid_frac}, "
@@ -430,11 +430,10 @@ class _Sequences:
     cate: np.ndarray  # (N,) int32 dense genre id
     user_start: np.ndarray  # (N,) int64 sorted position of the user's first rating
     split: np.ndarray  # (N,) int8: 0 train, 1 valid, 2 test
-    genre: np.ndarray  # (N,) int32 index into movies.genre_names, -1 if the movie is unknown
-    movie_raw: np.ndarray  # (N,) int64
     item_raw: np.ndarray  # (V_item,) raw movieId of each dense id (0, 1 unused)
     cate_raw: np.ndarray  # (V_cate,) genre of each dense id (0, 1 unused)
-    missing_movie: int
+    missing_movie: int  # ratings of movies absent from the movies file
+    missing_example: int  # one such movieId (0 if none)
 
     @classmethod
     def build(cls, r: Ratings, movies: Movies, split: str, valid_frac: float, test_frac: float,
@@ -489,11 +488,10 @@ class _Sequences:
             cate=cate,
             user_start=user_start,
             split=split_code,
-            genre=genre,
-            movie_raw=movie,
             item_raw=np.concatenate([np.zeros(2, np.int64), item_raw]),
             cate_raw=np.concatenate([reserved, names[train_genres]]),
             missing_movie=int((~known).sum()),
+            missing_example=int(movie[~known][0]) if not known.all() else 0,
         )
 
     def columns(self, pos: np.ndarray, max_history: int) -> dict[str, np.ndarray]:
