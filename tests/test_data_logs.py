@@ -24,10 +24,6 @@ from din_ray.data.logs import TimeHistogram, prepare_logs
 from din_ray.data.synthetic_logs import write_synthetic_logs
 from din_ray.schema import OOV_ID, PAD_ID
 
-# Slow: outside `make test` until verified on a quiet machine (its real-Ray pipeline
-# tests never completed on the overloaded development machine).
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def ray_cluster():

@@ -19,10 +19,6 @@ from din_ray.data.log_spec import load_spec
 from din_ray.data.taobao import PRICE_BINS, taobao_spec
 from din_ray.schema import OOV_ID, PAD_ID
 
-# Slow: outside `make test` until verified on a quiet machine (its real-Ray pipeline
-# tests never completed on the overloaded development machine).
-pytestmark = pytest.mark.slow
-
 RAW_SAMPLE = """
 user,time_stamp,adgroup_id,pid,nonclk,clk
 581738,1494137644,1,430548_1007,1,0
