@@ -6,7 +6,7 @@ from builders import tiny_schema
 
 from din_ray.baselines import CROSS_ROWS, WideDeep
 from din_ray.embedding import EmbeddingTables
-from din_ray.model import ModelConfig, build_model, model_names
+from din_ray.model import MLP, ModelConfig, build_model, model_names
 from din_ray.schema import PAD_ID
 
 MODELS = ("lr", "base", "wide_deep", "pnn", "deepfm", "din")
@@ -34,6 +34,11 @@ def make(name: str, seed: int = 0):
                                             attention_hidden=(8, 4), mlp_hidden=(8, 4)))
     # A larger init so every term visibly contributes to the logit.
     tables = EmbeddingTables(model.table_specs(), seed=seed, init_std=0.5)
+    # DIN-family output layers start at zero (the logit starts as the ad bias), which blocks every
+    # gradient below them at step 0; these structural checks want a model past its first step.
+    for module in model.modules():
+        if isinstance(module, MLP):
+            torch.nn.init.normal_(module.out.weight, std=0.5)
     return model, tables
 
 
