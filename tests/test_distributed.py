@@ -63,7 +63,7 @@ def small_config(data: Path, output: Path, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
-@pytest.mark.slow
+@pytest.mark.timeout(1200)  # 150 s quiet: two runs, a restart after the kill
 def test_killed_worker_recovers_and_rerun_resumes(ray_cluster, data, tmp_path):
     marker = tmp_path / "killed"
     cfg = small_config(data, tmp_path / "run", extra={

@@ -279,7 +279,6 @@ def _job_output(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(1200)  # a loaded machine may need several attempts to start the cluster
 def test_submitted_train_and_serve_jobs_run_on_the_cluster(cluster, data, tmp_path):
     out, storage = tmp_path / "run", tmp_path / "storage"

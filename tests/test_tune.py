@@ -29,7 +29,8 @@ from din_ray.tune_space import load_space
 
 ray = pytest.importorskip("ray")
 
-pytestmark = pytest.mark.slow
+# Each search takes 4-7 min on 2 quiet cores; allow a loaded CI machine more than the default.
+pytestmark = pytest.mark.timeout(1800)
 
 SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "default.yaml"
 
