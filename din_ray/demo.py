@@ -77,7 +77,9 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
                                                / "default.yaml")),
                         TrainConfig(data=str(data), output=str(output / "tune"), epochs=1,
                                     threads=1))
-        print(f"    best {best.get('config')} valid GAUC {best.get('metrics', {})}"
+        metrics = best.get("metrics", {})
+        print(f"    best {best.get('config')}: valid GAUC {metrics.get('valid_gauc', float('nan')):.4f}"
+              f", test GAUC {metrics.get('test_gauc', float('nan')):.4f}"
               f"  ({time.perf_counter() - t:.0f}s)")
 
         t = step(4, f"serve the best checkpoint on http://127.0.0.1:{port}")
