@@ -77,9 +77,10 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
                                                / "default.yaml")),
                         TrainConfig(data=str(data), output=str(output / "tune"), epochs=1,
                                     threads=1))
-        metrics = best.get("metrics", {})
-        print(f"    best {best.get('config')}: valid GAUC {metrics.get('valid_gauc', float('nan')):.4f}"
-              f", test GAUC {metrics.get('test_gauc', float('nan')):.4f}"
+        metrics = {k: best.get("metrics", {}).get(k, float("nan"))
+                   for k in ("valid_gauc", "test_gauc")}
+        print(f"    best {best.get('config')}: valid GAUC {metrics['valid_gauc']:.4f}"
+              f", test GAUC {metrics['test_gauc']:.4f}"
               f"  ({time.perf_counter() - t:.0f}s)")
 
         t = step(4, f"serve the best checkpoint on http://127.0.0.1:{port}")
