@@ -21,14 +21,14 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from din_ray.embedding import EmbeddingTables, RowWiseOptimizer, row_block
-from din_ray.model import TableSpec
+from din_ray.model import CTRModel, ModelConfig, TableSpec, build_model
 from din_ray.schema import Schema
 
 FORMAT_VERSION = 1
@@ -194,3 +194,18 @@ class Checkpoint:
                 for key, value in optimizer.state_rows(name).items():
                     if key in rows:
                         value.copy_(rows[key])
+
+
+def load_model(path: str | Path) -> tuple[CTRModel, EmbeddingTables, Checkpoint]:
+    """A checkpoint as an evaluation-mode model with whole (unsharded) tables: what evaluation,
+    serving and the reports load. The model is rebuilt from the model fields of the saved
+    training config, so nothing here depends on `train`."""
+    c = Checkpoint.open(path)
+    names = {f.name for f in fields(ModelConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in c.config.items() if k in names}
+    model = build_model(c.schema, ModelConfig(**values))
+    model.load_state_dict(c.dense_state()["model"])
+    tables = EmbeddingTables(model.table_specs())
+    c.restore_tables(tables)
+    return model.eval(), tables.eval(), c

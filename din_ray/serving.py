@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from din_ray.checkpoint import MANIFEST, Checkpoint, CheckpointError
+from din_ray.checkpoint import MANIFEST, Checkpoint, CheckpointError, load_model
 from din_ray.embedding import EmbeddingTables
 from din_ray.model import CTRModel
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, PAD_ID, Feature, Schema
@@ -406,8 +406,6 @@ class ServedModel:
     def load(cls, path: str | Path, limits: RequestLimits | None = None) -> ServedModel:
         """Load the checkpoint at `path` (see `resolve_checkpoint`) with safe deserialisation
         only: JSON, Parquet and `torch.load(weights_only=True)` inside `din_ray.checkpoint`."""
-        from din_ray.train import load_model  # builds the model exactly as `evaluate` does
-
         path = resolve_checkpoint(path).resolve()
         model, tables, ckpt = load_model(path)
         parser = RequestParser(ckpt.schema, load_vocabularies(path, ckpt.schema), limits)

@@ -545,20 +545,9 @@ def run_local(cfg: TrainConfig) -> dict:
     return result
 
 
-def load_model(path: str | Path) -> tuple[CTRModel, EmbeddingTables, ckpt.Checkpoint]:
-    """A checkpoint as an evaluation-mode model with whole (unsharded) tables."""
-    c = ckpt.Checkpoint.open(path)
-    cfg = TrainConfig.from_dict(c.config)
-    model = build_model(c.schema, cfg.model_config())
-    model.load_state_dict(c.dense_state()["model"])
-    tables = EmbeddingTables(model.table_specs())
-    c.restore_tables(tables)
-    return model.eval(), tables.eval(), c
-
-
 def evaluate_checkpoint(path: str | Path, data: str | Path, batch_size: int = 8192) -> dict:
     """Recompute valid/test metrics of a checkpoint on a prepared dataset."""
-    model, tables, c = load_model(path)
+    model, tables, c = ckpt.load_model(path)
     dataset = PreparedDataset.open(data)
     if dataset.schema.with_embedding_dim(c.schema.features[0].embedding_dim) != c.schema:
         raise ValueError(f"{data}: its schema does not match the checkpoint's ({path})")

@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import torch
 from builders import write_tiny_dataset
 
+from din_ray.checkpoint import load_model
 from din_ray.data.format import PreparedDataset
 from din_ray.schema import OOV_ID, PAD_ID
-from din_ray.train import TrainConfig, forward, load_model, run_local
+from din_ray.train import TrainConfig, forward, run_local
 
 
 def start_local_ray(num_cpus: int = 4, attempts: int = 3) -> str:
@@ -76,7 +77,7 @@ def payloads(data: Path, n: int, candidates: int = 6, seed: int = 0) -> list[dic
 
 
 def offline_scores(checkpoint: Path, payload: dict) -> tuple[list[float], np.ndarray | None]:
-    """CTR of every candidate via `train.load_model` + `train.forward` on the equivalent
+    """CTR of every candidate via `checkpoint.load_model` + `train.forward` on the equivalent
     prepared batch (the user's history repeated per candidate), and DIN's attention weights
     (C, history kept)."""
     model, tables, c = load_model(checkpoint)

@@ -158,7 +158,7 @@ def test_regularizers_change_the_trained_weights(data, tmp_path):
                           epochs=1, batch_size=64, embedding_dim=4, mlp_hidden=(8, 4),
                           patience=0, lam=1.0, optimizer="sgd", lr=0.05)
         run_local(cfg)
-        from din_ray.train import load_model
+        from din_ray.checkpoint import load_model
 
         _, tables, _ = load_model(tmp_path / reg / "checkpoint")
         return tables.weight("item_id").clone()

@@ -9,12 +9,13 @@ import torch
 from builders import write_tiny_dataset
 from dist_helpers import predict_checkpoint, spawn, stitch, train_steps
 
+from din_ray.checkpoint import load_model
 from din_ray.data.format import PreparedDataset
 from din_ray.embedding import EmbeddingTables
 from din_ray.model import TableSpec
 from din_ray.sharding import REPLICATED, SHARDED, ShardedEmbeddingTables, plan_tables
 from din_ray.train import forward as model_forward
-from din_ray.train import load_model, to_torch
+from din_ray.train import to_torch
 
 STEPS, GLOBAL_BATCH = 6, 64
 

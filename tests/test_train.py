@@ -7,11 +7,17 @@ import pytest
 import torch
 from builders import write_tiny_dataset
 
-from din_ray.checkpoint import Checkpoint, CheckpointError, write_manifest, write_worker_files
+from din_ray.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_model,
+    write_manifest,
+    write_worker_files,
+)
 from din_ray.cli import main as cli_main
 from din_ray.data.format import DataError
 from din_ray.embedding import EmbeddingTables
-from din_ray.train import TrainConfig, evaluate_checkpoint, load_model, run_local
+from din_ray.train import TrainConfig, evaluate_checkpoint, run_local
 
 
 @pytest.fixture(scope="module")
