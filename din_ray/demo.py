@@ -50,6 +50,7 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
     import ray
 
     from din_ray.distributed import run_ray
+    from din_ray.local_ray import start_local_ray
     from din_ray.train import TrainConfig
     from din_ray.tune import TuneSettings, run_tune
 
@@ -62,7 +63,7 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
           f"  ({time.perf_counter() - t:.0f}s)")
 
     # One local Ray for every step; logical CPUs oversubscribed so Ray Data always has some.
-    ray.init(num_cpus=8, include_dashboard=True, log_to_driver=False)
+    start_local_ray(8, log_to_driver=False)
     try:
         t = step(2, f"train DIN with {workers} Ray Train workers -> {output / 'train'}")
         cfg = TrainConfig(data=str(data), output=str(output / "train"), model="din",

@@ -49,6 +49,7 @@ from ray.train.torch import TorchTrainer
 from din_ray import checkpoint as ckpt
 from din_ray.data.format import SPLITS, DataError, PreparedDataset, to_numpy
 from din_ray.embedding import EmbeddingTables
+from din_ray.local_ray import connect
 from din_ray.model import CTRModel, build_model
 from din_ray.schema import Schema
 from din_ray.sharding import ShardedEmbeddingTables, embedding_group, plan_tables
@@ -60,7 +61,6 @@ log = logging.getLogger(__name__)
 # "marker" (a file path)} makes that worker exit abruptly at that step, once (the marker file
 # records that it happened, so the restarted worker carries on).
 FAIL_KEY = "fail_at"
-LOCAL_START_ATTEMPTS = 3
 
 
 # --- the worker side ----------------------------------------------------------------------------
@@ -226,25 +226,9 @@ def storage_path(cfg: TrainConfig) -> str:
 def _connect(cfg: TrainConfig) -> bool:
     """Join the running Ray (this process's, `cfg.address` or $RAY_ADDRESS), else start a
     local one. Returns whether this call connected (and so should disconnect)."""
-    if ray.is_initialized():
-        return False
-    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address)
-    else:
-        # Logical CPUs beyond the workers' so Ray Data always has some to read with (2 workers at
-        # 1 CPU on a 2-core machine would otherwise leave it none and the run would hang).
-        num_cpus = max(4, math.ceil(cfg.workers * cfg.cpus_per_worker) + 2)
-        for attempt in range(LOCAL_START_ATTEMPTS):
-            try:
-                ray.init(address="local", num_cpus=num_cpus)
-                break
-            except Exception:  # Ray raises a bare Exception when its raylet misses the fixed
-                ray.shutdown()  # 30 s registration window, as it does on an overloaded host
-                if attempt == LOCAL_START_ATTEMPTS - 1:
-                    raise
-                log.warning("local Ray did not start (attempt %d); retrying", attempt + 1)
-    return True
+    # Logical CPUs beyond the workers' so Ray Data always has some to read with (2 workers at
+    # 1 CPU on a 2-core machine would otherwise leave it none and the run would hang).
+    return connect(cfg.address, max(4, math.ceil(cfg.workers * cfg.cpus_per_worker) + 2))
 
 
 def build_trainer(cfg: TrainConfig, dataset: PreparedDataset,

@@ -24,7 +24,7 @@ best_checkpoint/ (a copy of the winner's best epoch; what `din-ray serve OUTPUT`
 
 The known trap: a trial that ASHA stops must release its Train run's placement group, or later
 trials wait forever. On Ray 2.60 that cleanup goes through the dashboard, so a local Ray is
-started with it on and with its address known to every Ray process (`start_local_ray`).
+started with it on and with its address known to every Ray process (`din_ray.local_ray`).
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ import logging
 import math
 import os
 import shutil
-import signal
-import socket
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -43,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from din_ray import checkpoint as ckpt
+from din_ray.local_ray import connect
 from din_ray.train import TrainConfig
 from din_ray.tune_space import SearchSpace, load_space
 
@@ -53,9 +52,6 @@ log = logging.getLogger(__name__)
 TRIAL_CPUS = 0.01
 # CPUs besides the workers' that a running trial needs for Ray Data's read tasks.
 READ_CPUS = 1.0
-# Where Ray processes look for the dashboard's API server (see start_local_ray).
-API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
-START_ATTEMPTS = 3
 STATUSES = ("completed", "early-stopped", "patience-stopped", "errored", "unfinished",
             "not-run")
 
@@ -180,89 +176,10 @@ def _check_resume(path: Path, record: dict) -> None:
                              "or choose another --output")
 
 
-def start_local_ray(num_cpus: int, temp_dir: str | None = None) -> None:
-    """Start a local Ray in this process whose workers can reach its own dashboard.
-
-    A trial that ASHA stops is killed mid-run; Ray Train's detached `PlacementGroupCleaner` then
-    removes the placement group of the dead run, but it finds the controller's state through the
-    dashboard's State API, located from RAY_API_SERVER_ADDRESS, RAY_ADDRESS or the address file
-    of a `ray start` cluster. A cluster started by `ray.init` has none of these, and with several
-    Ray instances on the machine the lookup fails; the cleaner's thread dies, the placement group
-    stays, and the next trial waits for its CPUs forever. So the dashboard runs on a port chosen
-    here and every Ray process inherits its address (the raylet and its workers take this
-    process's environment when they start).
-    """
-    import ray
-
-    previous = os.environ.get(API_SERVER_ENV)
-    try:
-        for attempt in range(1, START_ATTEMPTS + 1):
-            before = _own_sessions(temp_dir)
-            port = _free_port()  # a fresh one: a failed attempt's dashboard may still hold its
-            os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-            try:
-                ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                         dashboard_port=port, _temp_dir=temp_dir)
-                break
-            except Exception as e:  # Ray raises a plain Exception for this one
-                # Ray gives the raylet a fixed 30 s to register, which a machine under heavy
-                # load can miss; the next attempt usually makes it.
-                if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS:
-                    raise
-                log.warning("local Ray did not start in time (attempt %d of %d); retrying",
-                            attempt, START_ATTEMPTS)
-                ray.shutdown()
-                _stop_failed_session(before, temp_dir)
-    finally:
-        if previous is None:
-            os.environ.pop(API_SERVER_ENV, None)
-        else:
-            os.environ[API_SERVER_ENV] = previous
-
-
-def _own_sessions(temp_dir: str | None) -> set[str]:
-    """Ray session directories this process started (their names end in its pid)."""
-    root = Path(temp_dir or "/tmp/ray")
-    return {p.name for p in root.glob(f"session_*_{os.getpid()}")}
-
-
-def _stop_failed_session(before: set[str], temp_dir: str | None) -> None:
-    """Stop the processes of a session whose start timed out. `ray.shutdown` cannot: the node
-    never registered, so this process holds no handle on its GCS, raylet or dashboard."""
-    failed = _own_sessions(temp_dir) - before
-    if not failed or not Path("/proc").is_dir():
-        return
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue  # exited meanwhile, or not ours to read
-        if any(name in cmdline for name in failed):
-            try:
-                os.kill(int(proc.name), signal.SIGTERM)
-            except OSError:
-                pass  # already gone
-    log.warning("stopped the processes of the failed Ray session %s", ", ".join(sorted(failed)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _connect(settings: TuneSettings, base: TrainConfig, max_concurrent: int) -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = settings.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
-        ray.init(address=address)
-    else:
-        per_trial = settings.workers_per_trial * base.cpus_per_worker + READ_CPUS
-        start_local_ray(settings.num_cpus or max(4, math.ceil(per_trial * max(max_concurrent, 1))))
-    return True
+    per_trial = settings.workers_per_trial * base.cpus_per_worker + READ_CPUS
+    return connect(settings.address,
+                   settings.num_cpus or max(4, math.ceil(per_trial * max(max_concurrent, 1))))
 
 
 def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
