@@ -27,8 +27,11 @@ model was trained with attention_softmax) of candidate c on the history entry at
 
 Raw ids are JSON strings or integers, compared as strings (296 and "296" are the same movie)
 against the checkpoint's vocabularies (`CKPT/vocab/<table>.parquet`); ids never seen in training
-map to OOV_ID. A table without a vocabulary file was built from dense ids: it takes integers,
-and ids outside its rows map to OOV_ID. Histories longer than the model's max length keep their
+map to OOV_ID. Tables prepared from logs without a vocabulary are encoded the way preparation
+encoded them, recorded in the schema: hashed tables (`extra.hashed`) hash the raw id into their
+buckets, binned numeric features (`extra.bins`) take the raw number and look up its bin. Any
+other table without a vocabulary file was built from dense ids: it takes integers, and ids
+outside its rows map to OOV_ID. Histories longer than the model's max length keep their
 most recent (last) `max_len` behaviours; `history_dropped` says how many were cut.
 
 Every rejected request raises `RequestError`, which carries an HTTP status and the offending
@@ -50,6 +53,7 @@ import torch
 from torch import Tensor
 
 from din_ray.checkpoint import MANIFEST, Checkpoint, CheckpointError, load_model
+from din_ray.data.hashing import hash_strings, mix64
 from din_ray.embedding import EmbeddingTables
 from din_ray.model import CTRModel
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, PAD_ID, Feature, Schema
@@ -153,13 +157,75 @@ class Vocabulary:
                 "raw_ids": len(self.mapping) if self.mapping is not None else None}
 
 
+class HashedIds(Vocabulary):
+    """Raw id -> `hash(raw) % buckets + NUM_RESERVED_IDS`, the function `din_ray.data.logs` used
+    for a table prepared with `hash_buckets` (int ids hashed as int64, others as strings)."""
+
+    def __init__(self, table: str, num_rows: int, buckets: int, id_type: str) -> None:
+        super().__init__(table, num_rows, None)
+        self.buckets, self.id_type = buckets, id_type
+
+    def encode(self, value: object, field: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise RequestError(422, field, f"expected a string or integer id, got "
+                                           f"{type(value).__name__} {_short(value)}")
+        if self.id_type == "int":
+            try:
+                h = mix64(np.array([int(value)], dtype=np.int64))
+            except (ValueError, OverflowError):
+                raise RequestError(422, field, f"table {self.table!r} hashes integer ids, got "
+                                               f"{_short(value)}") from None
+        else:
+            h = hash_strings(np.array([str(value)], dtype=object))
+        return int(h[0] % np.uint64(self.buckets)) + NUM_RESERVED_IDS
+
+    def describe(self) -> dict:
+        return {"num_rows": self.num_rows, "raw_ids": None, "hash_buckets": self.buckets}
+
+
+class BinnedIds(Vocabulary):
+    """A raw number -> the id of its bin: bin i (edges[i-1] <= x < edges[i]) is id
+    i + NUM_RESERVED_IDS, as `din_ray.data.logs` bucketized the feature."""
+
+    def __init__(self, table: str, num_rows: int, edges: Sequence[float]) -> None:
+        super().__init__(table, num_rows, None)
+        self.edges = np.asarray(edges, dtype=np.float64)
+
+    def encode(self, value: object, field: str) -> int:
+        try:
+            x = float(value) if not isinstance(value, bool) else float("nan")
+        except (TypeError, ValueError):
+            x = float("nan")
+        if not np.isfinite(x):
+            raise RequestError(422, field, f"table {self.table!r} bins numbers, got "
+                                           f"{_short(value)}")
+        return int(np.searchsorted(self.edges, x, side="right")) + NUM_RESERVED_IDS
+
+    def describe(self) -> dict:
+        return {"num_rows": self.num_rows, "raw_ids": None, "bins": self.edges.tolist()}
+
+
 def load_vocabularies(path: Path, schema: Schema) -> dict[str, Vocabulary]:
-    """One `Vocabulary` per schema table, from CKPT/vocab/<table>.parquet where present."""
-    out = {}
+    """One raw-id encoder per schema table: CKPT/vocab/<table>.parquet where present, else the
+    hashing or binning recorded in the schema, else dense ids."""
+    hashed = schema.extra.get("hashed", {})
+    hash_types = schema.extra.get("hash_types", {})
+    bins = schema.extra.get("bins", {})
+    out: dict[str, Vocabulary] = {}
     for table, (rows, _) in schema.tables.items():
         file = path / "vocab" / f"{table}.parquet"
-        out[table] = Vocabulary.load(file, table, rows) if file.exists() else Vocabulary(
-            table, rows, None)
+        if file.exists():
+            out[table] = Vocabulary.load(file, table, rows)
+        elif table in hashed:
+            if table not in hash_types:
+                raise CheckpointError(f"{path}: table {table!r} is hashed but its schema does "
+                                      "not say whether as integers or strings (data prepared "
+                                      "by an older din-ray); prepare the data again")
+            out[table] = HashedIds(table, rows, int(hashed[table]), hash_types[table])
+        elif table in bins:
+            out[table] = BinnedIds(table, rows, bins[table])
+        else:
+            out[table] = Vocabulary(table, rows, None)
     return out
 
 

@@ -23,6 +23,7 @@ from din_ray.data.log_spec import SpecError, load_spec, parse_spec
 from din_ray.data.logs import TimeHistogram, prepare_logs
 from din_ray.data.synthetic_logs import write_synthetic_logs
 from din_ray.schema import OOV_ID, PAD_ID
+from din_ray.serving import RequestError, load_vocabularies
 
 
 @pytest.fixture(scope="module")
@@ -344,6 +345,25 @@ def test_vocabulary_min_count_over_the_training_period(random_run):
     # Hashed table: vocabulary of buckets, no vocab file; recorded in the schema.
     assert ds.schema.feature("item").vocab_size == 9 and ds.vocab("item") == {}
     assert ds.schema.extra["hashed"] == {"item": 7}
+    assert ds.schema.extra["hash_types"] == {"item": "int"}
+
+
+def test_serving_encodes_raw_ids_as_preparation_did(random_run):
+    # Serving maps a request's raw ids with the prepared data's vocabularies and the hashing the
+    # schema records: every training row's prepared ids must come back from its raw values.
+    _, _, raw, ds = random_run
+    encoders = load_vocabularies(ds.root, ds.schema)
+    rowid = {v: int(k) for k, v in ds.vocab("rowid").items()}
+    cols = ds.read_split("train")
+    for i in range(len(cols["label"])):
+        r = rowid[int(cols["rowid"][i])]
+        item = int(raw["imp"]["item"][r])
+        assert encoders["item"].encode(item, "item") == cols["item"][i]
+        assert encoders["item"].encode(str(item), "item") == cols["item"][i]  # "296" == 296
+        assert encoders["brand"].encode(str(raw["ads"]["brand"][item]), "brand") == \
+            cols["brand"][i]
+    with pytest.raises(RequestError, match="hashes integer ids"):
+        encoders["item"].encode("not-a-number", "candidates[0].item")
 
 
 def test_training_on_prepared_logs_with_one_and_two_workers(random_run, tmp_path):

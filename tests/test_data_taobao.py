@@ -18,6 +18,7 @@ from din_ray.data.format import PreparedDataset
 from din_ray.data.log_spec import load_spec
 from din_ray.data.taobao import PRICE_BINS, taobao_spec
 from din_ray.schema import OOV_ID, PAD_ID
+from din_ray.serving import load_vocabularies
 
 RAW_SAMPLE = """
 user,time_stamp,adgroup_id,pid,nonclk,clk
@@ -107,6 +108,9 @@ def test_rows_join_features_and_keep_only_earlier_behaviours(prepared):
     # Ad 2's brand is NULL in ad_feature: OOV, and its price 199.0 falls in bin [100, 200).
     assert train["brand"][second] == OOV_ID
     assert train["price"][second] == 2 + PRICE_BINS.index(100) + 1
+    # Serving bins a request's raw price the same way (no vocabulary file for price).
+    price = load_vocabularies(ds.root, ds.schema)["price"]
+    assert price.encode(199.0, "price") == price.encode("199", "price") == train["price"][second]
     # The profile of user 581738 joined: final_gender_code 2 and age_level 2 are known ids.
     assert train["age_level"][first] != OOV_ID and train["final_gender_code"][first] != OOV_ID
 

@@ -49,6 +49,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from din_ray.data.format import SPLITS, DataError, DatasetWriter, count_ids, to_arrow
+from din_ray.data.hashing import hash_strings, mix64
 from din_ray.data.log_spec import FeatureSpec, LogSpec, Source, load_spec
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, Feature, Schema
 
@@ -238,20 +239,6 @@ def parse_str(arr: pa.Array, nulls: tuple[str, ...]) -> tuple[pa.Array, np.ndarr
 
 
 # --- hashing ------------------------------------------------------------------------------------
-def mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a well-spread, deterministic uint64 hash of int64 ids."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.int64).view(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def hash_strings(values: np.ndarray) -> np.ndarray:
-    """Deterministic uint64 hash of strings (pandas' fixed-key SipHash)."""
-    return pd.util.hash_array(np.asarray(values, dtype=object), categorize=False)
-
-
 def bucket_of(users: np.ndarray, buckets: int) -> np.ndarray:
     return (mix64(users) % np.uint64(buckets)).astype(np.int64)
 
@@ -1095,10 +1082,13 @@ def log_schema(spec: LogSpec, encoders: dict[str, Encoder]) -> Schema:
                                  spec.max_history, f.aligned_with))
         else:
             feats.append(Feature(f.name, f.group, f.name, size, spec.embedding_dim))
+    # How raw ids of tables without a vocabulary file become dense ids: serving repeats it.
     hashed = {t: e.buckets for t, e in encoders.items() if e.buckets}
+    hash_types = {t: e.type for t, e in encoders.items() if e.buckets}
     bins = {f.name: list(f.bins) for f in spec.features if f.bins is not None}
     return Schema(tuple(feats), name=spec.name,
-                  extra={"source": "logs", "hashed": hashed, "bins": bins})
+                  extra={"source": "logs", "hashed": hashed, "hash_types": hash_types,
+                         "bins": bins})
 
 
 def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrite: bool = False,
