@@ -238,15 +238,12 @@ def build_trainer(cfg: TrainConfig, dataset: PreparedDataset,
     datasets = {split: ray.data.read_parquet([str(f) for f in dataset.files(split)],
                                              shuffle="files" if split == "train" else None)
                 for split in SPLITS}
-    # The trainer copies the current DataContext for its workers: turn Ray Data's progress bars
-    # off there (three datasets per epoch would bury the training log), not in the caller.
-    context = ray.data.DataContext.get_current()
-    bars = context.enable_progress_bars
-    context.enable_progress_bars = False
-    try:
-        return _trainer(cfg, datasets, callbacks)
-    finally:
-        context.enable_progress_bars = bars
+    for ds in datasets.values():
+        # Each dataset carries its own copy of the DataContext (taken when it was created) into
+        # the split coordinators: no progress bars there (three datasets per epoch would bury
+        # the training log), and the caller's context is left alone.
+        ds.context.enable_progress_bars = False
+    return _trainer(cfg, datasets, callbacks)
 
 
 def _trainer(cfg: TrainConfig, datasets: dict, callbacks: list | None) -> TorchTrainer:
