@@ -410,10 +410,11 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
                                 vocab_dir=dataset.root / "vocab")
 
     def close_epoch(epoch: int, lr: float, train_loss: float | None, seconds: float,
-                    samples: int) -> None:
+                    samples: int, data_seconds: float = 0.0) -> None:
         """Evaluate valid and test, append to the history, report with a checkpoint."""
         metrics = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
-                   "train_seconds": seconds, "samples_per_s": samples / max(seconds, 1e-9)}
+                   "train_seconds": seconds, "samples_per_s": samples / max(seconds, 1e-9),
+                   "data_wait_seconds": data_seconds}
         for split in ("valid", "test"):
             for k, v in evaluate_split(model, tables, data_reg.eval(env.eval_batches(split)),
                                        schema, env).items():
@@ -441,19 +442,23 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
             for group in dense_opt.param_groups:
                 group["lr"] = lr
         t0 = time.perf_counter()
+        data_seconds = 0.0
         if counting:
             train_loss, samples = _fit_popularity(model, tables, env), dataset.num_rows("train")
         else:
-            train_loss, samples = _train_epoch(dense_model, model, tables, dense_opt, sparse_opt,
-                                               regularizer, env, epoch, cfg, dataset, data_reg)
+            train_loss, samples, data_seconds = _train_epoch(
+                dense_model, model, tables, dense_opt, sparse_opt, regularizer, env, epoch, cfg,
+                dataset, data_reg)
         seconds = time.perf_counter() - t0
-        close_epoch(epoch + 1, lr, train_loss, seconds, samples)
+        close_epoch(epoch + 1, lr, train_loss, seconds, samples, data_seconds)
         bad_epochs = _epochs_since_best(history)
     return summarize(history)
 
 
 def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer, env, epoch,
-                 cfg, dataset, data_reg: BatchRegularizer) -> tuple[float, int]:
+                 cfg, dataset, data_reg: BatchRegularizer) -> tuple[float, int, float]:
+    """One pass over this worker's training batches. -> (mean loss over all workers, samples
+    over all workers, seconds this worker waited for its next batch: the data path's share)."""
     dense_model.train()
     tables.train()
     loss_fn = nn.BCEWithLogitsLoss()
@@ -461,7 +466,14 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
     expected = max(1, dataset.num_rows("train") // max(cfg.batch_size * env.world_size, 1))
     t0 = time.perf_counter()
     whole_tables = getattr(regularizer, "whole_tables", False)  # l2: every row, every step
-    for batch in data_reg.train(env.train_batches(epoch), epoch):
+    batches = iter(data_reg.train(env.train_batches(epoch), epoch))
+    waited = 0.0
+    while True:
+        t_wait = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - t_wait
+        if batch is None:
+            break
         t = to_torch(batch)
         logits = forward(dense_model, tables, t)
         loss = loss_fn(logits, t[dataset.schema.label])
@@ -478,11 +490,12 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
         seen += len(batch[dataset.schema.label])
         steps += 1
         if env.rank == 0 and steps % max(1, expected // 10) == 0:
-            log.info("epoch %d: %3.0f%% (%d steps, loss %.4f, %.0f samples/s/worker)", epoch + 1,
-                     min(100.0, 100.0 * steps / expected), steps, total_loss / seen,
-                     seen / (time.perf_counter() - t0))
+            elapsed = time.perf_counter() - t0
+            log.info("epoch %d: %3.0f%% (%d steps, loss %.4f, %.0f samples/s/worker, %.0f%% of "
+                     "the time waiting for data)", epoch + 1, min(100.0, 100.0 * steps / expected),
+                     steps, total_loss / seen, seen / elapsed, 100.0 * waited / elapsed)
     stats = env.all_reduce_sum(torch.tensor([total_loss, float(seen)], dtype=torch.float64))
-    return float(stats[0] / max(stats[1], 1)), int(stats[1])
+    return float(stats[0] / max(stats[1], 1)), int(stats[1]), waited
 
 
 def _epochs_since_best(history: list[dict]) -> int:
