@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_cpus": args.num_cpus,
         "executor": args.executor,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "note": "shared with other agents' jobs; timings are CPU-contended"},
+                    "load_avg_end": [round(x, 2) for x in os.getloadavg()]},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     print(json.dumps(result, indent=2))
