@@ -13,7 +13,8 @@ heap, what grows with data held in a process), plus the largest single process. 
 printed beside the input and output sizes (Parquet on disk, and in memory as Arrow tables).
 
 Rows/s counts input rows (impressions + behaviours) over the prepare wall time. Results are
-appended (one entry per --impressions) to benchmarks/results/prepare_logs.json.
+appended (one entry per --impressions, --rows-per-bucket and --executor) to
+benchmarks/results/prepare_logs.json.
 """
 
 from __future__ import annotations
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         "vocab_sizes": report.vocab_sizes,
         "generate_seconds": None if gen_seconds is None else round(gen_seconds, 1),
         "num_cpus": args.num_cpus,
+        "rows_per_bucket": args.rows_per_bucket,
         "executor": args.executor,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_avg_end": [round(x, 2) for x in os.getloadavg()]},
@@ -267,8 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    key = ("impressions", "rows_per_bucket", "executor")
     existing["runs"] = [r for r in existing["runs"]
-                        if r.get("impressions") != result["impressions"]] + [result]
+                        if tuple(r.get(k) for k in key) != tuple(result[k] for k in key)] + [result]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(existing, indent=2) + "\n")
     tmp.replace(path)
