@@ -6,6 +6,8 @@
       dense.pt                           dense model state, dense optimizer state, step counts
       tables/<table>.<start>-<end>.pt    one row block per worker: weight (+ Adam moments)
       vocab/<table>.parquet              raw id -> dense id, copied from the prepared data
+      id_filter.npz                      only for reg="filter": table -> (rows,) dense id -> the
+                                         id the model saw (the dropped ids map to OOV)
 
 Each worker writes its own row blocks (`write_worker_files`); rank 0 writes the rest and the
 manifest (`write_manifest`). A reader asks for any row range (`Checkpoint.table_rows`) and gets it
@@ -24,6 +26,7 @@ import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,6 +36,7 @@ from din_ray.schema import Schema
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+ID_FILTER = "id_filter.npz"
 
 
 class CheckpointError(ValueError):
@@ -47,6 +51,13 @@ def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     os.replace(tmp, path)
 
 
@@ -74,8 +85,10 @@ def write_worker_files(directory: str | Path, tables: EmbeddingTables,
 
 def write_manifest(directory: str | Path, *, schema: Schema, config: dict, metrics: dict,
                    specs: dict[str, TableSpec], world_size: int, dense: dict,
-                   vocab_dir: str | Path | None = None) -> None:
-    """Rank 0: dense state, schema, config, metrics, vocabularies, then the manifest (last)."""
+                   vocab_dir: str | Path | None = None,
+                   id_remap: dict[str, np.ndarray] | None = None) -> None:
+    """Rank 0: dense state, schema, config, metrics, vocabularies, the id filter's remapping
+    (`id_remap`, table -> (rows,) int64) when training used one, then the manifest (last)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_torch_save(dense, directory / "dense.pt")
@@ -88,6 +101,9 @@ def write_manifest(directory: str | Path, *, schema: Schema, config: dict, metri
         for f in sorted(Path(vocab_dir).glob("*.parquet")):
             shutil.copyfile(f, directory / "vocab" / f.name)
             vocab_files.append(f"vocab/{f.name}")
+    if id_remap:
+        _atomic_arrays(directory / ID_FILTER, id_remap)
+        vocab_files.append(ID_FILTER)
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -52,7 +52,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from din_ray.checkpoint import MANIFEST, Checkpoint, CheckpointError, load_model
+from din_ray.checkpoint import ID_FILTER, MANIFEST, Checkpoint, CheckpointError, load_model
 from din_ray.data.hashing import hash_strings, mix64
 from din_ray.embedding import EmbeddingTables
 from din_ray.model import CTRModel
@@ -205,9 +205,40 @@ class BinnedIds(Vocabulary):
         return {"num_rows": self.num_rows, "raw_ids": None, "bins": self.edges.tolist()}
 
 
+class FilteredIds(Vocabulary):
+    """Another encoder's ids through the frequency filter the model was trained with
+    (`reg="filter"`: ids outside the kept ones became OOV in training and evaluation)."""
+
+    def __init__(self, inner: Vocabulary, remap: np.ndarray) -> None:
+        super().__init__(inner.table, inner.num_rows, inner.mapping)
+        self.inner, self.remap = inner, remap
+
+    def encode(self, value: object, field: str) -> int:
+        return int(self.remap[self.inner.encode(value, field)])
+
+    def describe(self) -> dict:
+        kept = int((self.remap >= NUM_RESERVED_IDS).sum())
+        return {**self.inner.describe(), "filter_kept_ids": kept}
+
+
 def load_vocabularies(path: Path, schema: Schema) -> dict[str, Vocabulary]:
     """One raw-id encoder per schema table: CKPT/vocab/<table>.parquet where present, else the
-    hashing or binning recorded in the schema, else dense ids."""
+    hashing or binning recorded in the schema, else dense ids; then CKPT/id_filter.npz's
+    remapping where the model was trained with the frequency filter."""
+    out = _base_encoders(path, schema)
+    filter_file = path / ID_FILTER
+    if filter_file.exists():
+        with np.load(filter_file, allow_pickle=False) as remaps:
+            for table in remaps.files:
+                remap = np.asarray(remaps[table], dtype=np.int64)
+                if table not in out or len(remap) != out[table].num_rows:
+                    raise CheckpointError(f"{filter_file}: remapping of {table!r} does not "
+                                          "match the schema's tables")
+                out[table] = FilteredIds(out[table], remap)
+    return out
+
+
+def _base_encoders(path: Path, schema: Schema) -> dict[str, Vocabulary]:
     hashed = schema.extra.get("hashed", {})
     hash_types = schema.extra.get("hash_types", {})
     bins = schema.extra.get("bins", {})

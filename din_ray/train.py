@@ -407,7 +407,8 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
                      "history": json.dumps(history)}
             ckpt.write_manifest(directory, schema=schema, config=cfg.to_dict(), metrics=metrics,
                                 dense=dense, specs=tables.specs, world_size=env.world_size,
-                                vocab_dir=dataset.root / "vocab")
+                                vocab_dir=dataset.root / "vocab",
+                                id_remap=data_reg.filter.remap if data_reg.filter else None)
 
     def close_epoch(epoch: int, lr: float, train_loss: float | None, seconds: float,
                     samples: int, data_seconds: float = 0.0) -> None:

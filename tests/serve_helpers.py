@@ -36,15 +36,16 @@ def start_local_ray(num_cpus: int = 4, attempts: int = 3) -> str:
     raise AssertionError("unreachable")
 
 
-def train_tiny(root: Path, model: str = "din") -> Path:
-    """Train `model` for one epoch on a tiny dataset; returns the train output directory."""
+def train_tiny(root: Path, model: str = "din", name: str | None = None, **overrides) -> Path:
+    """Train `model` for one epoch on a tiny dataset (TrainConfig `overrides` on top); returns
+    the train output directory ROOT/<name or model>."""
     data = root / "data"
     if not data.exists():
         write_tiny_dataset(data, rows=600, seed=0)
-    out = root / model
-    run_local(TrainConfig(data=str(data), output=str(out), model=model, epochs=1,
-                          batch_size=64, embedding_dim=8, attention_hidden=(16, 8),
-                          mlp_hidden=(16, 8), threads=1, seed=1))
+    out = root / (name or model)
+    run_local(TrainConfig(**{**dict(data=str(data), output=str(out), model=model, epochs=1,
+                                    batch_size=64, embedding_dim=8, attention_hidden=(16, 8),
+                                    mlp_hidden=(16, 8), threads=1, seed=1), **overrides}))
     return out
 
 
@@ -76,10 +77,12 @@ def payloads(data: Path, n: int, candidates: int = 6, seed: int = 0) -> list[dic
     return out
 
 
-def offline_scores(checkpoint: Path, payload: dict) -> tuple[list[float], np.ndarray | None]:
+def offline_scores(checkpoint: Path, payload: dict, id_filter=None
+                   ) -> tuple[list[float], np.ndarray | None]:
     """CTR of every candidate via `checkpoint.load_model` + `train.forward` on the equivalent
     prepared batch (the user's history repeated per candidate), and DIN's attention weights
-    (C, history kept)."""
+    (C, history kept). `id_filter` (a `regularization.IdFilter`) is applied to the batch as
+    evaluation applies it."""
     model, tables, c = load_model(checkpoint)
     t = pq.read_table(checkpoint / "vocab" / "item_id.parquet")
     vocab = dict(zip(t.column("raw").to_pylist(), t.column("id").to_pylist()))
@@ -95,6 +98,9 @@ def offline_scores(checkpoint: Path, payload: dict) -> tuple[list[float], np.nda
              "cate_id": torch.tensor([x["cate_id"] for x in cands])}
     batch["hist_item_id"][:, :len(hist_items)] = torch.tensor(hist_items, dtype=torch.long)
     batch["hist_cate_id"][:, :len(hist_cates)] = torch.tensor(hist_cates, dtype=torch.long)
+    if id_filter is not None:
+        batch = {k: torch.from_numpy(v) for k, v in
+                 id_filter({k: v.numpy() for k, v in batch.items()}).items()}
     with torch.no_grad():
         probs = torch.sigmoid(forward(model, tables, batch)).tolist()
         weights = None

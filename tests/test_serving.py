@@ -9,9 +9,11 @@ import pytest
 import torch
 from serve_helpers import BAD_REQUESTS, GOOD_CANDIDATE, offline_scores, payloads, train_tiny
 
-from din_ray.checkpoint import CheckpointError
+from din_ray.checkpoint import ID_FILTER, CheckpointError
+from din_ray.data.format import PreparedDataset
 from din_ray.embedding import EmbeddingTables
 from din_ray.model import ModelConfig, build_model
+from din_ray.regularization import IdFilter
 from din_ray.schema import OOV_ID, Feature, Schema
 from din_ray.serving import (
     RequestError,
@@ -82,6 +84,25 @@ def test_scores_equal_offline_predictions(runs, din):
         np.testing.assert_allclose(served["scores"], offline, atol=1e-5, rtol=0)
         assert served["model"]["name"] == "din" and len(served["model"]["version"]) == 12
         assert "explain" not in served
+
+
+def test_a_filter_trained_model_serves_the_ids_it_was_trained_on(runs):
+    # reg="filter" maps all but the most frequent ids to OOV in training and evaluation; the
+    # checkpoint carries that remapping and serving applies it after the vocabulary.
+    out = train_tiny(runs["root"], "din", name="din-filter", reg="filter", filter_top_k=4)
+    assert (out / "checkpoint" / ID_FILTER).exists()
+    served = ServedModel.load(out, RequestLimits(max_candidates=8, max_body_bytes=4000))
+    data = PreparedDataset.open(runs["root"] / "data")
+    id_filter = IdFilter(data.schema, data.counts(), 4)
+    filtered = 0
+    for payload in payloads(runs["root"] / "data", 5):
+        parsed = served.parser.parse(payload)
+        filtered += int((parsed.candidates["item_id"] == OOV_ID).sum())
+        offline, _ = offline_scores(out / "checkpoint", payload, id_filter)
+        got = served.response(parsed, served.scorer.score([parsed])[0])["scores"]
+        np.testing.assert_allclose(got, offline, atol=1e-5, rtol=0)
+    assert filtered > 0  # the requests do hold ids the filter dropped
+    assert served.info()["vocabularies"]["item_id"]["filter_kept_ids"] == 4
 
 
 def test_candidate_order_is_kept(runs, din):
