@@ -77,7 +77,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, storage_path=args.storage_path, run_name=args.run_name,
                            address=args.address, max_failures=args.max_failures,
                            use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
-                           replicate_below=args.replicate_below)
+                           replicate_below=args.replicate_below,
+                           cache_below_mb=args.cache_below_mb)
     if args.local:
         result = run_local(cfg)
     else:
@@ -111,6 +112,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-worker", type=float, default=d.cpus_per_worker)
     p.add_argument("--replicate-below", type=int, default=d.replicate_below,
                    help="replicate embedding tables with fewer rows; shard the others row-wise")
+    p.add_argument("--cache-below-mb", type=float, default=d.cache_below_mb,
+                   help="keep splits smaller than this (Parquet MB) in Ray's object store "
+                        "across epochs instead of streaming them from files each epoch (0 = never)")
     p.add_argument("--local", action="store_true",
                    help="train in this process without Ray (a single worker)")
     p.set_defaults(func=_train)

@@ -95,6 +95,9 @@ class TrainConfig:
     # Oversubscribed on small machines on purpose: Ray Data needs CPUs of its own to read.
     cpus_per_worker: float = 1.0
     replicate_below: int = 1024  # tables with fewer rows are replicated, larger ones row-sharded
+    # Splits whose Parquet files total less are read once into Ray's object store and reused by
+    # every epoch: a streamed pass costs seconds of start-up before its first batch (0 = never).
+    cache_below_mb: float = 256.0
     extra: dict = field(default_factory=dict)  # free-form, recorded in the checkpoint
 
     def __post_init__(self) -> None:
@@ -107,7 +110,8 @@ class TrainConfig:
                   "id_dropout": 0 <= self.id_dropout < 1,
                   "max_failures": self.max_failures >= -1,
                   "cpus_per_worker": self.cpus_per_worker > 0,
-                  "replicate_below": self.replicate_below >= 0}
+                  "replicate_below": self.replicate_below >= 0,
+                  "cache_below_mb": self.cache_below_mb >= 0}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")

@@ -63,6 +63,32 @@ def small_config(data: Path, output: Path, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+# First in the file: it checks that no Ray was started, which holds only before the module's
+# cluster fixture starts one.
+def test_bad_configuration_fails_before_any_worker_starts(data, tmp_path):
+    with pytest.raises(DataError, match="nope: prepared data directory not found"):
+        run_ray(small_config(tmp_path / "nope", tmp_path / "out"))
+
+    # 12 category rows cannot be row-sharded over 13 workers.
+    with pytest.raises(ValueError, match="'cate_id' has 12 rows, fewer than the 13 workers"):
+        check_config(small_config(data, tmp_path / "out", workers=13, replicate_below=0))
+
+    # A test file without a column the schema declares.
+    broken = tmp_path / "broken"
+    shutil.copytree(data, broken)
+    part = sorted((broken / "test").glob("*.parquet"))[-1]
+    pq.write_table(pq.read_table(part).drop_columns(["hist_cate_id"]), part)
+    with pytest.raises(SchemaError, match=f"{part.name}: column 'hist_cate_id'.*missing"):
+        run_ray(small_config(broken, tmp_path / "out"))
+
+    # The CLI reports the error in one line and exits with status 2, without starting Ray.
+    assert cli_main(["train", "--data", str(tmp_path / "nope"), "--output",
+                     str(tmp_path / "out"), "--workers", "2"]) == 2
+    assert cli_main(["train", "--local", "--workers", "2", "--data", str(data), "--output",
+                     str(tmp_path / "out")]) == 2
+    assert not ray.is_initialized()
+
+
 @pytest.mark.timeout(1200)  # 150 s quiet: two runs, a restart after the kill
 def test_killed_worker_recovers_and_rerun_resumes(ray_cluster, data, tmp_path):
     marker = tmp_path / "killed"
@@ -97,27 +123,3 @@ def test_killed_worker_recovers_and_rerun_resumes(ray_cluster, data, tmp_path):
     assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
     assert again["history"][:2] == result["history"]
     assert sorted(p.name for p in run_dir.glob("epoch-*"))[-1] == "epoch-0003"
-
-
-def test_bad_configuration_fails_before_any_worker_starts(data, tmp_path):
-    with pytest.raises(DataError, match="nope: prepared data directory not found"):
-        run_ray(small_config(tmp_path / "nope", tmp_path / "out"))
-
-    # 12 category rows cannot be row-sharded over 13 workers.
-    with pytest.raises(ValueError, match="'cate_id' has 12 rows, fewer than the 13 workers"):
-        check_config(small_config(data, tmp_path / "out", workers=13, replicate_below=0))
-
-    # A test file without a column the schema declares.
-    broken = tmp_path / "broken"
-    shutil.copytree(data, broken)
-    part = sorted((broken / "test").glob("*.parquet"))[-1]
-    pq.write_table(pq.read_table(part).drop_columns(["hist_cate_id"]), part)
-    with pytest.raises(SchemaError, match=f"{part.name}: column 'hist_cate_id'.*missing"):
-        run_ray(small_config(broken, tmp_path / "out"))
-
-    # The CLI reports the error in one line and exits with status 2, without starting Ray.
-    assert cli_main(["train", "--data", str(tmp_path / "nope"), "--output",
-                     str(tmp_path / "out"), "--workers", "2"]) == 2
-    assert cli_main(["train", "--local", "--workers", "2", "--data", str(data), "--output",
-                     str(tmp_path / "out")]) == 2
-    assert not ray.is_initialized()
