@@ -364,8 +364,12 @@ def write_outputs(out: Path, space: SearchSpace, base: TrainConfig, records: lis
                       "best_epoch": int(row["epoch"]) if row else 0,
                       "test_gauc_at_best": row.get("test_gauc") if row else float("nan"),
                       "error": rec["error"] or ""})
+        # Ties (e.g. trials that all still rank as their popularity warm start) go to the
+        # smallest trial id, so a restored search, whose trials come back in another order,
+        # names the same winner.
         if row is not None and (best_row is None
-                                or sign * row[space.metric] > sign * best_row[space.metric]):
+                                or (sign * row[space.metric], best_record["trial_id"])
+                                > (sign * best_row[space.metric], rec["trial_id"])):
             best_record, best_row = rec, row
     frame = pd.DataFrame(table)
     _atomic(out / "trials.csv", lambda p: frame.to_csv(p, index=False))

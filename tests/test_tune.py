@@ -170,3 +170,11 @@ def test_outputs_rank_trials_and_copy_the_best_epoch(data, tmp_path):
     assert resolve_checkpoint(out) == out / "best_checkpoint"
     assert load_model(out / "best_checkpoint")[2].metrics["epoch"] == 1
     assert (out / "tune.png").stat().st_size > 10_000
+
+    # A tie goes to the smallest trial id in any order (a restored search reorders its trials).
+    tied = [dict(records[0], trial_id="z"), dict(records[0], trial_id="m")]
+    for order in (tied, tied[::-1]):
+        tie_out = tmp_path / f"tie-{order[0]['trial_id']}"
+        tie_out.mkdir()
+        assert write_outputs(tie_out, load_space(SPACE), cfg,
+                             [dict(r) for r in order])["trial_id"] == "m"
