@@ -20,8 +20,8 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/din-ray demo --output $(OUT)
 
-# The whole suite, Ray clusters, tuning searches and `ray job submit` included: about 18 min on
-# 2 quiet cores (2 min without the five multi-process tests); --durations names the slow ones.
+# The whole suite, Ray clusters, tuning searches and `ray job submit` included: about 10 min on
+# 2 quiet cores (11 min for .ci/run with the install); --durations names the slow ones.
 test: setup
 	$(PY) -m pytest -q -ra --durations=10
 
