@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from din_ray.checkpoint import ID_FILTER, MANIFEST, Checkpoint, CheckpointError, load_model
-from din_ray.data.hashing import hash_strings, mix64
+from din_ray.data.hashing import bin_index, hashed_ids
 from din_ray.embedding import EmbeddingTables
 from din_ray.model import CTRModel
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, PAD_ID, Feature, Schema
@@ -171,13 +171,13 @@ class HashedIds(Vocabulary):
                                            f"{type(value).__name__} {_short(value)}")
         if self.id_type == "int":
             try:
-                h = mix64(np.array([int(value)], dtype=np.int64))
+                raw = np.array([int(value)], dtype=np.int64)
             except (ValueError, OverflowError):
                 raise RequestError(422, field, f"table {self.table!r} hashes integer ids, got "
                                                f"{_short(value)}") from None
         else:
-            h = hash_strings(np.array([str(value)], dtype=object))
-        return int(h[0] % np.uint64(self.buckets)) + NUM_RESERVED_IDS
+            raw = np.array([str(value)], dtype=object)
+        return int(hashed_ids(raw, self.buckets, self.id_type)[0])
 
     def describe(self) -> dict:
         return {"num_rows": self.num_rows, "raw_ids": None, "hash_buckets": self.buckets}
@@ -199,7 +199,7 @@ class BinnedIds(Vocabulary):
         if not np.isfinite(x):
             raise RequestError(422, field, f"table {self.table!r} bins numbers, got "
                                            f"{_short(value)}")
-        return int(np.searchsorted(self.edges, x, side="right")) + NUM_RESERVED_IDS
+        return int(bin_index(np.array([x]), self.edges)[0]) + NUM_RESERVED_IDS
 
     def describe(self) -> dict:
         return {"num_rows": self.num_rows, "raw_ids": None, "bins": self.edges.tolist()}

@@ -1,13 +1,17 @@
-"""Deterministic id hashes shared by data preparation and serving.
+"""Raw ids -> dense ids without a vocabulary: hashing and binning, shared by data preparation
+and serving.
 
-A table prepared with `hash_buckets` stores `hash(raw) % buckets + NUM_RESERVED_IDS`; serving must
-compute the very same function on a request's raw ids, so both import it from here.
+A table prepared with `hash_buckets` stores `hash(raw) % buckets + NUM_RESERVED_IDS`, a binned
+numeric feature the index of its bin; serving must compute the very same functions on a
+request's raw values, so both call them from here.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+
+from din_ray.schema import NUM_RESERVED_IDS
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -22,3 +26,17 @@ def mix64(x: np.ndarray) -> np.ndarray:
 def hash_strings(values: np.ndarray) -> np.ndarray:
     """Deterministic uint64 hash of strings (pandas' fixed-key SipHash)."""
     return pd.util.hash_array(np.asarray(values, dtype=object), categorize=False)
+
+
+def hashed_ids(values: np.ndarray, buckets: int, id_type: str) -> np.ndarray:
+    """(N,) raw ids (int64 when `id_type` is "int", else strings) -> (N,) int64 dense ids in
+    [NUM_RESERVED_IDS, NUM_RESERVED_IDS + buckets)."""
+    h = mix64(values) if id_type == "int" else hash_strings(values)
+    return (h % np.uint64(buckets)).astype(np.int64) + NUM_RESERVED_IDS
+
+
+def bin_index(values: np.ndarray, edges) -> np.ndarray:
+    """(N,) numbers -> (N,) int64 bin index: i where edges[i-1] <= x < edges[i] (0 below the
+    first edge, len(edges) from the last one on). The dense id is index + NUM_RESERVED_IDS."""
+    return np.searchsorted(np.asarray(edges, dtype=np.float64), values,
+                           side="right").astype(np.int64)

@@ -49,7 +49,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from din_ray.data.format import SPLITS, DataError, DatasetWriter, count_ids, to_arrow
-from din_ray.data.hashing import hash_strings, mix64
+from din_ray.data.hashing import bin_index, hash_strings, hashed_ids, mix64
 from din_ray.data.log_spec import FeatureSpec, LogSpec, Source, load_spec
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, Feature, Schema
 
@@ -370,7 +370,7 @@ def _feature_values(spec: LogSpec, f: FeatureSpec, arr: pa.Array, checks: _Check
     if owner.bins is not None:
         v, missing, bad = parse_float(arr, spec.null_values)
         checks.flag(bad, f.column, arr, "not a number")
-        ids = np.searchsorted(np.asarray(owner.bins), v, side="right").astype(np.int64)
+        ids = bin_index(v, owner.bins)
         out = pa.array(ids, pa.int64(), mask=missing | bad)
     elif owner.type == "int":
         v, missing, bad = parse_int(arr, spec.null_values)
@@ -770,8 +770,7 @@ class Encoder:
         elif self.bins:
             ids = v.astype(np.int64) + NUM_RESERVED_IDS
         else:
-            h = mix64(v) if self.type == "int" else hash_strings(v)
-            ids = (h % np.uint64(self.buckets)).astype(np.int64) + NUM_RESERVED_IDS
+            ids = hashed_ids(v, self.buckets, self.type)
         ids[missing] = OOV_ID
         return ids.astype(np.int32)
 
