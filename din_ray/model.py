@@ -17,7 +17,7 @@ H hidden width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +87,13 @@ class ModelConfig:
             object.__setattr__(self, name, tuple(int(w) for w in widths))
             if not widths or min(widths) <= 0:
                 raise ValueError(f"{name} must be non-empty positive widths, got {widths}")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ModelConfig:
+        """The model fields of `raw` (a training config, as saved in a checkpoint or live);
+        its other keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
 
 
 # --- row gather ---------------------------------------------------------------------------------
@@ -180,22 +187,25 @@ class Dice(nn.Module):
                 self.running_var.lerp_(invstd.pow(-2) - self.eps, self.momentum)
             z = z.reshape(x.shape)
         else:
-            if self.training:
-                if mask is not None:
-                    rows = rows[mask.reshape(-1)]
-                if rows.shape[0] > 1:
-                    mean = rows.mean(0)
-                    var = rows.var(0, unbiased=False)
-                    with torch.no_grad():
-                        self.running_mean.lerp_(mean, self.momentum)
-                        self.running_var.lerp_(var, self.momentum)
-                else:  # a single row has no variance; fall back to the moving averages
-                    mean, var = self.running_mean, self.running_var
-            else:
-                mean, var = self.running_mean, self.running_var
+            mean, var = self._statistics(rows, mask)
             z = (x - mean) * torch.rsqrt(var + self.eps)
         p = torch.sigmoid(z)
         return x * torch.addcmul(self.alpha, p, 1 - self.alpha)  # p·s + (1 − p)·α·s
+
+    def _statistics(self, rows: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Mean and variance (C,) to normalise with: in training those of the real rows (N, C)
+        (the moving averages are updated from them), else, or for a single real row, which has
+        no variance, the moving averages."""
+        if self.training and mask is not None:
+            rows = rows[mask.reshape(-1)]
+        if not self.training or rows.shape[0] <= 1:
+            return self.running_mean, self.running_var
+        mean = rows.mean(0)
+        var = rows.var(0, unbiased=False)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+        return mean, var
 
 
 def make_activation(name: str, num_features: int) -> nn.Module:
