@@ -23,7 +23,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -95,15 +95,15 @@ def write_manifest(directory: str | Path, *, schema: Schema, config: dict, metri
     _atomic_text(directory / "schema.json", json.dumps(schema.to_dict(), indent=2) + "\n")
     _atomic_text(directory / "config.json", json.dumps(config, indent=2, default=str) + "\n")
     _atomic_text(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    vocab_files = []
+    listed_files = []
     if vocab_dir is not None and Path(vocab_dir).is_dir():
         (directory / "vocab").mkdir(exist_ok=True)
         for f in sorted(Path(vocab_dir).glob("*.parquet")):
             shutil.copyfile(f, directory / "vocab" / f.name)
-            vocab_files.append(f"vocab/{f.name}")
+            listed_files.append(f"vocab/{f.name}")
     if id_remap:
         _atomic_arrays(directory / ID_FILTER, id_remap)
-        vocab_files.append(ID_FILTER)
+        listed_files.append(ID_FILTER)
     manifest = {
         "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -116,7 +116,7 @@ def write_manifest(directory: str | Path, *, schema: Schema, config: dict, metri
                               for r in range(world_size)]}
             for name, s in specs.items()
         },
-        "files": ["dense.pt", "schema.json", "config.json", "metrics.json", *vocab_files],
+        "files": ["dense.pt", "schema.json", "config.json", "metrics.json", *listed_files],
     }
     _atomic_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
@@ -217,10 +217,7 @@ def load_model(path: str | Path) -> tuple[CTRModel, EmbeddingTables, Checkpoint]
     serving and the reports load. The model is rebuilt from the model fields of the saved
     training config, so nothing here depends on `train`."""
     c = Checkpoint.open(path)
-    names = {f.name for f in fields(ModelConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v
-              for k, v in c.config.items() if k in names}
-    model = build_model(c.schema, ModelConfig(**values))
+    model = build_model(c.schema, ModelConfig.from_dict(c.config))
     model.load_state_dict(c.dense_state()["model"])
     tables = EmbeddingTables(model.table_specs())
     c.restore_tables(tables)

@@ -36,7 +36,6 @@ import torch
 
 from din_ray import checkpoint as ckpt
 from din_ray import plots
-from din_ray.checkpoint import load_model
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.metrics import rela_impr
 from din_ray.regularization import REGULARIZERS
@@ -396,7 +395,7 @@ def attention_figure(dataset: PreparedDataset, checkpoint: Path, path: Path,
 
     Users qualify with at least min(8, L/2) behaviours over at least 3 categories (2 when the
     category table is tiny)."""
-    model, tables, _ = load_model(checkpoint)
+    model, tables, _ = ckpt.load_model(checkpoint)
     schema = dataset.schema
     item_f, cate_f = schema.ad_features[0], schema.ad_features[1]
     hist_item = next(f for f in schema.behavior_features if f.aligned_with == item_f.name)
@@ -463,7 +462,7 @@ def embeddings_figure(dataset: PreparedDataset, checkpoint: Path, path: Path,
                       method: str = "tsne") -> Path | None:
     """Fig. 6: the item embeddings of the `per_category` most frequent items of each of the
     `categories` categories with the most items, projected to 2-D."""
-    _, tables, _ = load_model(checkpoint)
+    _, tables, _ = ckpt.load_model(checkpoint)
     schema = dataset.schema
     item_f, cate_f = schema.ad_features[0], schema.ad_features[1]
     pairs = pq.read_table(dataset.files("train"), columns=[item_f.name, cate_f.name])

@@ -125,8 +125,7 @@ class TrainConfig:
         self.model_config()  # validates model fields
 
     def model_config(self) -> ModelConfig:
-        names = {f.name for f in fields(ModelConfig)}
-        return ModelConfig(**{k: v for k, v in asdict(self).items() if k in names})
+        return ModelConfig.from_dict(asdict(self))
 
     def to_dict(self) -> dict:
         return asdict(self)
