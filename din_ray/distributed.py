@@ -248,14 +248,13 @@ def _read_split(dataset: PreparedDataset, split: str, cfg: TrainConfig) -> ray.d
     files = dataset.files(split)
     ds = ray.data.read_parquet([str(f) for f in files],
                                shuffle="files" if split == "train" else None)
-    # Each dataset carries its own copy of the DataContext (taken when it was created) into the
-    # split coordinators: no progress bars there (three datasets per epoch would bury the
-    # training log), and the caller's context is left alone.
+    # Each dataset carries its own copy of the DataContext (taken when it was created, and passed
+    # on to its materialized copy) into the split coordinators: no progress bars there (three
+    # datasets per epoch would bury the training log), and the caller's context is left alone.
     ds.context.enable_progress_bars = False
     size_mb = sum(f.stat().st_size for f in files) / 2**20
     if size_mb < cfg.cache_below_mb:
         ds = ds.materialize()
-        ds.context.enable_progress_bars = False
         log.info("%s split: %.1f MB of Parquet, kept in the object store across epochs", split,
                  size_mb)
     return ds

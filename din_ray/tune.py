@@ -250,8 +250,10 @@ def _error_line(trial) -> str | None:
         return None
     lines = [line.strip() for line in path.read_text(errors="replace").splitlines()
              if line.strip()]
+    if not lines:
+        return None
     raised = [line for line in lines if "Error:" in line]  # "module.SomeError: message"
-    return (raised or lines or [None])[-1][:300] if lines else None
+    return (raised or lines)[-1][:300]
 
 
 def _prepare(settings: TuneSettings, base: TrainConfig) -> tuple[SearchSpace, TrainConfig, Path]:
