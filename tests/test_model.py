@@ -107,12 +107,48 @@ def test_dice_train_uses_batch_statistics_and_eval_moving_averages():
     mean, var = x.mean(0), x.var(0, unbiased=False)
     p = torch.sigmoid((x - mean) / torch.sqrt(var + 1e-8))
     torch.testing.assert_close(y, p * x + (1 - p) * 0.3 * x)
-    # Moving averages moved toward the batch statistics.
-    assert (dice.running_mean > 0).all()
+    # After one batch the running statistics are that batch's: evaluating it reproduces training.
+    torch.testing.assert_close(dice.running_mean, mean)
+    torch.testing.assert_close(dice.running_var, var)
     dice.eval()
-    p_eval = torch.sigmoid((x - dice.running_mean) / torch.sqrt(dice.running_var + 1e-8))
-    torch.testing.assert_close(dice(x), p_eval * x + (1 - p_eval) * 0.3 * x)
-    assert not torch.allclose(dice(x), y)
+    torch.testing.assert_close(dice(x), y)
+    # Evaluation normalises with the running statistics, not with the batch's own.
+    x2 = torch.randn(64, 4)
+    p_eval = torch.sigmoid((x2 - mean) / torch.sqrt(var + 1e-8))
+    torch.testing.assert_close(dice(x2), p_eval * x2 + (1 - p_eval) * 0.3 * x2)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_dice_running_statistics_hold_no_share_of_the_start_values(masked):
+    """The first 1/momentum updates average the batch statistics (no share of the start values
+    mean 0 / var 1 remains), later ones are a moving average with weight `momentum`."""
+    torch.manual_seed(6)
+    dice = Dice(3, momentum=0.25).train()
+    means, variances = [], []
+    for step in range(6):
+        x = torch.randn(2, 8, 3) * (step + 2) + 10 * step  # (B, L, C), far from mean 0 / var 1
+        mask = torch.rand(2, 8) < 0.7 if masked else None
+        rows = x[mask] if masked else x.reshape(-1, 3)
+        means.append(rows.mean(0))
+        variances.append(rows.var(0, unbiased=False))
+        dice(x, mask)
+        if step == 3:  # 1/momentum = 4 updates: the plain average of the four batches
+            torch.testing.assert_close(dice.running_mean, torch.stack(means).mean(0))
+            torch.testing.assert_close(dice.running_var, torch.stack(variances).mean(0))
+    expect_mean, expect_var = torch.stack(means[:4]).mean(0), torch.stack(variances[:4]).mean(0)
+    for mean, var in zip(means[4:], variances[4:]):
+        expect_mean, expect_var = 0.75 * expect_mean + 0.25 * mean, 0.75 * expect_var + 0.25 * var
+    torch.testing.assert_close(dice.running_mean, expect_mean)
+    torch.testing.assert_close(dice.running_var, expect_var)
+    assert int(dice.num_batches_tracked) == 6
+
+
+def test_dice_loads_state_saved_without_the_batch_counter():
+    old = {"alpha": torch.zeros(2), "running_mean": torch.ones(2), "running_var": torch.ones(2)}
+    dice = Dice(2)
+    dice.load_state_dict(old)
+    assert int(dice.num_batches_tracked) == 0
+    torch.testing.assert_close(dice.running_mean, torch.ones(2))
 
 
 def test_dice_with_zero_mean_unit_variance_equals_formula():

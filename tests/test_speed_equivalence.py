@@ -30,9 +30,11 @@ def ref_activation(act: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor | N
         rows = rows[mask.reshape(-1)]
     if act.training and rows.shape[0] > 1:  # one row has no variance: moving averages instead
         mean, var = rows.mean(0), rows.var(0, unbiased=False)
-        with torch.no_grad():
-            act.running_mean.lerp_(mean, act.momentum)
-            act.running_var.lerp_(var, act.momentum)
+        with torch.no_grad():  # the plain average over the first 1/momentum batches, then EMA
+            act.num_batches_tracked += 1
+            weight = max(act.momentum, 1 / int(act.num_batches_tracked))
+            act.running_mean.lerp_(mean, weight)
+            act.running_var.lerp_(var, weight)
     else:
         mean, var = act.running_mean, act.running_var
     p = torch.sigmoid((x - mean) / torch.sqrt(var + act.eps))
