@@ -13,6 +13,7 @@ With one worker this is an ordinary (but sparse-updated) embedding collection.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -34,6 +35,15 @@ def row_block(num_rows: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def chunk_seed(seed: int, table: str, chunk: int) -> int:
+    """The generator seed of one chunk of one table: a stable hash of the run seed, the whole
+    table name and the chunk, the same in every process and Python version (Python's `hash()`
+    of a str is salted per process; the name's first bytes alone gave `cms_segid` and
+    `cms_group_id` identical rows)."""
+    key = f"{seed}\0{table}\0{chunk}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
 def init_rows(spec: TableSpec, start: int, end: int, seed: int, std: float) -> Tensor:
     """N(0, std²) initial values of rows [start, end) of `spec`, PAD row zero.
 
@@ -42,10 +52,9 @@ def init_rows(spec: TableSpec, start: int, end: int, seed: int, std: float) -> T
     if spec.zero_init:
         return torch.zeros(end - start, spec.dim)
     out = torch.empty(end - start, spec.dim)
-    table_seed = int.from_bytes(spec.name.encode(), "little") % (2**31)
     for chunk in range(start // INIT_CHUNK_ROWS, math.ceil(end / INIT_CHUNK_ROWS)):
         c0, c1 = chunk * INIT_CHUNK_ROWS, min((chunk + 1) * INIT_CHUNK_ROWS, spec.num_rows)
-        gen = torch.Generator().manual_seed(hash((seed, table_seed, chunk)) % (2**63))
+        gen = torch.Generator().manual_seed(chunk_seed(seed, spec.name, chunk))
         values = torch.randn(c1 - c0, spec.dim, generator=gen) * std
         lo, hi = max(c0, start), min(c1, end)
         out[lo - start:hi - start] = values[lo - c0:hi - c0]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from din_ray.embedding import EmbeddingTables, RowWiseOptimizer, init_rows, row_block
+from din_ray.embedding import EmbeddingTables, RowWiseOptimizer, chunk_seed, init_rows, row_block
 from din_ray.model import TableSpec
 from din_ray.regularization import MiniBatchAware, build_regularizer
 from din_ray.schema import PAD_ID
@@ -22,6 +22,24 @@ def test_row_blocks_cover_the_table_and_init_ignores_world_size():
     parts = torch.cat([init_rows(SPEC, *row_block(10, r, 3), seed=3, std=0.1) for r in range(3)])
     torch.testing.assert_close(parts, whole)
     assert (whole[PAD_ID] == 0).all()
+
+
+def test_tables_whose_names_share_a_prefix_start_different():
+    # Seeded from the first bytes of the name, these pairs started with identical rows.
+    for a, b in [("cms_segid", "cms_group_id"), ("wide_hist_item_id", "wide_hist_cate_id"),
+                 ("item_id.w_item_id", "item_id.w_hist_item_id")]:
+        rows_a = init_rows(TableSpec(a, 50, 4), 0, 50, seed=0, std=0.1)
+        rows_b = init_rows(TableSpec(b, 50, 4), 0, 50, seed=0, std=0.1)
+        assert not torch.allclose(rows_a[1:], rows_b[1:]), (a, b)
+    assert chunk_seed(0, "item_id", 0) != chunk_seed(1, "item_id", 0) != chunk_seed(0, "item_id", 1)
+
+
+def test_initial_rows_are_the_same_in_every_process():
+    # Fixed values: the seed is a hash of its own (blake2b), not Python's hash() of the name,
+    # which is salted per process (PYTHONHASHSEED), so these would differ from run to run.
+    assert chunk_seed(0, "item_id", 0) == 2717994942743715953
+    row = init_rows(TableSpec("cms_segid", 20, 3), 0, 20, seed=7, std=0.1)[1]
+    torch.testing.assert_close(row, torch.tensor([0.1144145131, -0.1686009914, 0.0518352650]))
 
 
 def test_lookup_dedups_and_gradients_sum_per_row():
