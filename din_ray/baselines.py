@@ -166,6 +166,9 @@ class PNN(_Fields):
         in_dim = self.mlp.linears[0].in_features + len(rows)
         self.mlp = MLP(in_dim, config.mlp_hidden, config.activation, out=1,
                        dropout=config.dropout)
+        # As in every model with an MLP: the logit starts as the ad bias alone.
+        nn.init.zeros_(self.mlp.out.weight)
+        nn.init.zeros_(self.mlp.out.bias)
 
     def forward(self, emb: dict[str, Tensor], batch: Batch) -> Tensor:
         fields = self.fields(emb, batch)  # (B, F, d)

@@ -340,7 +340,19 @@ class CTRModel(nn.Module):
 
     Subclasses implement `forward(emb, batch) -> logits (B,)`. By default every schema feature is
     looked up in its table and the output of `forward` is a logit.
+
+    `shares_user_side` declares serving's fast path: True when `score_candidates(emb, batch,
+    owner)` computes each user's side once and equals `forward` on the batch with the user side
+    repeated for every candidate. A class that redefines `forward` has it off unless it declares
+    it again itself, so no model inherits a fast path that skips part of its own `forward`.
     """
+
+    shares_user_side: bool = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" in vars(cls) and "shares_user_side" not in vars(cls):
+            cls.shares_user_side = False
 
     def __init__(self, schema: Schema, config: ModelConfig) -> None:
         super().__init__()
@@ -365,6 +377,8 @@ class _Interest(CTRModel):
     The paper's behaviour vector is the concatenation of a behaviour's item and category
     embeddings (Fig. 2); the candidate vector v_A concatenates the aligned ad features the same way.
     """
+
+    shares_user_side = True  # score_candidates below is this class's forward, user side once
 
     def __init__(self, schema: Schema, config: ModelConfig) -> None:
         super().__init__(schema, config)
@@ -438,6 +452,9 @@ class _Interest(CTRModel):
             owner: (C,) long, the user row of each candidate.
         Returns: logits (C,) and activation weights (C, L) (None when the model has none).
         """
+        if not self.shares_user_side:
+            raise NotImplementedError(f"{type(self).__name__} redefines forward and has no "
+                                      "shared-user-side scoring; score the repeated batch")
         keys = torch.cat([emb[f.name] for f in self.behavior], dim=-1)  # (U, L, D)
         query = torch.cat([emb[f.name] for f in self.aligned], dim=-1)  # (C, D)
         pooled, weights = self.pool_shared(query, keys, self.history_mask(batch), owner)

@@ -435,16 +435,17 @@ class Scores:
 class Scorer:
     """Scores a batch of requests in one forward pass.
 
-    For models with `score_candidates` (DIN, BaseModel) each request's user side (history
-    embeddings, the history's part of the attention's first layer) is computed once and shared
-    by its candidates; other models see the equivalent repeated batch.
+    For models that declare `shares_user_side` (DIN, BaseModel) each request's user side
+    (history embeddings, the history's part of the attention's first layer) is computed once and
+    shared by its candidates (`score_candidates`); other models see the equivalent repeated
+    batch through their own `forward`.
     """
 
     def __init__(self, model: CTRModel, tables: EmbeddingTables, schema: Schema) -> None:
         self.model, self.tables, self.schema = model.eval(), tables.eval(), schema
         self.user_side = tuple(f for f in schema.features if f.group in USER_SIDE)
         self.ad_side = schema.ad_features
-        self.shared = hasattr(model, "score_candidates")
+        self.shared = model.shares_user_side
 
     def batch(self, requests: Sequence[ParsedRequest]) -> tuple[dict[str, Tensor], Tensor]:
         """Dense ids of `requests`: user-side features (U, ...) and ad features (C,), and the

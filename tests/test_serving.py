@@ -12,10 +12,11 @@ from serve_helpers import BAD_REQUESTS, GOOD_CANDIDATE, offline_scores, payloads
 from din_ray.checkpoint import ID_FILTER, CheckpointError
 from din_ray.data.format import PreparedDataset
 from din_ray.embedding import EmbeddingTables
-from din_ray.model import ModelConfig, build_model
+from din_ray.model import Dice, ModelConfig, build_model, model_names
 from din_ray.regularization import IdFilter
 from din_ray.schema import OOV_ID, Feature, Schema
 from din_ray.serving import (
+    ParsedRequest,
     RequestError,
     RequestLimits,
     RequestParser,
@@ -193,6 +194,51 @@ def test_user_and_context_features_are_shared_by_candidates():
         with pytest.raises(RequestError) as e:
             parser.parse(payload)
         assert e.value.field == field
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_served_scores_equal_forward_for_every_model(name):
+    """Whatever path the Scorer takes (the user side once per user, or the repeated batch), a
+    served model scores what its own `forward` scores on the repeated batch."""
+    torch.manual_seed(0)
+    dim, L = 4, 5
+    schema = Schema((
+        Feature("age", "user", "age", 7, dim),
+        Feature("item_id", "ad", "item_id", 30, dim),
+        Feature("cate_id", "ad", "cate_id", 8, dim),
+        Feature("hist_item_id", "behavior", "item_id", 30, dim, L, "item_id"),
+        Feature("hist_cate_id", "behavior", "cate_id", 8, dim, L, "cate_id"),
+        Feature("hour", "context", "hour", 26, dim),
+    ))
+    model = build_model(schema, ModelConfig(model=name, attention_hidden=(8, 4),
+                                            mlp_hidden=(8, 4))).eval()
+    for p in model.parameters():  # trained-looking weights: the zero logit layer included
+        torch.nn.init.normal_(p, std=0.5)
+    for m in model.modules():
+        if isinstance(m, Dice):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    tables = EmbeddingTables(model.table_specs(), init_std=0.5).eval()
+    hist_item = np.array([[5, 6, 7, 0, 0], [9, 3, 4, 12, 8]])  # 3 and 5 behaviours
+    hist_cate = np.array([[2, 3, 3, 0, 0], [4, 2, 5, 6, 7]])
+    requests = [ParsedRequest({"age": 3 + u, "hour": 10 + u},
+                              {"hist_item_id": hist_item[u], "hist_cate_id": hist_cate[u]},
+                              int((hist_item[u] > 0).sum()), 0,
+                              {"item_id": np.array([11, 5, 20]) + u,
+                               "cate_id": np.array([3, 2, 6]) + u}, False)
+                 for u in range(2)]
+    got, _ = Scorer(model, tables, schema).logits(requests)
+
+    owner = torch.tensor([0, 0, 0, 1, 1, 1])
+    repeated = {"age": torch.tensor([3, 4])[owner], "hour": torch.tensor([10, 11])[owner],
+                "hist_item_id": torch.from_numpy(hist_item)[owner],
+                "hist_cate_id": torch.from_numpy(hist_cate)[owner],
+                "item_id": torch.tensor([11, 5, 20, 12, 6, 21]),
+                "cate_id": torch.tensor([3, 2, 6, 4, 3, 7])}
+    with torch.no_grad():
+        want = model(tables.lookup(model.sparse_inputs(repeated)), repeated)
+    assert got.shape == (6,)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("body,status,field", BAD_REQUESTS)
