@@ -20,7 +20,10 @@ Processed files (`prepare_amazon_processed`): one sample per line
 `hist_items;hist_cates;item;cate;label` with space-separated, already remapped integer ids (the
 layout of PaddleRec's DIN data). Ids are shifted by 2 to make room for PAD and OOV. These files
 carry no user id: samples with the same history are grouped as one "user" for GAUC (in the DIN
-protocol those are exactly the positive/negative pair of one prediction).
+protocol those are exactly the positive/negative pair of one prediction). A user's samples form
+a chain of histories, each a prefix of the next (`[b1]->b2`, `[b1,b2]->b3`, ...), so only the
+END of a chain (a history no other history extends) may go to validation/test: an earlier link
+would put its target in the histories of the user's later, training, samples.
 
 Both read their input as a stream. A gzip file cut short (e.g. a partial download) ends in a
 partial line: that line is skipped, counted and logged, and the count is stored in the
@@ -377,6 +380,34 @@ def _processed_lines(reader: LineReader
         yield lineno, hist, hist_c, item, cate, label
 
 
+# Rolling hash of history prefixes (polynomial mod a Mersenne prime). Only used within one
+# preparation to find chain ends; a collision can only make an end look extended (its rows then
+# stay in train), never let an extended history leave train.
+_PREFIX_MOD = (1 << 61) - 1
+_PREFIX_BASE = 1_000_003
+
+
+def _prefix_keys(hist: list[int]) -> list[int]:
+    """Keys of hist[:0], hist[:1], ..., hist[:k] (k + 1 ints; the last is the whole history)."""
+    h, out = 1, [1]
+    for x in hist:
+        h = (h * _PREFIX_BASE + x + 1) % _PREFIX_MOD
+        out.append(h)
+    return out
+
+
+def chain_ends(reader: LineReader) -> set[int]:
+    """Prefix keys (`_prefix_keys(hist)[-1]`) of the histories in a processed file that no other
+    history of the file extends: the last prediction of each user's chain."""
+    whole: set[int] = set()
+    extended: set[int] = set()
+    for _, hist, *_rest in _processed_lines(reader):
+        keys = _prefix_keys(hist)
+        whole.add(keys[-1])
+        extended.update(keys[:-1])
+    return whole - extended
+
+
 def _history_group(hist: list[int]) -> int:
     """A stable 63-bit key of a history: the GAUC group of the samples sharing it."""
     digest = hashlib.blake2b(" ".join(map(str, hist)).encode(), digest_size=8).digest()
@@ -395,16 +426,17 @@ def prepare_amazon_processed(
     embedding_dim: int = 16,
     overwrite: bool = False,
 ) -> Path:
-    """Prepare `hist;hist_cates;item;cate;label` text (module docstring), streamed in two passes
-    (vocabulary sizes, then rows).
+    """Prepare `hist;hist_cates;item;cate;label` text (module docstring), streamed in three passes
+    (chain ends of `processed`, vocabulary sizes, rows).
 
     Args:
         processed: training samples.
-        processed_test: test samples; without it, a `test_frac` share of history groups of
+        processed_test: test samples; without it, a `test_frac` share of the chain ends of
             `processed` is the test split.
-        valid_frac: share of history groups of `processed` for validation.
-        seed: which groups go to validation/test (a group's split depends only on its key
-            and the seed, so a file can be split without holding it in memory).
+        valid_frac: share of the chain ends of `processed` (about one per user) for
+            validation; every other sample is training.
+        seed: which chain ends go to validation/test (an end's split depends only on its
+            history and the seed).
     """
     processed, output_dir = Path(processed), Path(output_dir)
     files = [processed] + ([Path(processed_test)] if processed_test else [])
@@ -413,6 +445,7 @@ def prepare_amazon_processed(
     check_split_fracs(valid_frac, 0.0 if processed_test else test_frac)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite)")
+    ends = chain_ends(LineReader(processed))
     max_item = max_cate = -1
     for path in files:
         for _, hist, hist_c, item, cate, _ in _processed_lines(LineReader(path)):
@@ -444,7 +477,12 @@ def prepare_amazon_processed(
             reader = LineReader(path)
             for _, hist, hist_c, item, cate, label in _processed_lines(reader):
                 group = _history_group(hist)
-                split = "test" if is_test else split_of(group)
+                if is_test:
+                    split = "test"
+                elif _prefix_keys(hist)[-1] in ends:
+                    split = split_of(group)
+                else:
+                    split = "train"  # a later sample of the same user extends this history
                 rows.setdefault(split, []).append((group, hist, hist_c, item, cate, label))
                 if len(rows[split]) >= CHUNK_ROWS:
                     w.write(split, _processed_columns(rows.pop(split), max_history))
