@@ -280,3 +280,23 @@ def test_processed_split_keeps_every_users_earlier_targets_in_train(tmp_path):
                 assert int(item) not in seen.get(owner[int(item)], set()), (split, int(item))
     # Only each user's last prediction is held out: about 40 % of the 300 users, one each.
     assert 60 < held_out < 180
+
+
+@pytest.mark.parametrize("history_ties", ["exclude", "keep"])
+def test_reviews_of_the_same_day_are_not_each_others_history_by_default(tmp_path, history_ties):
+    # unixReviewTime is day-granular: V1 reviewed A1 and A2 on day 10, then A3 and A4. (V2 adds
+    # an item V1 never reviewed, for the negatives.)
+    reviews = tmp_path / "r.json"
+    reviews.write_text("".join(
+        json.dumps({"reviewerID": u, "asin": a, "unixReviewTime": t}) + "\n"
+        for u, a, t in (("V1", "A1", 10), ("V1", "A2", 10), ("V1", "A3", 20), ("V1", "A4", 30),
+                        ("V2", "A5", 10))))
+    kwargs = {} if history_ties == "exclude" else {"history_ties": history_ties}
+    out = prepare_amazon(reviews, write_meta(tmp_path / "m.json"), tmp_path / "out",
+                         valid_frac=0.0, **kwargs)
+    ds = PreparedDataset.open(out)
+    assert ds.manifest["params"]["history_ties"] == history_ties
+    got = {r["item"]: r["hist"] for split in ("train", "test")
+           for r in rows_by_user(ds, split) if r["label"] == 1 and r["user"] == 0}
+    a2 = [] if history_ties == "exclude" else ["A1"]
+    assert got == {"A2": a2, "A3": ["A1", "A2"], "A4": ["A1", "A2", "A3"]}

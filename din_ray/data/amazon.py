@@ -11,10 +11,13 @@ Raw files (`prepare_amazon`), as the original public DIN code builds its data se
     are valid JSON are accepted too. Category = last level of the last category path
     (`categories[-1][-1]`).
   * Each user's reviews in time order b_1..b_n: for k = 1..n-2 a training pair predicts b_{k+1}
-    from b_1..b_k (positive) together with one random item the user never reviewed (negative,
-    same history); the last review gives the test pair (k = n-1). A `valid_frac` share of users
-    (seeded) have their last training pair moved to the validation split, so early stopping
-    sees the same kind of prediction as the test.
+    from the reviews before it (positive) together with one random item the user never reviewed
+    (negative, same history); the last review gives the test pair (k = n-1). A `valid_frac`
+    share of users (seeded) have their last training pair moved to the validation split, so
+    early stopping sees the same kind of prediction as the test. "Before" is strictly
+    earlier: reviews of the same day (`unixReviewTime` is day-granular) are left out of each
+    other's histories, as in the log pipeline (`din_ray.data.logs`); `history_ties="keep"`
+    (`--history-ties keep`) keeps those earlier in the file, as the original code did.
 
 Processed files (`prepare_amazon_processed`): one sample per line
 `hist_items;hist_cates;item;cate;label` with space-separated, already remapped integer ids (the
@@ -48,7 +51,9 @@ import numpy as np
 from din_ray.data.format import DataError, DatasetWriter
 from din_ray.data.movielens import (
     RESERVED_RAW,
+    check_history_ties,
     check_split_fracs,
+    history_ends,
     item_category_schema,
     train_rows_per_file,
 )
@@ -206,16 +211,18 @@ class _Samples:
     item: np.ndarray  # (N,) int32 dense item id (>= 2)
     cate: np.ndarray  # (N,) int32 dense category id (OOV when unknown)
     user_start: np.ndarray  # (N,) int64
+    hist_end: np.ndarray  # (N,) int64 position the history ends before (`history_ends`)
     item_cate: np.ndarray  # (V_item,) category of each dense item id
 
     def columns(self, target: np.ndarray, cand: np.ndarray, label: np.ndarray,
                 max_history: int) -> dict[str, np.ndarray]:
         """Rows predicting review position `target` (B,) with candidate items `cand` (B,): the
         history is the user's reviews before `target`, the most recent `max_history`."""
-        k = np.minimum(target - self.user_start[target], max_history)  # (B,)
+        end = self.hist_end[target]  # (B,)
+        k = np.minimum(end - self.user_start[target], max_history)  # (B,)
         slot = np.arange(max_history)
         real = slot < k[:, None]  # (B, L)
-        src = np.where(real, target[:, None] - k[:, None] + slot, 0)  # (B, L) oldest first
+        src = np.where(real, end[:, None] - k[:, None] + slot, 0)  # (B, L) oldest first
         return {
             "label": label.astype(np.int8),
             "user": self.user[target],
@@ -236,6 +243,7 @@ def prepare_amazon(
     test_frac: float = 0.0,
     seed: int = 0,
     embedding_dim: int = 16,
+    history_ties: str = "exclude",
     overwrite: bool = False,
 ) -> Path:
     """Prepare raw Amazon reviews + meta with the original DIN protocol (module docstring).
@@ -254,6 +262,7 @@ def prepare_amazon(
         test_frac: unused (the test split is each user's last review); accepted so every
             source takes the same options.
         seed: negatives, validation users and the training-row shuffle.
+        history_ties: "exclude" (default) or "keep" reviews of the target's own day.
     Raises:
         DataError: unreadable or malformed input (file, line and field named), or no training
             pair (every user has fewer than 3 reviews).
@@ -263,6 +272,7 @@ def prepare_amazon(
     if max_history <= 0:
         raise ValueError(f"max_history must be > 0, got {max_history}")
     check_split_fracs(valid_frac, 0.0)
+    check_history_ties(history_ties)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite)")
     r = read_reviews(reviews)
@@ -283,12 +293,13 @@ def prepare_amazon(
     without_category = sum(a not in categories for a in asins)
 
     n = len(user)
-    order = np.lexsort((np.arange(n), np.array(r.time, dtype=np.int64), user))
-    user, item = user[order], item[order].astype(np.int32)
+    time = np.array(r.time, dtype=np.int64)
+    order = np.lexsort((np.arange(n), time, user))
+    user, item, time = user[order], item[order].astype(np.int32), time[order]
     first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])  # (U,)
     count = np.diff(np.r_[first, n])  # (U,)
     s = _Samples(user=user, item=item, cate=item_cate[item], user_start=np.repeat(first, count),
-                 item_cate=item_cate)
+                 hist_end=history_ends(user, time, history_ties), item_cate=item_cate)
 
     rng = np.random.default_rng(seed)
     negatives = _sample_negatives(item, first, count, len(asins), rng)  # (N,)
@@ -317,7 +328,8 @@ def prepare_amazon(
                                   embedding_dim)
     params = {"reviews": str(reviews), "meta": str(meta), "max_history": max_history,
               "valid_frac": valid_frac, "seed": seed, "embedding_dim": embedding_dim,
-              "reviews_read": n, "users": len(first), "items": len(asins),
+              "history_ties": history_ties, "reviews_read": n, "users": len(first),
+              "items": len(asins),
               "categories": len(cate_raw), "items_without_category": without_category,
               "truncated_lines_skipped": r.truncated_lines + meta_truncated}
     if params["items_without_category"]:
