@@ -239,3 +239,64 @@ def test_cli_prepares_raw_and_processed_and_reports_bad_arguments(tmp_path, caps
     assert main(["prepare", "amazon", "--reviews", str(reviews), "--output",
                  str(tmp_path / "x")]) == 2
     assert "needs --reviews and --meta" in capsys.readouterr().err
+
+
+def write_user_chains(path: Path, users: int = 300, seed: int = 0) -> dict[int, int]:
+    """Processed lines of `users` users, each a chain [b1]->b2, [b1,b2]->b3, ... with one negative
+    per prediction, lines shuffled. Items are private to their user (user u owns u*10 .. u*10+9).
+    Returns item -> user."""
+    rng = np.random.default_rng(seed)
+    lines, owner = [], {}
+    for u in range(users):
+        items = [u * 10 + k for k in range(int(rng.integers(3, 10)))]
+        owner.update(dict.fromkeys(items, u))
+        for k in range(1, len(items)):
+            hist = " ".join(map(str, items[:k]))
+            cates = " ".join(str(i % 7) for i in items[:k])
+            neg = int(rng.integers(0, users * 10))
+            lines += [f"{hist};{cates};{items[k]};{items[k] % 7};1",
+                      f"{hist};{cates};{neg};{neg % 7};0"]
+    path.write_text("".join(line + "\n" for line in rng.permutation(lines)))
+    return owner
+
+
+def test_processed_split_keeps_every_users_earlier_targets_in_train(tmp_path):
+    owner = write_user_chains(tmp_path / "p.txt")
+    out = prepare_amazon_processed(tmp_path / "p.txt", tmp_path / "out", valid_frac=0.2,
+                                   test_frac=0.2, max_history=10)
+    ds = PreparedDataset.open(out)
+    train = ds.read_split("train")
+    seen: dict[int, set[int]] = {}  # user -> items in their training targets and histories
+    for item, label, hist in zip(train["item_id"] - 2, train["label"], train["hist_item_id"]):
+        items = [int(i) - 2 for i in hist if i != PAD_ID] + ([int(item)] if label else [])
+        seen.setdefault(owner[items[0]], set()).update(items)
+    held_out = 0
+    for split in ("valid", "test"):
+        cols = ds.read_split(split)
+        assert cols["label"].size > 0
+        for item, label in zip(cols["item_id"] - 2, cols["label"]):
+            if label:
+                held_out += 1
+                assert int(item) not in seen.get(owner[int(item)], set()), (split, int(item))
+    # Only each user's last prediction is held out: about 40 % of the 300 users, one each.
+    assert 60 < held_out < 180
+
+
+@pytest.mark.parametrize("history_ties", ["exclude", "keep"])
+def test_reviews_of_the_same_day_are_not_each_others_history_by_default(tmp_path, history_ties):
+    # unixReviewTime is day-granular: V1 reviewed A1 and A2 on day 10, then A3 and A4. (V2 adds
+    # an item V1 never reviewed, for the negatives.)
+    reviews = tmp_path / "r.json"
+    reviews.write_text("".join(
+        json.dumps({"reviewerID": u, "asin": a, "unixReviewTime": t}) + "\n"
+        for u, a, t in (("V1", "A1", 10), ("V1", "A2", 10), ("V1", "A3", 20), ("V1", "A4", 30),
+                        ("V2", "A5", 10))))
+    kwargs = {} if history_ties == "exclude" else {"history_ties": history_ties}
+    out = prepare_amazon(reviews, write_meta(tmp_path / "m.json"), tmp_path / "out",
+                         valid_frac=0.0, **kwargs)
+    ds = PreparedDataset.open(out)
+    assert ds.manifest["params"]["history_ties"] == history_ties
+    got = {r["item"]: r["hist"] for split in ("train", "test")
+           for r in rows_by_user(ds, split) if r["label"] == 1 and r["user"] == 0}
+    a2 = [] if history_ties == "exclude" else ["A1"]
+    assert got == {"A2": a2, "A3": ["A1", "A2"], "A4": ["A1", "A2", "A3"]}

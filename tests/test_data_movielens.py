@@ -24,7 +24,8 @@ MOVIES = [
     (60, "Rio Bravo (1959)", ["Western"]),
 ]
 # (userId, movieId, rating, timestamp) in file order. User 1 rated 10 and 20 at the same second:
-# 10 comes first in the file, so it is the earlier one.
+# neither is in the other's history (with history_ties="keep", 10, first in the file, would be
+# in 20's).
 RATINGS = [
     (1, 10, 5, 100),
     (1, 20, 3, 100),
@@ -94,20 +95,21 @@ def rows_as_tuples(cols: dict[str, np.ndarray]) -> list[tuple]:
     )
 
 
-def reference(split_of_row, max_history: int) -> dict[str, list[tuple]]:
-    """Slow, obviously-correct construction of every split from RATINGS/MOVIES.
+def reference(split_of_row, max_history: int, ratings=RATINGS, history_ties: str = "exclude"
+              ) -> dict[str, list[tuple]]:
+    """Slow, obviously-correct construction of every split from `ratings`/MOVIES.
 
     split_of_row(user, rank, n) -> split name for the user's rank-th rating (of n, time order).
     """
     genre = {m: (g[0] if g else NO_GENRE) for m, _, g in MOVIES}
     by_user: dict[int, list[tuple]] = {}
-    for line, (u, m, r, t) in enumerate(RATINGS):
+    for line, (u, m, r, t) in enumerate(ratings):
         by_user.setdefault(u, []).append((t, line, m, r))
     samples = []  # (split, user, label, movie, history movies)
     for u, items in by_user.items():
         items.sort()
-        for k, (_, _, m, r) in enumerate(items):
-            hist = [x[2] for x in items[:k]][-max_history:]
+        for k, (t, _, m, r) in enumerate(items):
+            hist = [x[2] for x in items[:k] if history_ties == "keep" or x[0] < t][-max_history:]
             samples.append((split_of_row(u, k, len(items)), u, int(r >= 4), m, hist))
     train_movies = sorted({s[3] for s in samples if s[0] == "train"})
     train_genres = sorted({genre[m] for m in train_movies if m in genre})
@@ -153,13 +155,14 @@ def test_time_split_exact(tmp_path, layout, caplog):
     assert ds.schema.max_history == 2
 
     # User 1 in time order: 30 (ts 50), 10 (ts 100, line 1), 20 (ts 100, line 2), 40 (ts 200).
-    # 4 ratings -> 2 train, 1 valid, 1 test; histories keep the 2 most recent, oldest first.
+    # 4 ratings -> 2 train, 1 valid, 1 test; histories keep the 2 most recent strictly earlier
+    # ones, oldest first.
     u1 = {s: [r for r in rows_as_tuples(got[s]) if r[0] == 1] for s in got}
     assert sorted(u1["train"]) == sorted([
         (1, 1, 4, 5, (0, 0), (0, 0)),  # 30 Drama, rating 4 -> positive, empty history
         (1, 1, 2, 4, (4, 0), (5, 0)),  # 10 Comedy (first of Comedy|Drama)
     ])
-    assert u1["valid"] == [(1, 0, 3, 3, (4, 2), (5, 4))]  # 20 Action after 30, 10
+    assert u1["valid"] == [(1, 0, 3, 3, (4, 0), (5, 0))]  # 20 Action after 30 (10: same second)
     assert u1["test"] == [(1, 0, 5, 2, (2, 3), (4, 3))]  # 40 no genre; history truncated to 10, 20
     # User 3's last rating is movie 60 (Western), never seen in train: OOV item and category.
     u3_test = [r for r in rows_as_tuples(got["test"]) if r[0] == 3]
@@ -168,6 +171,33 @@ def test_time_split_exact(tmp_path, layout, caplog):
     assert (2, 1, 7, 1, (3, 6), (3, 3)) in rows_as_tuples(got["train"])
 
     assert {s: rows_as_tuples(got[s]) for s in got} == reference(time_split, 2)
+
+
+# User 7 rated 10, 20, 30 in the same second, then 40; user 8 rated 50 and 60 together first.
+TIES = [(7, 30, 5, 500), (7, 10, 4, 500), (8, 60, 4, 3), (7, 40, 2, 900), (7, 20, 1, 500),
+        (8, 50, 5, 3), (8, 10, 4, 4)]
+
+
+@pytest.mark.parametrize("history_ties", ["exclude", "keep"])
+def test_history_ties_exclude_same_second_behaviours_by_default(tmp_path, history_ties):
+    src = write_fixture(tmp_path / "ml", "csv", ratings=TIES)
+    kwargs = {} if history_ties == "exclude" else {"history_ties": history_ties}
+    out = prepare_movielens(src, tmp_path / "out", max_history=4, split="time", valid_frac=0,
+                            test_frac=0, **kwargs)
+    ds, got = read_all(out)
+    assert ds.manifest["params"]["history_ties"] == history_ties
+    inv = {i: int(m) for m, i in ds.vocab("item_id").items()}
+    hist = {(int(u), inv[int(m)]): [inv[int(i)] for i in h if i]
+            for u, m, h in zip(got["train"]["user"], got["train"]["item_id"],
+                               got["train"]["hist_item_id"])}
+    if history_ties == "exclude":  # strictly earlier, as the log pipeline
+        assert hist == {(7, 30): [], (7, 10): [], (7, 20): [], (7, 40): [30, 10, 20],
+                        (8, 60): [], (8, 50): [], (8, 10): [60, 50]}
+    else:  # earlier in the file within a second
+        assert hist == {(7, 30): [], (7, 10): [30], (7, 20): [30, 10], (7, 40): [30, 10, 20],
+                        (8, 60): [], (8, 50): [60], (8, 10): [60, 50]}
+    assert rows_as_tuples(got["train"]) == reference(lambda u, k, n: "train", 4, TIES,
+                                                     history_ties)["train"]
 
 
 def test_layouts_identical(tmp_path):
@@ -366,11 +396,13 @@ def test_cli_prepare_movielens(tmp_path, capsys):
     src = write_fixture(tmp_path / "ml", "dat")
     out = tmp_path / "out"
     assert run_prepare(["movielens", "--input", str(src), "--output", str(out), "--split", "time",
-                        "--max-history", "2", "--valid-frac", "0.25", "--test-frac", "0.25"]) == 0
+                        "--max-history", "2", "--valid-frac", "0.25", "--test-frac", "0.25",
+                        "--history-ties", "keep"]) == 0
     printed = capsys.readouterr().out
     assert "train 9, valid 2, test 2 rows" in printed and str(out) in printed
     ds = PreparedDataset.open(out)
     assert ds.manifest["params"]["split"] == "time" and ds.schema.max_history == 2
+    assert ds.manifest["params"]["history_ties"] == "keep"
 
 
 def test_cli_default_input_is_bundled(tmp_path):

@@ -11,16 +11,22 @@ Raw files (`prepare_amazon`), as the original public DIN code builds its data se
     are valid JSON are accepted too. Category = last level of the last category path
     (`categories[-1][-1]`).
   * Each user's reviews in time order b_1..b_n: for k = 1..n-2 a training pair predicts b_{k+1}
-    from b_1..b_k (positive) together with one random item the user never reviewed (negative,
-    same history); the last review gives the test pair (k = n-1). A `valid_frac` share of users
-    (seeded) have their last training pair moved to the validation split, so early stopping
-    sees the same kind of prediction as the test.
+    from the reviews before it (positive) together with one random item the user never reviewed
+    (negative, same history); the last review gives the test pair (k = n-1). A `valid_frac`
+    share of users (seeded) have their last training pair moved to the validation split, so
+    early stopping sees the same kind of prediction as the test. "Before" is strictly
+    earlier: reviews of the same day (`unixReviewTime` is day-granular) are left out of each
+    other's histories, as in the log pipeline (`din_ray.data.logs`); `history_ties="keep"`
+    (`--history-ties keep`) keeps those earlier in the file, as the original code did.
 
 Processed files (`prepare_amazon_processed`): one sample per line
 `hist_items;hist_cates;item;cate;label` with space-separated, already remapped integer ids (the
 layout of PaddleRec's DIN data). Ids are shifted by 2 to make room for PAD and OOV. These files
 carry no user id: samples with the same history are grouped as one "user" for GAUC (in the DIN
-protocol those are exactly the positive/negative pair of one prediction).
+protocol those are exactly the positive/negative pair of one prediction). A user's samples form
+a chain of histories, each a prefix of the next (`[b1]->b2`, `[b1,b2]->b3`, ...), so only the
+END of a chain (a history no other history extends) may go to validation/test: an earlier link
+would put its target in the histories of the user's later, training, samples.
 
 Both read their input as a stream. A gzip file cut short (e.g. a partial download) ends in a
 partial line: that line is skipped, counted and logged, and the count is stored in the
@@ -45,7 +51,9 @@ import numpy as np
 from din_ray.data.format import DataError, DatasetWriter
 from din_ray.data.movielens import (
     RESERVED_RAW,
+    check_history_ties,
     check_split_fracs,
+    history_ends,
     item_category_schema,
     train_rows_per_file,
 )
@@ -203,16 +211,18 @@ class _Samples:
     item: np.ndarray  # (N,) int32 dense item id (>= 2)
     cate: np.ndarray  # (N,) int32 dense category id (OOV when unknown)
     user_start: np.ndarray  # (N,) int64
+    hist_end: np.ndarray  # (N,) int64 position the history ends before (`history_ends`)
     item_cate: np.ndarray  # (V_item,) category of each dense item id
 
     def columns(self, target: np.ndarray, cand: np.ndarray, label: np.ndarray,
                 max_history: int) -> dict[str, np.ndarray]:
         """Rows predicting review position `target` (B,) with candidate items `cand` (B,): the
         history is the user's reviews before `target`, the most recent `max_history`."""
-        k = np.minimum(target - self.user_start[target], max_history)  # (B,)
+        end = self.hist_end[target]  # (B,)
+        k = np.minimum(end - self.user_start[target], max_history)  # (B,)
         slot = np.arange(max_history)
         real = slot < k[:, None]  # (B, L)
-        src = np.where(real, target[:, None] - k[:, None] + slot, 0)  # (B, L) oldest first
+        src = np.where(real, end[:, None] - k[:, None] + slot, 0)  # (B, L) oldest first
         return {
             "label": label.astype(np.int8),
             "user": self.user[target],
@@ -233,6 +243,7 @@ def prepare_amazon(
     test_frac: float = 0.0,
     seed: int = 0,
     embedding_dim: int = 16,
+    history_ties: str = "exclude",
     overwrite: bool = False,
 ) -> Path:
     """Prepare raw Amazon reviews + meta with the original DIN protocol (module docstring).
@@ -251,6 +262,7 @@ def prepare_amazon(
         test_frac: unused (the test split is each user's last review); accepted so every
             source takes the same options.
         seed: negatives, validation users and the training-row shuffle.
+        history_ties: "exclude" (default) or "keep" reviews of the target's own day.
     Raises:
         DataError: unreadable or malformed input (file, line and field named), or no training
             pair (every user has fewer than 3 reviews).
@@ -260,6 +272,7 @@ def prepare_amazon(
     if max_history <= 0:
         raise ValueError(f"max_history must be > 0, got {max_history}")
     check_split_fracs(valid_frac, 0.0)
+    check_history_ties(history_ties)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite)")
     r = read_reviews(reviews)
@@ -280,12 +293,13 @@ def prepare_amazon(
     without_category = sum(a not in categories for a in asins)
 
     n = len(user)
-    order = np.lexsort((np.arange(n), np.array(r.time, dtype=np.int64), user))
-    user, item = user[order], item[order].astype(np.int32)
+    time = np.array(r.time, dtype=np.int64)
+    order = np.lexsort((np.arange(n), time, user))
+    user, item, time = user[order], item[order].astype(np.int32), time[order]
     first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])  # (U,)
     count = np.diff(np.r_[first, n])  # (U,)
     s = _Samples(user=user, item=item, cate=item_cate[item], user_start=np.repeat(first, count),
-                 item_cate=item_cate)
+                 hist_end=history_ends(user, time, history_ties), item_cate=item_cate)
 
     rng = np.random.default_rng(seed)
     negatives = _sample_negatives(item, first, count, len(asins), rng)  # (N,)
@@ -314,7 +328,8 @@ def prepare_amazon(
                                   embedding_dim)
     params = {"reviews": str(reviews), "meta": str(meta), "max_history": max_history,
               "valid_frac": valid_frac, "seed": seed, "embedding_dim": embedding_dim,
-              "reviews_read": n, "users": len(first), "items": len(asins),
+              "history_ties": history_ties, "reviews_read": n, "users": len(first),
+              "items": len(asins),
               "categories": len(cate_raw), "items_without_category": without_category,
               "truncated_lines_skipped": r.truncated_lines + meta_truncated}
     if params["items_without_category"]:
@@ -377,6 +392,34 @@ def _processed_lines(reader: LineReader
         yield lineno, hist, hist_c, item, cate, label
 
 
+# Rolling hash of history prefixes (polynomial mod a Mersenne prime). Only used within one
+# preparation to find chain ends; a collision can only make an end look extended (its rows then
+# stay in train), never let an extended history leave train.
+_PREFIX_MOD = (1 << 61) - 1
+_PREFIX_BASE = 1_000_003
+
+
+def _prefix_keys(hist: list[int]) -> list[int]:
+    """Keys of hist[:0], hist[:1], ..., hist[:k] (k + 1 ints; the last is the whole history)."""
+    h, out = 1, [1]
+    for x in hist:
+        h = (h * _PREFIX_BASE + x + 1) % _PREFIX_MOD
+        out.append(h)
+    return out
+
+
+def chain_ends(reader: LineReader) -> set[int]:
+    """Prefix keys (`_prefix_keys(hist)[-1]`) of the histories in a processed file that no other
+    history of the file extends: the last prediction of each user's chain."""
+    whole: set[int] = set()
+    extended: set[int] = set()
+    for _, hist, *_rest in _processed_lines(reader):
+        keys = _prefix_keys(hist)
+        whole.add(keys[-1])
+        extended.update(keys[:-1])
+    return whole - extended
+
+
 def _history_group(hist: list[int]) -> int:
     """A stable 63-bit key of a history: the GAUC group of the samples sharing it."""
     digest = hashlib.blake2b(" ".join(map(str, hist)).encode(), digest_size=8).digest()
@@ -395,16 +438,17 @@ def prepare_amazon_processed(
     embedding_dim: int = 16,
     overwrite: bool = False,
 ) -> Path:
-    """Prepare `hist;hist_cates;item;cate;label` text (module docstring), streamed in two passes
-    (vocabulary sizes, then rows).
+    """Prepare `hist;hist_cates;item;cate;label` text (module docstring), streamed in three passes
+    (chain ends of `processed`, vocabulary sizes, rows).
 
     Args:
         processed: training samples.
-        processed_test: test samples; without it, a `test_frac` share of history groups of
+        processed_test: test samples; without it, a `test_frac` share of the chain ends of
             `processed` is the test split.
-        valid_frac: share of history groups of `processed` for validation.
-        seed: which groups go to validation/test (a group's split depends only on its key
-            and the seed, so a file can be split without holding it in memory).
+        valid_frac: share of the chain ends of `processed` (about one per user) for
+            validation; every other sample is training.
+        seed: which chain ends go to validation/test (an end's split depends only on its
+            history and the seed).
     """
     processed, output_dir = Path(processed), Path(output_dir)
     files = [processed] + ([Path(processed_test)] if processed_test else [])
@@ -413,6 +457,7 @@ def prepare_amazon_processed(
     check_split_fracs(valid_frac, 0.0 if processed_test else test_frac)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite)")
+    ends = chain_ends(LineReader(processed))
     max_item = max_cate = -1
     for path in files:
         for _, hist, hist_c, item, cate, _ in _processed_lines(LineReader(path)):
@@ -444,7 +489,12 @@ def prepare_amazon_processed(
             reader = LineReader(path)
             for _, hist, hist_c, item, cate, label in _processed_lines(reader):
                 group = _history_group(hist)
-                split = "test" if is_test else split_of(group)
+                if is_test:
+                    split = "test"
+                elif _prefix_keys(hist)[-1] in ends:
+                    split = split_of(group)
+                else:
+                    split = "train"  # a later sample of the same user extends this history
                 rows.setdefault(split, []).append((group, hist, hist_c, item, cate, label))
                 if len(rows[split]) >= CHUNK_ROWS:
                     w.write(split, _processed_columns(rows.pop(split), max_history))

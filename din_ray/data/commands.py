@@ -44,6 +44,15 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
+def _add_history_ties(parser: argparse.ArgumentParser) -> None:
+    # The choices of din_ray.data.movielens.HISTORY_TIES (not imported: it would load pandas
+    # for every command).
+    parser.add_argument("--history-ties", choices=("exclude", "keep"), default="exclude",
+                        help="behaviours with the sample's own timestamp: exclude (default: "
+                             "histories strictly earlier, as the log pipeline) or keep those "
+                             "earlier in the file")
+
+
 def _common_kwargs(args: argparse.Namespace) -> dict:
     return {"max_history": args.max_history, "valid_frac": args.valid_frac,
             "test_frac": args.test_frac, "seed": args.seed, "embedding_dim": args.embedding_dim,
@@ -69,13 +78,15 @@ def _add_movielens(sources: argparse._SubParsersAction) -> None:
                    help="user: random users per split (paper); time: each user's ratings in "
                         "time order")
     _add_common(p)
+    _add_history_ties(p)
     p.set_defaults(func=_run_movielens)
 
 
 def _run_movielens(args: argparse.Namespace) -> int:
     from din_ray.data.movielens import prepare_movielens
 
-    out = prepare_movielens(args.input, args.output, split=args.split, **_common_kwargs(args))
+    out = prepare_movielens(args.input, args.output, split=args.split,
+                            history_ties=args.history_ties, **_common_kwargs(args))
     return _summary("movielens", out)
 
 
@@ -177,6 +188,7 @@ def _add_amazon(sources: argparse._SubParsersAction) -> None:
     p.add_argument("--processed-test", type=Path,
                    help="processed test samples (default: --test-frac of --processed)")
     _add_common(p)
+    _add_history_ties(p)  # raw reviews only: processed text has no timestamps
     p.set_defaults(func=_run_amazon)
 
 
@@ -190,7 +202,8 @@ def _run_amazon(args: argparse.Namespace) -> int:
                                        processed_test=args.processed_test,
                                        **_common_kwargs(args))
     elif args.reviews and args.meta:
-        out = prepare_amazon(args.reviews, args.meta, args.output, **_common_kwargs(args))
+        out = prepare_amazon(args.reviews, args.meta, args.output,
+                             history_ties=args.history_ties, **_common_kwargs(args))
     else:
         raise ValueError("prepare amazon needs --reviews and --meta (raw files) or --processed")
     return _summary("amazon", out)

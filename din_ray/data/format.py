@@ -129,6 +129,57 @@ def count_ids(schema: Schema, columns: dict[str, np.ndarray]) -> dict[str, np.nd
     return out
 
 
+def check_ids(schema: Schema, columns: dict[str, np.ndarray], where: str | Path,
+              first_row: int = 0) -> None:
+    """Fail when an id of a batch about to be written is outside its table's [0, rows).
+
+    Args:
+        columns: scalar features (N,), behaviour features (N, L).
+        where: the file or split directory the batch goes to, for the message.
+        first_row: row number of the batch's first row there.
+    Raises:
+        DataError: naming `where`, the column, table, row and value of the first bad id.
+    """
+    for f in schema.features:
+        rows = schema.tables[f.table][0]
+        col = np.asarray(columns[f.name])
+        bad = (col < 0) | (col >= rows)
+        if bad.any():
+            at = tuple(np.argwhere(bad)[0])
+            raise DataError(f"{where}: column {f.name!r} (table {f.table!r}) row "
+                            f"{first_row + int(at[0])}: id {int(col[at])} outside [0, {rows})")
+
+
+def check_file_ids(schema: Schema, path: Path) -> None:
+    """Fail when an id in a prepared Parquet file is outside its table's [0, rows).
+
+    Cheap: the row groups' min/max statistics decide; only a row group without statistics, or
+    whose statistics show a bad id, is read (that column only) to find the first bad row.
+
+    Raises:
+        DataError: naming the file, column, table, row and value.
+    """
+    pf = pq.ParquetFile(path)
+    md = pf.metadata
+    leaf = {md.schema.column(i).path.split(".")[0]: i for i in range(md.num_columns)}
+    row0 = 0
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        for f in schema.features:
+            rows = schema.tables[f.table][0]
+            stats = rg.column(leaf[f.name]).statistics
+            if stats is not None and stats.has_min_max and 0 <= stats.min and stats.max < rows:
+                continue
+            col = pf.read_row_group(g, columns=[f.name]).column(0).combine_chunks()
+            values = col.flatten().to_numpy() if f.is_sequence else col.to_numpy()
+            bad = np.flatnonzero((values < 0) | (values >= rows))
+            if bad.size:
+                row = int(bad[0]) // (f.max_len if f.is_sequence else 1)
+                raise DataError(f"{path}: column {f.name!r} (table {f.table!r}) row {row0 + row}:"
+                                f" id {int(values[bad[0]])} outside [0, {rows})")
+        row0 += rg.num_rows
+
+
 @dataclass
 class PreparedDataset:
     """A prepared dataset directory, validated on open."""
@@ -149,8 +200,12 @@ class PreparedDataset:
         manifest = json.loads(manifest_path.read_text())
         ds = cls(root, Schema.load(root / "schema.json"), manifest)
         for split in SPLITS:
-            for path in ds.files(split)[:1]:
-                ds.check_file(path)
+            for k, path in enumerate(ds.files(split)):
+                if k == 0:
+                    ds.check_file(path)
+                # An id past its table would index another row (-1: the last) or fail in one
+                # rank of a sharded run while the others wait: every file of every split.
+                check_file_ids(ds.schema, path)
         return ds
 
     def files(self, split: str) -> list[Path]:
@@ -275,6 +330,7 @@ class DatasetWriter:
         table = to_arrow(self.schema, columns)
         if table.num_rows == 0:
             return
+        check_ids(self.schema, columns, self.output / split, self.rows[split])
         if split == "train":
             for t, c in count_ids(self.schema, columns).items():
                 self.counts[t] += c

@@ -48,7 +48,14 @@ import pyarrow.csv as pcsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from din_ray.data.format import SPLITS, DataError, DatasetWriter, count_ids, to_arrow
+from din_ray.data.format import (
+    SPLITS,
+    DataError,
+    DatasetWriter,
+    check_ids,
+    count_ids,
+    to_arrow,
+)
 from din_ray.data.hashing import bin_index, hash_strings, hashed_ids, mix64
 from din_ray.data.log_spec import FeatureSpec, LogSpec, Source, load_spec
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, Feature, Schema
@@ -882,6 +889,7 @@ class _SplitWriter:
         table = to_arrow(self.schema, columns)
         if table.num_rows == 0:
             return
+        check_ids(self.schema, columns, f"{self.dir} (bucket {self.bucket})", self.rows)
         if self.writer is None or self.in_file >= ROWS_PER_FILE:
             self.close()
             path = f"{self.dir}/part-{self.bucket:05d}-{self.files:03d}.parquet"

@@ -3,9 +3,11 @@
     din-ray prepare movielens --input din_ray/bundled/ml-latest-small --output out/ml-small
 
 Each rating is one sample: the candidate is the rated movie and its genre, the label is
-rating >= 4, and the behaviour sequence is the movies the same user rated before it (with their
-genres), most recent `max_history` kept. Users are split at random into train/valid/test (the
-paper's protocol); `split="time"` splits each user's ratings chronologically instead.
+rating >= 4, and the behaviour sequence is the movies the same user rated strictly before it
+(earlier timestamp; `--history-ties keep` adds those of the same second that come earlier in the
+file), with their genres, most recent `max_history` kept. Users are split at random into
+train/valid/test (the paper's protocol); `split="time"` splits each user's ratings
+chronologically instead.
 
 Three on-disk layouts are recognised (see `LAYOUTS`): `ratings.csv` + `movies.csv` (ml-latest,
 ml-latest-small, ml-20m, ml-25m), `ratings.dat` + `movies.dat` with `::` separators (ml-1m,
@@ -45,6 +47,11 @@ CHUNK_ROWS = 250_000
 
 # Placeholders stored for the reserved dense ids in the vocab files (format.add_vocab skips them).
 RESERVED_RAW = ("<pad>", "<oov>")
+
+# What a history does with behaviours at the sample's own timestamp: "exclude" (strictly earlier
+# only, as the log pipeline and a live request, which cannot see what happens in the same
+# second) or "keep" (in file order, the older behaviour of this module).
+HISTORY_TIES = ("exclude", "keep")
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,28 @@ def train_rows_per_file(n_train: int) -> int:
     """Rows per train Parquet file: at least 8 files so Ray Data can shard them evenly, none
     tiny, none huge."""
     return max(10_000, min(math.ceil(n_train / 8), 1_000_000))
+
+
+def check_history_ties(history_ties: str) -> None:
+    if history_ties not in HISTORY_TIES:
+        raise ValueError(f"history_ties must be one of {HISTORY_TIES}, got {history_ties!r}")
+
+
+def history_ends(user: np.ndarray, time: np.ndarray, history_ties: str) -> np.ndarray:
+    """Per behaviour sorted by (user, time, line), the position its history ends before.
+
+    Args:
+        user, time: (N,) sorted by (user, time), ties in file order.
+        history_ties: "exclude": the first position of its (user, time) run, so the history is
+            strictly earlier; "keep": its own position (earlier lines of the same second count).
+    Returns:
+        (N,) int64 end positions; the history of p is [user_start[p], end[p]).
+    """
+    n = len(user)
+    if history_ties == "keep":
+        return np.arange(n, dtype=np.int64)
+    run = np.flatnonzero(np.r_[True, (user[1:] != user[:-1]) | (time[1:] != time[:-1])])
+    return np.repeat(run, np.diff(np.r_[run, n])).astype(np.int64)
 
 
 def check_split_fracs(valid_frac: float, test_frac: float) -> None:
@@ -329,6 +358,7 @@ def prepare_movielens(
     test_frac: float = 0.1,
     seed: int = 0,
     embedding_dim: int = 16,
+    history_ties: str = "exclude",
     overwrite: bool = False,
 ) -> Path:
     """Prepare a MovieLens release for DIN.
@@ -337,10 +367,11 @@ def prepare_movielens(
     movie (`item_id`) and its genre (`cate_id`); a movie with several genres takes the FIRST one
     listed ("Comedy|Drama" -> Comedy; ml-100k: the first set flag in `ML100K_GENRES` order), and
     "(no genres listed)" (or no ml-100k flag set) is a category like any other. The behaviour
-    sequences (`hist_item_id`, `hist_cate_id`) are the movies the user rated strictly earlier,
-    ordered by (timestamp, line in the file), so of two ratings with equal timestamps the one
-    earlier in the file counts as earlier; the `max_history` most recent are kept, oldest first,
-    PAD-padded at the end. The `user` column is the raw userId, for GAUC grouping only.
+    sequences (`hist_item_id`, `hist_cate_id`) are the movies the user rated strictly earlier
+    (timestamp < the sample's; with history_ties="keep" also those of the same second earlier
+    in the file), ordered by (timestamp, line in the file); the `max_history` most recent are
+    kept, oldest first, PAD-padded at the end. The `user` column is the raw userId, for GAUC
+    grouping only.
 
     Vocabularies (raw movieId -> 2.., genre -> 2.., in sorted raw order) are built from the
     training rows only (their candidates, which include every movie in their histories); ids
@@ -359,6 +390,8 @@ def prepare_movielens(
         valid_frac, test_frac: fractions of users (or of each user's ratings) for valid/test.
         seed: user split and train row shuffle.
         embedding_dim: width written into the schema (training may override it).
+        history_ties: "exclude" (default) or "keep" ratings of the sample's own second
+            (`HISTORY_TIES`).
         overwrite: replace an existing `output_dir`.
 
     Returns:
@@ -374,6 +407,7 @@ def prepare_movielens(
     if split not in ("user", "time"):
         raise ValueError(f"split must be 'user' or 'time', got {split!r}")
     check_split_fracs(valid_frac, test_frac)
+    check_history_ties(history_ties)
     if output_dir.exists() and not overwrite:
         raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite)")
 
@@ -384,7 +418,7 @@ def prepare_movielens(
              len(movies.ids), input_dir, layout.name)
 
     rng = np.random.default_rng(seed)
-    seq = _Sequences.build(ratings, movies, split, valid_frac, test_frac, rng)
+    seq = _Sequences.build(ratings, movies, split, valid_frac, test_frac, rng, history_ties)
     del ratings  # the sorted copy in `seq` is all that is needed from here on
     if seq.missing_movie:
         log.warning("%s: %d ratings refer to movies absent from %s (e.g. movieId %d); their "
@@ -400,7 +434,8 @@ def prepare_movielens(
                                   max_history, embedding_dim)
     params = {"input": str(input_dir), "layout": layout.name, "max_history": max_history,
               "split": split, "valid_frac": valid_frac, "test_frac": test_frac, "seed": seed,
-              "embedding_dim": embedding_dim, "ratings_without_movie": seq.missing_movie}
+              "embedding_dim": embedding_dim, "history_ties": history_ties,
+              "ratings_without_movie": seq.missing_movie}
     rows_per_file = train_rows_per_file(train_pos.size)
     chunk = min(rows_per_file, CHUNK_ROWS)
     with DatasetWriter(output_dir, schema, source="movielens", params=params,
@@ -421,7 +456,7 @@ class _Sequences:
     """All ratings sorted by (user, timestamp, file line), with dense ids and split codes.
 
     A user's ratings are contiguous, so the history of the rating at sorted position p is the
-    slice [max(user_start[p], p - L), p): histories are gathered by index arithmetic.
+    slice [max(user_start[p], end[p] - L), end[p]): histories are gathered by index arithmetic.
     """
 
     user: np.ndarray  # (N,) int64 raw userId
@@ -429,6 +464,7 @@ class _Sequences:
     item: np.ndarray  # (N,) int32 dense movie id
     cate: np.ndarray  # (N,) int32 dense genre id
     user_start: np.ndarray  # (N,) int64 sorted position of the user's first rating
+    hist_end: np.ndarray  # (N,) int64 position the history ends before (`history_ends`)
     split: np.ndarray  # (N,) int8: 0 train, 1 valid, 2 test
     item_raw: np.ndarray  # (V_item,) raw movieId of each dense id (0, 1 unused)
     cate_raw: np.ndarray  # (V_cate,) genre of each dense id (0, 1 unused)
@@ -437,7 +473,7 @@ class _Sequences:
 
     @classmethod
     def build(cls, r: Ratings, movies: Movies, split: str, valid_frac: float, test_frac: float,
-              rng: np.random.Generator) -> _Sequences:
+              rng: np.random.Generator, history_ties: str = "exclude") -> _Sequences:
         n = len(r.user)
         # lexsort is stable and its last key is the primary one; the explicit line index makes
         # the file-order tie-break independent of that guarantee.
@@ -487,6 +523,7 @@ class _Sequences:
             item=item,
             cate=cate,
             user_start=user_start,
+            hist_end=history_ends(user, r.timestamp[order], history_ties),
             split=split_code,
             item_raw=np.concatenate([np.zeros(2, np.int64), item_raw]),
             cate_raw=np.concatenate([reserved, names[train_genres]]),
@@ -496,10 +533,11 @@ class _Sequences:
 
     def columns(self, pos: np.ndarray, max_history: int) -> dict[str, np.ndarray]:
         """Prepared columns for the ratings at sorted positions `pos` (B,)."""
-        k = np.minimum(pos - self.user_start[pos], max_history)  # (B,) history lengths
+        end = self.hist_end[pos]  # (B,)
+        k = np.minimum(end - self.user_start[pos], max_history)  # (B,) history lengths
         slot = np.arange(max_history)  # (L,)
         real = slot < k[:, None]  # (B, L)
-        src = np.where(real, pos[:, None] - k[:, None] + slot, 0)  # (B, L) oldest first
+        src = np.where(real, end[:, None] - k[:, None] + slot, 0)  # (B, L) oldest first
         return {
             "label": self.label[pos],
             "user": self.user[pos],
