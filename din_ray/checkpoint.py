@@ -37,6 +37,8 @@ from din_ray.schema import Schema
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 ID_FILTER = "id_filter.npz"
+# Read by `Checkpoint` under these fixed names, so the manifest must list (and vouch for) them.
+LOADED_FILES = ("dense.pt", "schema.json", "config.json", "metrics.json")
 
 
 class CheckpointError(ValueError):
@@ -47,24 +49,53 @@ def shard_file(table: str, start: int, end: int) -> str:
     return f"tables/{table}.{start}-{end}.pt"
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's contents to disk (a read-only descriptor suffices)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(directory: str | Path) -> None:
+    """fsync every file and folder under `directory`, itself last: call before the rename that
+    publishes it, so a crash after the rename cannot leave names pointing at unwritten data."""
+    for root, _, files in os.walk(directory, topdown=False):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename the complete file or directory `tmp` to `final` durably: contents on disk before
+    the rename, the rename itself on disk after it (the parent directory's entry)."""
+    if tmp.is_dir():
+        sync_tree(tmp)
+    else:
+        _fsync(tmp)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def _atomic_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
-    os.replace(tmp, path)
+    publish(tmp, path)
 
 
 def write_worker_files(directory: str | Path, tables: EmbeddingTables,
@@ -99,7 +130,9 @@ def write_manifest(directory: str | Path, *, schema: Schema, config: dict, metri
     if vocab_dir is not None and Path(vocab_dir).is_dir():
         (directory / "vocab").mkdir(exist_ok=True)
         for f in sorted(Path(vocab_dir).glob("*.parquet")):
-            shutil.copyfile(f, directory / "vocab" / f.name)
+            tmp = directory / "vocab" / f".{f.name}.tmp-{os.getpid()}"
+            shutil.copyfile(f, tmp)
+            publish(tmp, directory / "vocab" / f.name)
             listed_files.append(f"vocab/{f.name}")
     if id_remap:
         _atomic_arrays(directory / ID_FILTER, id_remap)
@@ -132,14 +165,29 @@ def save_local(directory: str | Path, *, tables: EmbeddingTables,
         if directory.exists():
             trash = directory.with_name(f".{directory.name}.old-{time.time_ns()}")
             directory.rename(trash)
-            tmp.rename(directory)
+            publish(tmp, directory)
             shutil.rmtree(trash, ignore_errors=True)
         else:
-            tmp.rename(directory)
+            publish(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def _check_inside(root: Path, entry: str, name) -> None:
+    """Refuse a manifest file name that would read from outside the checkpoint directory: an
+    absolute path, a '..' component, or a symlink (anywhere on the way) that leads out."""
+    where = f"{root / MANIFEST}: {entry} = {name!r}"
+    if not isinstance(name, str) or not name:
+        raise CheckpointError(f"{where} is not a file name")
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{where} leaves the checkpoint directory; names must be "
+                              "relative paths inside it")
+    target = (root / name).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise CheckpointError(f"{where} resolves to {target}, outside the checkpoint directory "
+                              "(a symlink leads out)")
 
 
 @dataclass
@@ -164,9 +212,16 @@ class Checkpoint:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{mpath}: format_version {manifest.get('format_version')!r} "
                                   f"is not {FORMAT_VERSION}")
-        missing = [f for f in manifest["files"] if not (path / f).exists()]
-        missing += [s["file"] for t in manifest["tables"].values() for s in t["shards"]
-                    if not (path / s["file"]).exists()]
+        listed = {f"files[{i}]": f for i, f in enumerate(manifest["files"])}
+        listed.update({f"tables[{t!r}].shards[{i}].file": s["file"]
+                       for t, spec in manifest["tables"].items()
+                       for i, s in enumerate(spec["shards"])})
+        for entry, name in listed.items():
+            _check_inside(path, entry, name)
+        unlisted = [f for f in LOADED_FILES if f not in manifest["files"]]
+        if unlisted:
+            raise CheckpointError(f"{mpath}: 'files' does not list {unlisted}")
+        missing = [f for f in listed.values() if not (path / f).exists()]
         if missing:
             raise CheckpointError(f"{path}: incomplete, missing {missing[:5]}")
         return cls(path, manifest, Schema.load(path / "schema.json"),

@@ -15,6 +15,7 @@ import sys
 COMMAND_MODULES = (
     "din_ray.data.commands",
     "din_ray.commands",
+    "din_ray.predict_cli",
     "din_ray.reproduce_cli",
     "din_ray.tune_cli",
     "din_ray.serve_cli",

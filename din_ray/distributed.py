@@ -78,7 +78,7 @@ class RayEnv(WorkerEnv):
         shard = ray.train.get_dataset_shard("train")
         batches = shard.iter_batches(
             batch_size=self.cfg.batch_size, batch_format="pyarrow",
-            local_shuffle_buffer_size=8 * self.cfg.batch_size,
+            local_shuffle_buffer_size=8 * self.cfg.batch_size if self.cfg.shuffle else None,
             local_shuffle_seed=(self.cfg.seed * 10_007 + epoch) * 1_009 + self.rank)
         numpy = (to_numpy(self.schema, b) for b in batches)
         return self._lockstep(self._maybe_fail(numpy, epoch), pad=False)
@@ -176,7 +176,20 @@ def _train_worker(config: dict) -> None:
 
 class EvalSplitConfig(DataConfig):
     """Train split into equal row counts (DDP and the all-to-alls need equal step counts; at
-    most workers - 1 rows per epoch are dropped); valid/test split without dropping any row."""
+    most workers - 1 rows per epoch are dropped); valid/test split without dropping any row.
+
+    `ordered=True` (cfg.shuffle off) keeps the train split's block order through the split:
+    Ray Data then deals the blocks out deterministically, each to the worker with the fewest
+    rows so far, so with equal blocks of B rows worker w gets blocks w, w + W, ... and step t's
+    global batch (B rows per worker) is rows [t*W*B, (t+1)*W*B) in file order, which is what
+    one process reading the files in order with batch W*B trains on."""
+
+    def __init__(self, ordered: bool = False) -> None:
+        options = None
+        if ordered:
+            options = {"train": self.default_ingest_options()}
+            options["train"].preserve_order = True
+        super().__init__(execution_options=options)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         out = super().configure({k: v for k, v in datasets.items() if k == "train"}, world_size,
@@ -247,7 +260,8 @@ def _read_split(dataset: PreparedDataset, split: str, cfg: TrainConfig) -> ray.d
     starts in well under a second."""
     files = dataset.files(split)
     ds = ray.data.read_parquet([str(f) for f in files],
-                               shuffle="files" if split == "train" else None)
+                               shuffle="files" if split == "train" and cfg.shuffle else None)
+    ds.context.execution_options.preserve_order = not cfg.shuffle  # file order when cached
     # Each dataset carries its own copy of the DataContext (taken when it was created, and passed
     # on to its materialized copy) into the split coordinators: no progress bars there (three
     # datasets per epoch would bury the training log), and the caller's context is left alone.
@@ -269,13 +283,15 @@ def _trainer(cfg: TrainConfig, datasets: dict, callbacks: list | None) -> TorchT
         run_config=RunConfig(
             name=cfg.run_name, storage_path=storage_path(cfg),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            # The best (by validation GAUC) and the latest checkpoints are always kept.
+            # The best and the latest checkpoints are always kept. Scored by `new_best`, not
+            # valid_gauc: Ray breaks ties towards the later epoch, `summarize` towards the
+            # earlier, and the latest epoch with new_best = 1 is exactly summarize's best.
             checkpoint_config=CheckpointConfig(num_to_keep=2,
-                                               checkpoint_score_attribute="valid_gauc",
+                                               checkpoint_score_attribute="new_best",
                                                checkpoint_score_order="max"),
             callbacks=callbacks),
         datasets=datasets,
-        dataset_config=EvalSplitConfig(),
+        dataset_config=EvalSplitConfig(ordered=not cfg.shuffle),
     )
 
 
@@ -296,7 +312,10 @@ def run_ray(cfg: TrainConfig) -> dict:
         summary = summarize(history)
         best = [c for c, m in (result.best_checkpoints or [])
                 if m.get("epoch") == summary["best_epoch"]]
-        best_checkpoint = best[0] if best else result.checkpoint
+        if not best:
+            raise RuntimeError(f"run {cfg.run_name!r} under {storage_path(cfg)}: no checkpoint "
+                               f"of the best epoch {summary['best_epoch']} was kept")
+        best_checkpoint = best[0]
         with best_checkpoint.as_directory() as best_dir:
             finalize_output(cfg, summary, Path(best_dir))
         summary["ray_checkpoint"] = best_checkpoint.path

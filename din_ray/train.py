@@ -78,8 +78,11 @@ class TrainConfig:
     # times an epoch, so tables usually need a larger rate than dense layers. 0 = same as lr.
     sparse_lr: float = 0.0
     lr_decay: float = 0.9
-    batch_size: int = 256
+    batch_size: int = 256  # per worker: a step's global batch is batch_size * workers
     eval_batch_size: int = 8192
+    # False: training reads the split in file order every epoch, so runs at different worker
+    # counts can be given the same global batches (the distributed equivalence test does).
+    shuffle: bool = True
     epochs: int = 5
     patience: int = 2  # stop after this many epochs without a better validation GAUC; 0 = never
     seed: int = 0
@@ -189,7 +192,7 @@ class LocalEnv(WorkerEnv):
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         return iter_numpy_batches(self.dataset.files("train"), self.dataset.schema,
-                                  self.cfg.batch_size, shuffle=True,
+                                  self.cfg.batch_size, shuffle=self.cfg.shuffle,
                                   seed=self.cfg.seed * 10_007 + epoch)
 
     def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
@@ -206,8 +209,8 @@ class LocalEnv(WorkerEnv):
         shutil.rmtree(tmp, ignore_errors=True)
         write_checkpoint(tmp)
         shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        # Retain only the latest and the best epoch (the best by validation GAUC).
+        ckpt.publish(tmp, final)
+        # Retain only the latest and the best epoch (the one `summarize` names).
         keep = {final.name, best_epoch_dir(self.root)}
         for p in self.root.glob("epoch-*"):
             if p.name not in keep:
@@ -215,15 +218,21 @@ class LocalEnv(WorkerEnv):
 
 
 def best_epoch_dir(root: Path) -> str | None:
-    """Name of the complete epoch checkpoint under `root` with the best validation GAUC."""
-    best, best_name = -math.inf, None
-    for p in sorted(root.glob("epoch-*")):
-        if not (p / ckpt.MANIFEST).exists():
-            continue
-        g = json.loads((p / "metrics.json").read_text()).get("valid_gauc", -math.inf)
-        if g is not None and not math.isnan(g) and g > best:
-            best, best_name = g, p.name
-    return best_name
+    """Name of the complete epoch checkpoint under `root` that `best_index` picks (so the one
+    kept is the one metrics.json names, ties and NaN included)."""
+    done = sorted(p for p in root.glob("epoch-*") if (p / ckpt.MANIFEST).exists())
+    if not done:
+        return None
+    metrics = [json.loads((p / "metrics.json").read_text()) for p in done]
+    return done[best_index(metrics)].name
+
+
+def best_index(history: list[dict]) -> int:
+    """Index of the best epoch in `history`: the highest validation GAUC, NaN counting as the
+    lowest, and of tied epochs the earliest (a later epoch must improve to replace it)."""
+    gaucs = [-math.inf if h.get("valid_gauc") is None or math.isnan(h["valid_gauc"])
+             else h["valid_gauc"] for h in history]
+    return int(np.argmax(gaucs))
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -417,12 +426,16 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
                     samples: int, data_seconds: float = 0.0) -> None:
         """Evaluate valid and test, append to the history, report with a checkpoint."""
         metrics = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
-                   "train_seconds": seconds, "samples_per_s": samples / max(seconds, 1e-9),
+                   "train_samples": samples, "train_seconds": seconds,
+                   "samples_per_s": samples / max(seconds, 1e-9),
                    "data_wait_seconds": data_seconds}
         for split in ("valid", "test"):
             for k, v in evaluate_split(model, tables, data_reg.eval(env.eval_batches(split)),
                                        schema, env).items():
                 metrics[f"{split}_{k}"] = v
+        # 1 when this epoch is now the best (`best_index`), else 0: among the 1s the latest is
+        # the current best, which is how Ray's checkpoint retention breaks ties (later wins).
+        metrics["new_best"] = float(best_index([*history, metrics]) == len(history))
         history.append(metrics)
         if env.rank == 0:
             log.info("epoch %d: loss %s  valid gauc %.4f  test gauc %.4f  (%.0f samples/s)",
@@ -503,18 +516,14 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
 
 
 def _epochs_since_best(history: list[dict]) -> int:
-    if not history:
-        return 0
-    gaucs = [h["valid_gauc"] if not math.isnan(h["valid_gauc"]) else -math.inf for h in history]
-    return len(history) - 1 - int(np.argmax(gaucs))
+    return len(history) - 1 - best_index(history) if history else 0
 
 
 def summarize(history: list[dict]) -> dict:
     """Final metrics: the test metrics of the epoch with the best validation GAUC."""
     if not history:
         raise ValueError("no epoch was trained")
-    gaucs = [h["valid_gauc"] if not math.isnan(h["valid_gauc"]) else -math.inf for h in history]
-    best = history[int(np.argmax(gaucs))]
+    best = history[best_index(history)]
     return {"best_epoch": best["epoch"], "gauc": best["test_gauc"], "auc": best["test_auc"],
             "logloss": best["test_logloss"], "valid_gauc": best["valid_gauc"],
             "valid_auc": best["valid_auc"], "valid_logloss": best["valid_logloss"],
@@ -543,7 +552,7 @@ def finalize_output(cfg: TrainConfig, result: dict, best_checkpoint: Path | None
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(best_checkpoint, tmp)
         shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        ckpt.publish(tmp, final)
         result = {**result, "checkpoint": str(final)}
     result = {**result, "model": cfg.model, "config": cfg.to_dict()}
     tmp = out / ".metrics.json.tmp"
