@@ -79,6 +79,33 @@ def unique_ids(ids: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     return present.nonzero().squeeze(1), position.index_select(0, ids)
 
 
+class IdRangeError(ValueError):
+    """An id outside [0, rows) of its embedding table."""
+
+    def __init__(self, table: str, keys: list[str], value: int, num_rows: int, where: str = "",
+                 rank: int | None = None) -> None:
+        at = f"{where}: " if where else ""
+        on = f" on rank {rank}" if rank is not None else ""
+        super().__init__(f"{at}embedding table {table!r} (inputs {', '.join(keys)}) got id "
+                         f"{value}{on}, outside its rows [0, {num_rows}); ids must come from "
+                         f"the table's vocabulary (PAD = {PAD_ID})")
+        self.table, self.value = table, value
+
+
+def first_out_of_range(ids: Tensor, num_rows: int) -> int | None:
+    """The smallest id if it is negative, else the largest if it is >= num_rows, else None.
+
+    One min/max pass over the ids (N,), so a lookup pays O(N), never O(table)."""
+    if ids.numel() == 0:
+        return None
+    low, high = torch.aminmax(ids)
+    if int(low) < 0:
+        return int(low)
+    if int(high) >= num_rows:
+        return int(high)
+    return None
+
+
 @dataclass
 class TouchedRows:
     """What one training step touched in one table, as seen by the table's owner.
@@ -126,22 +153,29 @@ class EmbeddingTables(torch.nn.Module):
         """This worker's block of `table`. -> (end-start, dim)"""
         return getattr(self, _buffer(table))
 
-    def lookup(self, requests: SparseRequests) -> dict[str, Tensor]:
+    def lookup(self, requests: SparseRequests, where: str = "") -> dict[str, Tensor]:
         """Embed every request. Each table is read once, for its deduplicated ids.
 
         Args:
             requests: key -> (table, ids) with ids of any shape S.
+            where: what the ids come from (e.g. "valid split"), named in the error raised for
+                an id outside its table.
         Returns: key -> vectors of shape S + (dim,); PAD ids give zero vectors.
+        Raises: IdRangeError naming the table, the request keys, `where` and the id, for an id
+            outside [0, rows) of its table (checked before any row is read or exchanged).
         """
         by_table: dict[str, list[str]] = {}
         for key, (table, _) in requests.items():
             if table not in self.specs:
                 raise KeyError(f"request {key!r} names unknown table {table!r}")
             by_table.setdefault(table, []).append(key)
+        flats = {table: torch.cat([requests[k][1].reshape(-1) for k in keys]).long()
+                 for table, keys in by_table.items()}
+        self._check_ids(flats, by_table, where)
         out: dict[str, Tensor] = {}
         self.touched = {}
         for table, keys in by_table.items():
-            flat = torch.cat([requests[k][1].reshape(-1) for k in keys]).long()
+            flat = flats[table]
             unique, inverse = unique_ids(flat, self.specs[table].num_rows)
             vectors = self._fetch(table, unique)  # (U, dim)
             dim = self.specs[table].dim
@@ -153,6 +187,15 @@ class EmbeddingTables(torch.nn.Module):
                 out[k] = gathered[offset:offset + ids.numel()].reshape(*ids.shape, dim)
                 offset += ids.numel()
         return out
+
+    def _check_ids(self, flats: dict[str, Tensor], keys: dict[str, list[str]],
+                   where: str) -> None:
+        """Raise IdRangeError for the first table whose ids leave [0, rows). Without it an id
+        of -1 would silently read the last row (negative indexing)."""
+        for table, flat in flats.items():
+            bad = first_out_of_range(flat, self.specs[table].num_rows)
+            if bad is not None:
+                raise IdRangeError(table, keys[table], bad, self.specs[table].num_rows, where)
 
     def _fetch(self, table: str, unique: Tensor) -> Tensor:
         """Rows for sorted unique global ids (U,) -> (U, dim). Single-worker version; the sharded

@@ -42,7 +42,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from din_ray.embedding import EmbeddingTables, TouchedRows, _buffer, init_rows, row_block
+from din_ray.embedding import (
+    EmbeddingTables,
+    IdRangeError,
+    TouchedRows,
+    _buffer,
+    first_out_of_range,
+    init_rows,
+    row_block,
+)
 from din_ray.model import TableSpec
 from din_ray.schema import PAD_ID
 
@@ -148,6 +156,29 @@ class ShardedEmbeddingTables(EmbeddingTables):
             self.register_buffer(_starts_name(name), torch.tensor(starts), persistent=False)
         log.debug("rank %d tables: %s", rank,
                   {n: (p, self.blocks[n]) for n, p in self.plan.items()})
+
+    def _check_ids(self, flats: dict[str, Tensor], keys: dict[str, list[str]],
+                   where: str) -> None:
+        """Range-check every table's ids on every rank before the first exchange, and fail on
+        all ranks together: a rank that raised alone would leave the others waiting in the
+        next collective. One all-reduce of a (world, tables, 2) report per lookup; each rank
+        fills its own row with (bad?, id) per table, the sum is everyone's report."""
+        if self.world_size == 1:
+            return super()._check_ids(flats, keys, where)
+        names = [n for n in self.specs if n in flats]  # the same order on every rank
+        device = next(iter(flats.values())).device if flats else None
+        report = torch.zeros(self.world_size, len(names), 2, dtype=torch.int64, device=device)
+        for i, name in enumerate(names):
+            bad = first_out_of_range(flats[name], self.specs[name].num_rows)
+            if bad is not None:
+                report[self.rank, i, 0], report[self.rank, i, 1] = 1, bad
+        dist.all_reduce(report, group=self.group)
+        flagged = torch.nonzero(report[:, :, 0]).tolist()  # [(rank, table index)], rank-major
+        if flagged:
+            rank, i = flagged[0]
+            name = names[i]
+            raise IdRangeError(name, keys[name], int(report[rank, i, 1]),
+                               self.specs[name].num_rows, where, rank=rank)
 
     def _fetch(self, table: str, unique: Tensor) -> Tensor:
         """Rows of sorted unique global ids (U,) -> (U, dim), from their owners."""

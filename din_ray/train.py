@@ -240,22 +240,25 @@ def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
-def forward(model: nn.Module, tables: EmbeddingTables, batch: dict[str, Tensor]) -> Tensor:
-    """Logits (B,) of `batch`: sparse lookups, then the dense part."""
+def forward(model: nn.Module, tables: EmbeddingTables, batch: dict[str, Tensor],
+            where: str = "") -> Tensor:
+    """Logits (B,) of `batch`: sparse lookups, then the dense part. `where` names the batch's
+    origin in the error for an out-of-range id."""
     dense = model.module if hasattr(model, "module") else model  # unwrap DDP for its methods
-    return model(tables.lookup(dense.sparse_inputs(batch)), batch)
+    return model(tables.lookup(dense.sparse_inputs(batch), where), batch)
 
 
 @torch.no_grad()
 def predict_split(model: nn.Module, tables: EmbeddingTables, batches, schema: Schema,
-                  env: WorkerEnv) -> dict[str, np.ndarray]:
+                  env: WorkerEnv, split: str = "") -> dict[str, np.ndarray]:
     """Probabilities for one split, gathered from every worker: label, prob, user arrays."""
     model.eval()
     tables.eval()
     labels, probs, users = [], [], []
     for batch in batches:
         t = to_torch(batch)
-        probs.append(torch.sigmoid(forward(model, tables, t)).numpy())
+        where = f"{split} split" if split else ""
+        probs.append(torch.sigmoid(forward(model, tables, t, where)).numpy())
         labels.append(batch[schema.label])
         users.append(batch[schema.user_column])
     local = {"label": _cat(labels, np.float32), "prob": _cat(probs, np.float32),
@@ -267,8 +270,8 @@ def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
-def evaluate_split(model, tables, batches, schema, env) -> dict:
-    p = predict_split(model, tables, batches, schema, env)
+def evaluate_split(model, tables, batches, schema, env, split: str = "") -> dict:
+    p = predict_split(model, tables, batches, schema, env, split)
     return evaluate_predictions(p["label"], p["prob"], p["user"])
 
 
@@ -431,7 +434,7 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
                    "data_wait_seconds": data_seconds}
         for split in ("valid", "test"):
             for k, v in evaluate_split(model, tables, data_reg.eval(env.eval_batches(split)),
-                                       schema, env).items():
+                                       schema, env, split).items():
                 metrics[f"{split}_{k}"] = v
         # 1 when this epoch is now the best (`best_index`), else 0: among the 1s the latest is
         # the current best, which is how Ray's checkpoint retention breaks ties (later wins).
@@ -492,7 +495,7 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
         if batch is None:
             break
         t = to_torch(batch)
-        logits = forward(dense_model, tables, t)
+        logits = forward(dense_model, tables, t, f"train split, epoch {epoch + 1}")
         loss = loss_fn(logits, t[dataset.schema.label])
         if dense_opt:
             dense_opt.zero_grad(set_to_none=True)
@@ -583,7 +586,7 @@ def evaluate_checkpoint(path: str | Path, data: str | Path, batch_size: int = 81
     for split in ("valid", "test"):
         batches = data_reg.eval(iter_numpy_batches(dataset.files(split), dataset.schema,
                                                    batch_size))
-        for k, v in evaluate_split(model, tables, batches, c.schema, WorkerEnv()).items():
+        for k, v in evaluate_split(model, tables, batches, c.schema, WorkerEnv(), split).items():
             out[f"{split}_{k}"] = v
     out.update(gauc=out["test_gauc"], auc=out["test_auc"], logloss=out["test_logloss"])
     return out

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 
 from din_ray import checkpoint as ckpt
 from din_ray.data.format import PreparedDataset
-from din_ray.embedding import EmbeddingTables, RowWiseOptimizer, row_block
-from din_ray.model import build_model
+from din_ray.embedding import EmbeddingTables, IdRangeError, RowWiseOptimizer, row_block
+from din_ray.model import TableSpec, build_model
 from din_ray.regularization import build_regularizer
 from din_ray.sharding import ShardedEmbeddingTables, embedding_group
 from din_ray.train import TrainConfig, forward, to_torch
@@ -107,6 +107,26 @@ def train_steps(rank: int, world: int, data: str, replicate_below: int, steps: i
         blocks[name] = (start, end, tables.weight(name)[start - held:end - held].clone())
     return {"losses": losses, "dense": model.state_dict(), "blocks": blocks,
             "memory_bytes": tables.memory_bytes()}
+
+
+def lookup_bad_ids(rank: int, world: int, cases: list[tuple[int, str, int]]) -> list[str]:
+    """One lookup per case (bad_rank, table, bad_id), in which only `bad_rank` asks `table` for
+    `bad_id`; the other ranks' ids are fine. Returns the error this rank raised in each lookup
+    ("" when it raised none): the ranks stay in step only if they all fail together."""
+    specs = {"item_id": TableSpec("item_id", 200, 4), "cate_id": TableSpec("cate_id", 12, 4)}
+    tables = ShardedEmbeddingTables(specs, rank, world, replicate_below=50,
+                                    group=embedding_group())  # item sharded, cate replicated
+    errors = []
+    for bad_rank, table, bad_id in cases:
+        ids = {name: torch.tensor([[3, 5], [7, 0]]) for name in specs}
+        if rank == bad_rank:
+            ids[table][1, 0] = bad_id
+        try:
+            tables.lookup({f"hist_{n}": (n, i) for n, i in ids.items()}, where="valid split")
+            errors.append("")
+        except IdRangeError as e:
+            errors.append(str(e))
+    return errors
 
 
 def stitch(results: list[dict]) -> dict[str, torch.Tensor]:

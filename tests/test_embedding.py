@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from din_ray.embedding import EmbeddingTables, RowWiseOptimizer, chunk_seed, init_rows, row_block
+from din_ray.embedding import (
+    EmbeddingTables,
+    IdRangeError,
+    RowWiseOptimizer,
+    chunk_seed,
+    init_rows,
+    row_block,
+)
 from din_ray.model import TableSpec
 from din_ray.regularization import MiniBatchAware, build_regularizer
 from din_ray.schema import PAD_ID
@@ -100,3 +107,18 @@ def test_build_regularizer_validation():
         build_regularizer("bogus", 0.01, {})
     with pytest.raises(ValueError, match="more|fewer"):
         EmbeddingTables({"t": TableSpec("t", 2, 1)}, rank=0, world_size=3)
+
+
+@pytest.mark.parametrize("rows", [10, 100_000], ids=["bitmap-dedup", "sort-dedup"])
+@pytest.mark.parametrize("bad", [-1, "rows"])
+def test_lookup_rejects_ids_outside_the_table_naming_table_input_and_value(rows, bad):
+    # -1 used to read the last row silently (negative indexing), on large tables at least.
+    tables = EmbeddingTables({"item_id": TableSpec("item_id", rows, 3)})
+    value = rows if bad == "rows" else bad
+    ids = torch.tensor([[2, 3], [value, 0]])
+    with pytest.raises(IdRangeError, match=rf"^test split: embedding table 'item_id' \(inputs "
+                       rf"hist_item_id, item_id\) got id {value}, outside its rows \[0, {rows}\)"):
+        tables.lookup({"hist_item_id": ("item_id", ids), "item_id": ("item_id", ids[:, 0])},
+                      where="test split")
+    ok = tables.lookup({"x": ("item_id", torch.tensor([0, rows - 1]))})["x"]
+    assert ok.shape == (2, 3)

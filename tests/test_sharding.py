@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from builders import write_tiny_dataset
-from dist_helpers import predict_checkpoint, spawn, stitch, train_steps
+from dist_helpers import lookup_bad_ids, predict_checkpoint, spawn, stitch, train_steps
 
 from din_ray.checkpoint import load_model
 from din_ray.data.format import PreparedDataset
@@ -91,3 +91,15 @@ def test_plan_replicates_small_tables_and_rejects_more_workers_than_rows():
     assert plan_tables(specs, 4, replicate_below=0) == {"big": SHARDED, "small": SHARDED}
     with pytest.raises(ValueError, match="'small' has 10 rows, fewer than the 11 workers"):
         plan_tables(specs, 11, replicate_below=0)
+
+
+def test_an_out_of_range_id_on_one_rank_fails_every_rank_with_its_name(tmp_path):
+    # Rank 1 alone sends a bad id; without a check before the exchange it crashed alone (sharded
+    # table: in the owner bucketing) or read the last row (replicated: -1) while rank 0 waited.
+    cases = [(1, "item_id", -1), (0, "cate_id", 12), (1, "cate_id", -1)]
+    errors = spawn(lookup_bad_ids, 2, tmp_path, cases)
+    print(errors)
+    assert errors[0] == errors[1]
+    for (rank, table, value), e in zip(cases, errors[0]):
+        assert e.startswith(f"valid split: embedding table {table!r} (inputs hist_{table}) got "
+                            f"id {value} on rank {rank}, outside its rows")
