@@ -9,11 +9,14 @@ checkpoint} as `train.run_local`.
     din-ray train --data runs/ml --model din --workers 2 --output runs/din-2w
 
 Per worker (`RayEnv`):
-  * data: `get_dataset_shard(split).iter_batches(batch_format="pyarrow")`; the train split is
-    split with equal row counts (so every worker runs the same number of steps, which DDP and the
-    embedding all-to-alls need); valid/test are split without dropping a row and evaluated in
-    lockstep (an exhausted worker feeds empty batches until every worker is done), so the metrics
-    over the gathered predictions are exactly the single-process values;
+  * data: a split below `cfg.cache_below_mb` is read once by the driver (`put_small_splits`)
+    and reaches the workers as numpy arrays in Ray's object store; each worker takes its rows by
+    index (`din_ray.data.in_memory`), so no Ray Data job runs for it. A larger split streams
+    through `get_dataset_shard(split).iter_batches(batch_format="pyarrow")`. Either way the
+    train split is divided into equal row counts (so every worker runs the same number of steps,
+    which DDP and the embedding all-to-alls need); valid/test are split without dropping a row
+    and evaluated in lockstep (an exhausted worker feeds empty batches until every worker is
+    done), so the metrics over the gathered predictions are exactly the single-process values;
   * dense layers: `ray.train.torch.prepare_model` (DDP);
   * embeddings: `din_ray.sharding.ShardedEmbeddingTables` on a process group of their own;
   * checkpoints: every worker writes its row blocks, rank 0 the dense state and the manifest
@@ -47,6 +50,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from din_ray import checkpoint as ckpt
+from din_ray.data import in_memory
 from din_ray.data.format import SPLITS, DataError, PreparedDataset, to_numpy
 from din_ray.embedding import EmbeddingTables
 from din_ray.local_ray import connect
@@ -67,14 +71,23 @@ FAIL_KEY = "fail_at"
 class RayEnv(WorkerEnv):
     """A Ray Train worker's batches, tables, collectives and checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, schema: Schema) -> None:
+    def __init__(self, cfg: TrainConfig, schema: Schema,
+                 columns: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+        """`columns`: the splits delivered whole (split -> `in_memory.read_columns` arrays);
+        the others come from this worker's Ray Data shards."""
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.cfg, self.schema = cfg, schema
+        self.cfg, self.schema, self.columns = cfg, schema, columns or {}
         self.device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
 
     # data
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        if "train" in self.columns:
+            columns = self.columns["train"]
+            rows = in_memory.train_rows(len(columns[self.schema.label]), self.rank,
+                                        self.world_size, seed=self.cfg.seed * 10_007 + epoch)
+            numpy = in_memory.iter_batches(self.schema, columns, rows, self.cfg.batch_size)
+            return self._lockstep(self._maybe_fail(numpy, epoch), pad=False)
         shard = ray.train.get_dataset_shard("train")
         batches = shard.iter_batches(
             batch_size=self.cfg.batch_size, batch_format="pyarrow",
@@ -84,6 +97,12 @@ class RayEnv(WorkerEnv):
         return self._lockstep(self._maybe_fail(numpy, epoch), pad=False)
 
     def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        if split in self.columns:
+            columns = self.columns[split]
+            rows = in_memory.eval_rows(len(columns[self.schema.label]), self.rank,
+                                       self.world_size)
+            return self._lockstep(in_memory.iter_batches(self.schema, columns, rows,
+                                                         self.cfg.eval_batch_size), pad=True)
         batches = ray.train.get_dataset_shard(split).iter_batches(
             batch_size=self.cfg.eval_batch_size, batch_format="pyarrow")
         return self._lockstep((to_numpy(self.schema, b) for b in batches), pad=True)
@@ -167,10 +186,14 @@ class RayEnv(WorkerEnv):
 
 
 def _train_worker(config: dict) -> None:
-    """train_loop_per_worker: rebuild the config and run the shared training loop."""
-    cfg = TrainConfig.from_dict(config)
+    """train_loop_per_worker: rebuild the config, fetch the splits delivered whole (zero-copy
+    from the object store) and run the shared training loop.
+
+    config: {"train": TrainConfig.to_dict(), "in_memory": split -> ObjectRef of its columns}"""
+    cfg = TrainConfig.from_dict(config["train"])
     torch.set_num_threads(cfg.threads or max(1, int(cfg.cpus_per_worker)))
-    env = RayEnv(cfg, PreparedDataset.open(cfg.data).schema)
+    columns = {split: ray.get(ref) for split, ref in config["in_memory"].items()}
+    env = RayEnv(cfg, PreparedDataset.open(cfg.data).schema, columns)
     train_loop(cfg, env)
 
 
@@ -244,40 +267,55 @@ def _connect(cfg: TrainConfig) -> bool:
     return connect(cfg.address, max(4, math.ceil(cfg.workers * cfg.cpus_per_worker) + 2))
 
 
-def build_trainer(cfg: TrainConfig, dataset: PreparedDataset,
-                  callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(cfg: TrainConfig, dataset: PreparedDataset, callbacks: list | None = None,
+                  in_memory_splits: dict[str, ray.ObjectRef] | None = None) -> TorchTrainer:
     """The TorchTrainer of one run; `callbacks` go into its RunConfig (din_ray.tune passes
-    `TuneReportCallback()` so Tune sees every epoch's report)."""
-    datasets = {split: _read_split(dataset, split, cfg) for split in SPLITS}
-    return _trainer(cfg, datasets, callbacks)
+    `TuneReportCallback()` so Tune sees every epoch's report). `in_memory_splits` (from
+    `put_small_splits`; a Tune search passes the one it made for all its trials) are the splits
+    delivered whole; None reads them here. The rest stream through Ray Data."""
+    if in_memory_splits is None:
+        in_memory_splits = put_small_splits(dataset, cfg)
+    datasets = {split: _read_split(dataset, split, cfg) for split in SPLITS
+                if split not in in_memory_splits}
+    return _trainer(cfg, datasets, in_memory_splits, callbacks)
+
+
+def put_small_splits(dataset: PreparedDataset, cfg: TrainConfig) -> dict[str, ray.ObjectRef]:
+    """Read each split whose Parquet files total less than `cfg.cache_below_mb` here, once, and
+    put its columns into Ray's object store. -> split -> ObjectRef of `in_memory.read_columns`
+
+    A Ray Data pass costs seconds before its first batch (a read, or a `materialize()` of 20-25
+    s per split on a loaded 2-core machine, then a new streaming execution per epoch); a split of
+    a few MB reads here in a fraction of a second, and the workers slice it in place."""
+    refs = {}
+    for split in SPLITS:
+        size_mb = sum(f.stat().st_size for f in dataset.files(split)) / 2**20
+        if size_mb < cfg.cache_below_mb:
+            refs[split] = ray.put(in_memory.read_columns(dataset, split))
+            log.info("%s split: %.1f MB of Parquet, read once and shared through the object "
+                     "store", split, size_mb)
+    return refs
 
 
 def _read_split(dataset: PreparedDataset, split: str, cfg: TrainConfig) -> ray.data.Dataset:
-    """A split as a Ray Dataset: streamed from its Parquet files on every pass, or, below
-    `cfg.cache_below_mb`, read once into the object store. Every streamed pass (each epoch's
-    training and evaluation) starts a new execution whose first batch takes seconds (~12 s in a
-    worker on a 2-core machine), which dominates the epochs of small datasets; a cached split
-    starts in well under a second."""
-    files = dataset.files(split)
-    ds = ray.data.read_parquet([str(f) for f in files],
+    """A large split as a Ray Dataset, streamed from its Parquet files on every pass."""
+    ds = ray.data.read_parquet([str(f) for f in dataset.files(split)],
                                shuffle="files" if split == "train" and cfg.shuffle else None)
-    ds.context.execution_options.preserve_order = not cfg.shuffle  # file order when cached
-    # Each dataset carries its own copy of the DataContext (taken when it was created, and passed
-    # on to its materialized copy) into the split coordinators: no progress bars there (three
-    # datasets per epoch would bury the training log), and the caller's context is left alone.
+    ds.context.execution_options.preserve_order = not cfg.shuffle
+    # Each dataset carries its own copy of the DataContext into the split coordinators: no
+    # progress bars there (three datasets per epoch would bury the training log), and the
+    # caller's context is left alone.
     ds.context.enable_progress_bars = False
-    size_mb = sum(f.stat().st_size for f in files) / 2**20
-    if size_mb < cfg.cache_below_mb:
-        ds = ds.materialize()
-        log.info("%s split: %.1f MB of Parquet, kept in the object store across epochs", split,
-                 size_mb)
     return ds
 
 
-def _trainer(cfg: TrainConfig, datasets: dict, callbacks: list | None) -> TorchTrainer:
+def _trainer(cfg: TrainConfig, datasets: dict, in_memory_splits: dict[str, ray.ObjectRef],
+             callbacks: list | None) -> TorchTrainer:
     return TorchTrainer(
         train_loop_per_worker=_train_worker,
-        train_loop_config=cfg.to_dict(),
+        # The refs travel inside the config; the driver holds them (and so the arrays) for the
+        # trainer's lifetime.
+        train_loop_config={"train": cfg.to_dict(), "in_memory": in_memory_splits},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
@@ -290,7 +328,7 @@ def _trainer(cfg: TrainConfig, datasets: dict, callbacks: list | None) -> TorchT
                                                checkpoint_score_attribute="new_best",
                                                checkpoint_score_order="max"),
             callbacks=callbacks),
-        datasets=datasets,
+        datasets=datasets or None,
         dataset_config=EvalSplitConfig(ordered=not cfg.shuffle),
     )
 

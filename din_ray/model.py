@@ -207,11 +207,26 @@ class Dice(nn.Module):
                                                       self.eps)
             self._track(mean, invstd.pow(-2) - self.eps)
             z = z.reshape(x.shape)
+        elif not self.training:
+            return self._folded(x)
         else:
             mean, var = self._statistics(rows, mask)
             z = (x - mean) * torch.rsqrt(var + self.eps)
         p = torch.sigmoid(z)
         return x * torch.addcmul(self.alpha, p, 1 - self.alpha)  # p·s + (1 − p)·α·s
+
+    def _folded(self, x: Tensor) -> Tensor:
+        """Eq. (9) at evaluation. The moving averages are constants there, so the normalisation
+        folds into one affine map inside the sigmoid, p = sigmoid(a·s + b) with a = 1/sqrt(Var +
+        ε), b = −E·a (C,). Without autograd the chain runs in place on one buffer: each fresh
+        (N, C) buffer costs as much as the pass that fills it. x (..., C) -> (..., C)"""
+        scale = torch.rsqrt(self.running_var + self.eps)  # (C,)
+        shift = -self.running_mean * scale  # (C,)
+        if torch.is_grad_enabled():
+            p = torch.sigmoid(torch.addcmul(shift, x, scale))
+            return x * torch.addcmul(self.alpha, p, 1 - self.alpha)
+        out = torch.addcmul(shift, x, scale).sigmoid_()  # p
+        return out.mul_(1 - self.alpha).add_(self.alpha).mul_(x)  # (α + p·(1 − α))·s
 
     def _statistics(self, rows: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         """Mean and variance (C,) to normalise with: in training those of the real rows (N, C)
@@ -326,11 +341,17 @@ class TargetAttention(nn.Module):
         w_e, w_v, w_d, w_p = self.first.weight.split(self.dim, dim=1)  # each (H, D)
         per_behaviour = keys @ (w_e + w_d).T  # (U, L, H), shared by the user's candidates
         per_candidate = query @ (w_v - w_d).T + self.first.bias  # (C, H)
-        # Row copies (index_select: several times faster than x[owner] on CPU), no arithmetic.
-        keys, mask = keys.index_select(0, owner), mask.index_select(0, owner)  # (C, L, D), (C, L)
-        interaction = (keys * query.unsqueeze(1)) @ w_p.T  # (C, L, H)
-        h = self.first_act(per_behaviour.index_select(0, owner) + per_candidate.unsqueeze(1)
-                           + interaction, mask)
+        if keys.shape[0] == 1:
+            # One history (a serving request): broadcast it over the candidates, no copies.
+            mask = mask.expand(len(owner), -1)  # (C, L)
+        else:
+            # Row copies (index_select: several times faster than x[owner] on CPU).
+            keys, mask = keys.index_select(0, owner), mask.index_select(0, owner)  # (C, L, D)
+            per_behaviour = per_behaviour.index_select(0, owner)  # (C, L, H)
+        interaction = (keys * query.unsqueeze(1)) @ w_p.T  # (C, L, H), a fresh buffer
+        # Summed in place into it: every (C, L, H) pass saved is as dear as a small matmul.
+        h = interaction.add_(per_behaviour).add_(per_candidate.unsqueeze(1))  # (C, L, H)
+        h = self.first_act(h, mask)
         return self._pool(self.rest(h, mask).squeeze(-1), keys, mask)  # scores (C, L)
 
 

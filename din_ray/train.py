@@ -98,8 +98,9 @@ class TrainConfig:
     # Oversubscribed on small machines on purpose: Ray Data needs CPUs of its own to read.
     cpus_per_worker: float = 1.0
     replicate_below: int = 1024  # tables with fewer rows are replicated, larger ones row-sharded
-    # Splits whose Parquet files total less are read once into Ray's object store and reused by
-    # every epoch: a streamed pass costs seconds of start-up before its first batch (0 = never).
+    # Splits whose Parquet files total less are read once by the driver into Ray's object store
+    # and sliced there by every worker, epoch (and Tune trial): a Ray Data pass costs seconds of
+    # start-up before its first batch. Larger splits stream through Ray Data (0 = always).
     cache_below_mb: float = 256.0
     extra: dict = field(default_factory=dict)  # free-form, recorded in the checkpoint
 

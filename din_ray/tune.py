@@ -12,6 +12,9 @@ How it fits together (Ray 2.60, Train V2):
   * the trial function itself reserves only `TRIAL_CPUS` CPU: the Train workers request theirs
     (`workers_per_trial x cpus_per_worker`) in a placement group of their own, so the number of
     concurrent trials is set from the cluster's CPUs (`concurrent_trials`) unless given;
+  * the splits below `cache_below_mb` are read once, by this driver, into Ray's object store
+    (`din_ray.distributed.put_small_splits`); every trial's workers slice the same arrays, so
+    a trial starts without reading any data;
   * every trial's Train run lives under STORAGE/<name>-runs/trial-<trial id>, keeping its best
     (by validation GAUC) and latest epoch checkpoints;
   * rerunning the same command resumes: `Tuner.restore` on STORAGE/<name> restores the searcher,
@@ -123,8 +126,9 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def _trial(config: dict, base: dict, runs_storage: str) -> None:
-    """One trial: a distributed training run of `base` with the sampled `config` values."""
+def _trial(config: dict, base: dict, runs_storage: str, in_memory_splits: dict) -> None:
+    """One trial: a distributed training run of `base` with the sampled `config` values, on the
+    splits the search put into the object store (`in_memory_splits`, split -> ObjectRef)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -136,7 +140,8 @@ def _trial(config: dict, base: dict, runs_storage: str) -> None:
     cfg = TrainConfig.from_dict(values)
     dataset = check_config(cfg)
     # A failed trial is reported by Tune as errored; the TrainingFailedError names the cause.
-    build_trainer(cfg, dataset, callbacks=[TuneReportCallback()]).fit()
+    build_trainer(cfg, dataset, callbacks=[TuneReportCallback()],
+                  in_memory_splits=in_memory_splits).fit()
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -192,10 +197,10 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from din_ray.distributed import check_config
+    from din_ray.distributed import check_config, put_small_splits
 
     space, base, out = _prepare(settings, base)
-    check_config(base)  # the data and the fixed fields, before any Ray work
+    dataset = check_config(base)  # the data and the fixed fields, before any Ray work
     record = _settings_record(settings, space, base)
     _check_resume(out / "settings.json", record)
     _write_json(out / "settings.json", record)
@@ -208,7 +213,8 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
         storage = settings.storage()
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=base.to_dict(),
-                                 runs_storage=_join(storage, f"{settings.name}-runs")),
+                                 runs_storage=_join(storage, f"{settings.name}-runs"),
+                                 in_memory_splits=put_small_splits(dataset, base)),
             {"CPU": TRIAL_CPUS})
         experiment = _join(storage, settings.name)
         if tune.Tuner.can_restore(experiment):

@@ -211,3 +211,48 @@ def test_unique_ids_equals_torch_unique(rows):
     assert torch.equal(unique, want_unique)
     assert torch.equal(inverse, want_inverse)
     assert torch.equal(unique_ids(ids[:0], rows)[0], ids[:0])
+
+
+@pytest.mark.parametrize("grad", [True, False])  # autograd form, and the in-place one without
+def test_dice_folded_evaluation_equals_formula(grad):
+    torch.manual_seed(10)
+    dice = Dice(6).eval()
+    dice.alpha.data.uniform_(-0.5, 0.5)
+    dice.running_mean.uniform_(-1, 1)
+    dice.running_var.uniform_(0.2, 3.0)
+    x = (torch.randn(5, 7, 6) * 2).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        got, want = dice(x), ref_activation(dice, x, None)
+    torch.testing.assert_close(got, want, **TOL)
+    if grad:
+        upstream = torch.randn(5, 7, 6)
+        for a, b in zip(torch.autograd.grad(got, [x, dice.alpha], upstream),
+                        torch.autograd.grad(want, [x, dice.alpha], upstream)):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("users", [1, 3])  # one history broadcast, and several gathered
+@pytest.mark.parametrize("grad", [True, False])
+def test_shared_attention_equals_reference_on_the_repeated_batch(users, grad):
+    torch.manual_seed(11)
+    att = TargetAttention(dim=8, hidden=(10, 5), activation="dice").eval()
+    for m in att.modules():
+        if isinstance(m, Dice):
+            m.alpha.data.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    _, keys, mask = padded_inputs(B=6)
+    keys, mask = keys[1:1 + users].clone(), mask[1:1 + users]  # non-empty histories
+    owner = torch.arange(users).repeat_interleave(4)  # 4 candidates per user
+    query = torch.randn(len(owner), 8)
+    query.requires_grad_(grad)
+    keys.requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        got = att.shared(query, keys, mask, owner)
+        want = ref_attention(att, query, keys[owner], mask[owner])
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    torch.testing.assert_close(got[1], want[1], **TOL)
+    if grad:
+        for a, b in zip(grads(got, [query, keys, *att.parameters()]),
+                        grads(want, [query, keys, *att.parameters()])):
+            torch.testing.assert_close(a, b, **TOL)
