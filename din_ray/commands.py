@@ -7,7 +7,7 @@ import json
 
 from din_ray.model import ACTIVATIONS, model_names
 from din_ray.regularization import REGULARIZERS
-from din_ray.train import TrainConfig, evaluate_checkpoint, run_local
+from din_ray.train import PRECISIONS, TrainConfig, evaluate_checkpoint, run_local
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -49,6 +49,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-at-start", action="store_true",
                    help="evaluate the untrained model as epoch 0, a candidate for the best")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per worker")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="bf16: the attention unit and MLP under bf16 autocast (fp32 weights)")
 
 
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
@@ -60,7 +62,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         attention_hidden=args.attention_hidden, mlp_hidden=args.mlp_hidden,
         attention_softmax=args.softmax, pooling=args.pooling, ad_bias=not args.no_ad_bias,
         dropout=args.dropout, seed=args.seed, threads=args.threads, sparse_lr=args.sparse_lr,
-        bias_init=args.bias_init, eval_at_start=args.eval_at_start)
+        bias_init=args.bias_init, eval_at_start=args.eval_at_start, precision=args.precision)
     if getattr(args, "output", None):
         values["output"] = args.output
     if getattr(args, "workers", None):
@@ -74,11 +76,14 @@ def _train(args: argparse.Namespace) -> int:
     (1 by default) on the cluster at --address / $RAY_ADDRESS, or on a local Ray it starts."""
     if args.local and args.workers != 1:
         raise ValueError(f"--local trains in one process; it cannot use --workers {args.workers}")
+    if args.device and not args.local:
+        raise ValueError(f"--device {args.device} is for --local runs; Ray workers take a GPU "
+                         "each with --use-gpu")
     cfg = config_from_args(args, storage_path=args.storage_path, run_name=args.run_name,
                            address=args.address, max_failures=args.max_failures,
                            use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,
                            replicate_below=args.replicate_below,
-                           cache_below_mb=args.cache_below_mb)
+                           cache_below_mb=args.cache_below_mb, device=args.device)
     if args.local:
         result = run_local(cfg)
     else:
@@ -117,6 +122,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "across epochs instead of streaming them from files each epoch (0 = never)")
     p.add_argument("--local", action="store_true",
                    help="train in this process without Ray (a single worker)")
+    p.add_argument("--device", default=d.device,
+                   help="with --local: the torch device to train on (cuda, cuda:1); default CPU")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="recompute a checkpoint's metrics on prepared data")

@@ -79,6 +79,10 @@ class RayEnv(WorkerEnv):
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.cfg, self.schema, self.columns = cfg, schema, columns or {}
         self.device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+        # Host-side control traffic (the lockstep flags, gathered predictions) on gloo, so it
+        # never waits for the GPU stream; on CPU workers the default group is gloo already.
+        self.control = (dist.new_group(backend="gloo") if dist.get_backend() == "nccl"
+                        else None)
 
     # data
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
@@ -120,7 +124,7 @@ class RayEnv(WorkerEnv):
         while True:
             batch = next(it, None)
             more = torch.tensor([0 if batch is None else 1])
-            dist.all_reduce(more, op=op)
+            dist.all_reduce(more, op=op, group=self.control)
             if not int(more):
                 return
             yield batch if batch is not None else self._empty_batch()
@@ -149,7 +153,7 @@ class RayEnv(WorkerEnv):
         tables = ShardedEmbeddingTables(model.table_specs(), self.rank, self.world_size,
                                         seed=cfg.seed, init_std=cfg.init_std,
                                         replicate_below=cfg.replicate_below,
-                                        group=embedding_group())
+                                        group=embedding_group()).to(self.device)
         log.info("rank %d/%d holds %.1f MB of embeddings (%s)", self.rank, self.world_size,
                  tables.memory_bytes() / 1e6, tables.plan)
         return tables
@@ -160,7 +164,7 @@ class RayEnv(WorkerEnv):
     # collectives
     def gather(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         parts: list = [None] * self.world_size
-        dist.all_gather_object(parts, arrays)
+        dist.all_gather_object(parts, arrays, group=self.control)
         return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -230,13 +234,6 @@ class EvalSplitConfig(DataConfig):
 def check_config(cfg: TrainConfig) -> PreparedDataset:
     """Everything that can be checked before a worker starts; raises ValueError (or DataError /
     SchemaError, both ValueErrors) naming the directory, file, table or field at fault."""
-    if cfg.use_gpu:
-        # ShardedEmbeddingTables and RayEnv are device-agnostic (NCCL needs the ids and rows on
-        # the GPU, which they keep wherever the batch is), but train.train_loop still builds its
-        # batches and tables on the CPU; until it places them on env.device, refuse rather than
-        # fail on the first step.
-        raise ValueError("use_gpu=True: the training loop (din_ray.train) does not place batches "
-                         "and tables on the GPU yet; train on CPU workers")
     dataset = PreparedDataset.open(cfg.data)
     for split in SPLITS:
         files = dataset.files(split)
@@ -333,6 +330,15 @@ def _trainer(cfg: TrainConfig, datasets: dict, in_memory_splits: dict[str, ray.O
     )
 
 
+def check_gpus(cfg: TrainConfig) -> None:
+    """With use_gpu, fail before any worker is scheduled when the cluster has no GPU at all
+    (Ray would otherwise wait forever for a GPU worker slot)."""
+    if cfg.use_gpu and ray.cluster_resources().get("GPU", 0) == 0:
+        raise ValueError(f"use_gpu=True but no GPU visible to Ray (cluster resources: "
+                         f"{ray.cluster_resources()}); train without --use-gpu or join a "
+                         "cluster with GPU workers (--address)")
+
+
 def run_ray(cfg: TrainConfig) -> dict:
     """Train with `cfg.workers` Ray Train workers; write OUTPUT/{metrics.json,checkpoint}.
 
@@ -341,6 +347,7 @@ def run_ray(cfg: TrainConfig) -> dict:
     dataset = check_config(cfg)
     connected = _connect(cfg)
     try:
+        check_gpus(cfg)
         result = build_trainer(cfg, dataset).fit()
         if result.checkpoint is None:
             raise RuntimeError(f"run {cfg.run_name!r} under {storage_path(cfg)} reported no "

@@ -73,7 +73,7 @@ def unique_ids(ids: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
     """
     if ids.numel() == 0 or num_rows > 4 * ids.numel():
         return torch.unique(ids, return_inverse=True)
-    present = torch.zeros(num_rows, dtype=torch.bool)
+    present = torch.zeros(num_rows, dtype=torch.bool, device=ids.device)
     present[ids] = True
     position = torch.cumsum(present, 0) - 1  # (num_rows,) rank of each present row
     return present.nonzero().squeeze(1), position.index_select(0, ids)

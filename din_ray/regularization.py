@@ -55,6 +55,12 @@ class MiniBatchAware:
             raise KeyError(f"no id counts for table {table!r}; have {sorted(self.inv_counts)}")
         return inv
 
+    def to(self, device: torch.device | str) -> MiniBatchAware:
+        """Keep the counts on the tables' device (the training loop calls this once), so a step
+        indexes them where the ids are."""
+        self.inv_counts = {t: c.to(device) for t, c in self.inv_counts.items()}
+        return self
+
     def __call__(self, table: str, ids: Tensor, rows: Tensor, grad: Tensor) -> Tensor:
         return grad + self.lam * self._inv(table)[ids].unsqueeze(-1) * rows
 
@@ -96,6 +102,9 @@ class WholeTableL2:
     def __call__(self, table: str, ids: Tensor, rows: Tensor, grad: Tensor) -> Tensor:
         return grad + self.coef * rows
 
+    def to(self, device: torch.device | str) -> WholeTableL2:
+        return self  # holds no tensors
+
     @staticmethod
     def expand(tables, gradients: dict[str, tuple[Tensor, Tensor]]
                ) -> dict[str, tuple[Tensor, Tensor]]:
@@ -115,7 +124,7 @@ class WholeTableL2:
             if name in gradients:
                 ids, grad = gradients[name]
                 full[ids - start] = grad
-            ids = torch.arange(start, end)
+            ids = torch.arange(start, end, device=weight.device)
             keep = ids != PAD_ID  # PAD stays zero
             out[name] = (ids[keep], full[keep])
         return out

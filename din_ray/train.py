@@ -40,6 +40,8 @@ from din_ray.schema import PAD_ID, Schema
 
 log = logging.getLogger(__name__)
 
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -95,6 +97,10 @@ class TrainConfig:
     address: str = ""  # Ray cluster to join; "" = $RAY_ADDRESS, else start a local Ray
     max_failures: int = 1  # worker-group restarts (from the latest checkpoint) before giving up
     use_gpu: bool = False  # one GPU per worker, NCCL for the embedding exchanges
+    device: str = ""  # run_local only: a torch device ("cuda:0"); "" = the CPU
+    # "bf16": the dense part (attention unit, MLP) under bf16 autocast; weights, optimizer state
+    # and embedding rows stay fp32. "fp32": everything fp32 (TF32 matmuls on CUDA either way).
+    precision: str = "fp32"
     # Oversubscribed on small machines on purpose: Ray Data needs CPUs of its own to read.
     cpus_per_worker: float = 1.0
     replicate_below: int = 1024  # tables with fewer rows are replicated, larger ones row-sharded
@@ -119,6 +125,13 @@ class TrainConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.device and self.use_gpu:
+            raise ValueError(f"device={self.device!r} is for local runs; with use_gpu Ray "
+                             "places each worker on its own GPU")
+        if self.device:
+            torch.device(self.device)  # raises on a malformed name, e.g. "gpu"
         if self.bias_init not in ("popularity", "zero"):
             raise ValueError(f"bias_init must be 'popularity' or 'zero', got {self.bias_init!r}")
         if self.reg not in REGULARIZERS:
@@ -153,6 +166,7 @@ class WorkerEnv:
 
     rank: int = 0
     world_size: int = 1
+    device: torch.device = torch.device("cpu")  # where the model, tables and batches live
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         raise NotImplementedError
@@ -161,7 +175,8 @@ class WorkerEnv:
         raise NotImplementedError
 
     def make_tables(self, model: CTRModel, cfg: TrainConfig) -> EmbeddingTables:
-        return EmbeddingTables(model.table_specs(), seed=cfg.seed, init_std=cfg.init_std)
+        tables = EmbeddingTables(model.table_specs(), seed=cfg.seed, init_std=cfg.init_std)
+        return tables.to(self.device)
 
     def wrap_dense(self, model: nn.Module) -> nn.Module:
         return model
@@ -190,6 +205,7 @@ class LocalEnv(WorkerEnv):
     def __init__(self, cfg: TrainConfig, dataset: PreparedDataset) -> None:
         self.cfg, self.dataset = cfg, dataset
         self.root = Path(cfg.output) / "checkpoints"
+        self.device = torch.device(cfg.device or "cpu")
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         return iter_numpy_batches(self.dataset.files("train"), self.dataset.schema,
@@ -237,32 +253,63 @@ def best_index(history: list[dict]) -> int:
 
 
 # --- the loop -----------------------------------------------------------------------------------
-def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+def to_torch(batch: dict[str, np.ndarray], device: torch.device | None = None
+             ) -> dict[str, Tensor]:
+    """A numpy batch as tensors on `device` (None: the CPU, sharing the arrays' memory).
+
+    To a GPU the columns go through pinned host memory and asynchronous copies, so the copy
+    overlaps the work already queued on the device."""
+    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+    if device is None or device.type == "cpu":
+        return out
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin)
+            for k, v in out.items()}
+
+
+def dense_autocast(device: torch.device, precision: str):
+    """The autocast context of the dense part: bf16 for precision="bf16", else disabled."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def enable_tf32() -> None:
+    """TF32 tensor-core matmuls for fp32 work on CUDA (Ampere and later; no effect on CPU)."""
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
 def forward(model: nn.Module, tables: EmbeddingTables, batch: dict[str, Tensor],
-            where: str = "") -> Tensor:
-    """Logits (B,) of `batch`: sparse lookups, then the dense part. `where` names the batch's
-    origin in the error for an out-of-range id."""
+            where: str = "", precision: str = "fp32") -> Tensor:
+    """Logits (B,) fp32 of `batch`: sparse lookups (fp32 rows), then the dense part (under
+    bf16 autocast for precision="bf16"). `where` names the batch's origin in the error for an
+    out-of-range id."""
     dense = model.module if hasattr(model, "module") else model  # unwrap DDP for its methods
-    return model(tables.lookup(dense.sparse_inputs(batch), where), batch)
+    embedded = tables.lookup(dense.sparse_inputs(batch), where)
+    device = next(iter(batch.values())).device
+    with dense_autocast(device, precision):
+        logits = model(embedded, batch)
+    return logits.float()
 
 
 @torch.no_grad()
 def predict_split(model: nn.Module, tables: EmbeddingTables, batches, schema: Schema,
-                  env: WorkerEnv, split: str = "") -> dict[str, np.ndarray]:
-    """Probabilities for one split, gathered from every worker: label, prob, user arrays."""
+                  env: WorkerEnv, split: str = "", precision: str = "fp32"
+                  ) -> dict[str, np.ndarray]:
+    """Probabilities for one split, gathered from every worker: label, prob, user arrays.
+
+    The probabilities stay on the device until the split is done: one copy to the host per
+    split, not one per batch."""
     model.eval()
     tables.eval()
     labels, probs, users = [], [], []
     for batch in batches:
-        t = to_torch(batch)
+        t = to_torch(batch, env.device)
         where = f"{split} split" if split else ""
-        probs.append(torch.sigmoid(forward(model, tables, t, where)).numpy())
+        probs.append(torch.sigmoid(forward(model, tables, t, where, precision)))
         labels.append(batch[schema.label])
         users.append(batch[schema.user_column])
-    local = {"label": _cat(labels, np.float32), "prob": _cat(probs, np.float32),
+    prob = torch.cat(probs).cpu().numpy() if probs else np.zeros(0, np.float32)
+    local = {"label": _cat(labels, np.float32), "prob": prob.astype(np.float32),
              "user": _cat(users, np.int64)}
     return env.gather(local)
 
@@ -271,8 +318,9 @@ def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
 
-def evaluate_split(model, tables, batches, schema, env, split: str = "") -> dict:
-    p = predict_split(model, tables, batches, schema, env, split)
+def evaluate_split(model, tables, batches, schema, env, split: str = "",
+                   precision: str = "fp32") -> dict:
+    p = predict_split(model, tables, batches, schema, env, split, precision)
     return evaluate_predictions(p["label"], p["prob"], p["user"])
 
 
@@ -383,9 +431,11 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    if env.device.type == "cuda":
+        enable_tf32()
     dataset = PreparedDataset.open(cfg.data)
     schema = dataset.schema.with_embedding_dim(cfg.embedding_dim)
-    model = build_model(schema, cfg.model_config())
+    model = build_model(schema, cfg.model_config()).to(env.device)
     tables = env.make_tables(model, cfg)
     counting = isinstance(model, Popularity)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -403,6 +453,8 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
                                for t, c in local.items()}}
     steps_per_epoch = math.ceil(dataset.num_rows("train") / (cfg.batch_size * env.world_size))
     regularizer = build_regularizer(cfg.reg, cfg.lam, counts, max(steps_per_epoch, 1))
+    if regularizer is not None:
+        regularizer = regularizer.to(env.device)
     dense_model = env.wrap_dense(model) if params else model
 
     history: list[dict] = []
@@ -417,8 +469,9 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
     def write_checkpoint(directory: Path, metrics: dict) -> None:
         ckpt.write_worker_files(directory, tables, sparse_opt)
         if env.rank == 0:
-            dense = {"model": model.state_dict(),
-                     "optimizer": dense_opt.state_dict() if dense_opt else {},
+            # Host copies: a checkpoint written on GPUs loads anywhere.
+            dense = {"model": _on_cpu(model.state_dict()),
+                     "optimizer": _on_cpu(dense_opt.state_dict()) if dense_opt else {},
                      "sparse_step": sparse_opt.step_count, "epoch": metrics["epoch"],
                      "history": json.dumps(history)}
             ckpt.write_manifest(directory, schema=schema, config=cfg.to_dict(), metrics=metrics,
@@ -435,7 +488,7 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
                    "data_wait_seconds": data_seconds}
         for split in ("valid", "test"):
             for k, v in evaluate_split(model, tables, data_reg.eval(env.eval_batches(split)),
-                                       schema, env, split).items():
+                                       schema, env, split, cfg.precision).items():
                 metrics[f"{split}_{k}"] = v
         # 1 when this epoch is now the best (`best_index`), else 0: among the 1s the latest is
         # the current best, which is how Ray's checkpoint retention breaks ties (later wins).
@@ -482,11 +535,12 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
     over all workers, seconds this worker waited for its next batch: the data path's share)."""
     dense_model.train()
     tables.train()
-    loss_fn = nn.BCEWithLogitsLoss()
-    total_loss, seen, steps = 0.0, 0, 0
+    # The loss is summed on the device and read only at the logging interval: a per-step
+    # .item() would make the host wait for every step to finish.
+    total_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+    seen, steps = 0, 0
     expected = max(1, dataset.num_rows("train") // max(cfg.batch_size * env.world_size, 1))
     t0 = time.perf_counter()
-    whole_tables = getattr(regularizer, "whole_tables", False)  # l2: every row, every step
     batches = iter(data_reg.train(env.train_batches(epoch), epoch))
     waited = 0.0
     while True:
@@ -495,28 +549,44 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
         waited += time.perf_counter() - t_wait
         if batch is None:
             break
-        t = to_torch(batch)
-        logits = forward(dense_model, tables, t, f"train split, epoch {epoch + 1}")
-        loss = loss_fn(logits, t[dataset.schema.label])
-        if dense_opt:
-            dense_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if dense_opt:
-            dense_opt.step()
-        gradients = tables.touched_gradients()
-        if whole_tables:
-            gradients = regularizer.expand(tables, gradients)
-        sparse_opt.step(gradients, regularizer)
-        total_loss += loss.item() * len(batch[dataset.schema.label])
-        seen += len(batch[dataset.schema.label])
+        t = to_torch(batch, env.device)
+        loss = train_step(dense_model, tables, t, dataset.schema.label, dense_opt, sparse_opt,
+                          regularizer, cfg.precision, f"train split, epoch {epoch + 1}")
+        n = len(batch[dataset.schema.label])
+        total_loss += loss.detach().double() * n
+        seen += n
         steps += 1
         if env.rank == 0 and steps % max(1, expected // 10) == 0:
             elapsed = time.perf_counter() - t0
             log.info("epoch %d: %3.0f%% (%d steps, loss %.4f, %.0f samples/s/worker, %.0f%% of "
                      "the time waiting for data)", epoch + 1, min(100.0, 100.0 * steps / expected),
-                     steps, total_loss / seen, seen / elapsed, 100.0 * waited / elapsed)
-    stats = env.all_reduce_sum(torch.tensor([total_loss, float(seen)], dtype=torch.float64))
+                     steps, float(total_loss) / seen, seen / elapsed, 100.0 * waited / elapsed)
+    stats = env.all_reduce_sum(torch.stack([total_loss.cpu(),
+                                            torch.tensor(float(seen), dtype=torch.float64)]))
     return float(stats[0] / max(stats[1], 1)), int(stats[1]), waited
+
+
+def train_step(dense_model: nn.Module, tables: EmbeddingTables, batch: dict[str, Tensor],
+               label: str, dense_opt: torch.optim.Optimizer | None, sparse_opt: RowWiseOptimizer,
+               regularizer=None, precision: str = "fp32", where: str = "") -> Tensor:
+    """One optimisation step on a batch already on the tables' device: forward, backward, the
+    dense update, the row-wise update of the touched rows (with `regularizer`, e.g. MBA).
+
+    Nothing here waits for the device except the all-to-all split sizes of sharded tables.
+    Returns: the batch's mean loss, a 0-dim tensor on the device.
+    """
+    logits = forward(dense_model, tables, batch, where, precision)
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, batch[label].float())
+    if dense_opt:
+        dense_opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if dense_opt:
+        dense_opt.step()
+    gradients = tables.touched_gradients()
+    if getattr(regularizer, "whole_tables", False):  # l2: every row, every step
+        gradients = regularizer.expand(tables, gradients)
+    sparse_opt.step(gradients, regularizer)
+    return loss
 
 
 def _epochs_since_best(history: list[dict]) -> int:
@@ -532,6 +602,12 @@ def summarize(history: list[dict]) -> dict:
             "logloss": best["test_logloss"], "valid_gauc": best["valid_gauc"],
             "valid_auc": best["valid_auc"], "valid_logloss": best["valid_logloss"],
             "epochs_run": len(history), "history": history}
+
+
+def _on_cpu(state):
+    """`state` (a state_dict, nested containers of tensors) with every tensor on the host."""
+    return torch.utils._pytree.tree_map(
+        lambda x: x.detach().cpu() if isinstance(x, Tensor) else x, state)
 
 
 def _restore(path: Path, model, tables, dense_opt, sparse_opt) -> tuple[int, list[dict]]:

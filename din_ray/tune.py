@@ -197,7 +197,7 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from din_ray.distributed import check_config, put_small_splits
+    from din_ray.distributed import check_config, check_gpus, put_small_splits
 
     space, base, out = _prepare(settings, base)
     dataset = check_config(base)  # the data and the fixed fields, before any Ray work
@@ -207,6 +207,7 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
 
     connected = _connect(settings, base, settings.max_concurrent)
     try:
+        check_gpus(base)
         max_concurrent = settings.max_concurrent or concurrent_trials(
             ray.cluster_resources().get("CPU", 1.0), settings.workers_per_trial,
             base.cpus_per_worker)
