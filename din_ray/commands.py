@@ -49,6 +49,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-at-start", action="store_true",
                    help="evaluate the untrained model as epoch 0, a candidate for the best")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per worker")
+    p.add_argument("--init-from", default=d.init_from, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights, rows and optimizer state (its "
+                        "tables may be smaller: data prepared with --vocab-from)")
 
 
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
@@ -60,7 +63,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         attention_hidden=args.attention_hidden, mlp_hidden=args.mlp_hidden,
         attention_softmax=args.softmax, pooling=args.pooling, ad_bias=not args.no_ad_bias,
         dropout=args.dropout, seed=args.seed, threads=args.threads, sparse_lr=args.sparse_lr,
-        bias_init=args.bias_init, eval_at_start=args.eval_at_start)
+        bias_init=args.bias_init, eval_at_start=args.eval_at_start,
+        init_from=str(args.init_from or ""))
     if getattr(args, "output", None):
         values["output"] = args.output
     if getattr(args, "workers", None):
