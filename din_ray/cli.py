@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "din_ray.reproduce_cli",
     "din_ray.tune_cli",
     "din_ray.serve_cli",
+    "din_ray.continual_cli",
     "din_ray.demo",
 )
 

@@ -51,6 +51,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads per worker")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="bf16: the attention unit and MLP under bf16 autocast (fp32 weights)")
+    p.add_argument("--init-from", default=d.init_from, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights, rows and optimizer state (its "
+                        "tables may be smaller: data prepared with --vocab-from)")
 
 
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
@@ -62,7 +65,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         attention_hidden=args.attention_hidden, mlp_hidden=args.mlp_hidden,
         attention_softmax=args.softmax, pooling=args.pooling, ad_bias=not args.no_ad_bias,
         dropout=args.dropout, seed=args.seed, threads=args.threads, sparse_lr=args.sparse_lr,
-        bias_init=args.bias_init, eval_at_start=args.eval_at_start, precision=args.precision)
+        bias_init=args.bias_init, eval_at_start=args.eval_at_start, precision=args.precision,
+        init_from=str(args.init_from or ""))
     if getattr(args, "output", None):
         values["output"] = args.output
     if getattr(args, "workers", None):

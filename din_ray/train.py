@@ -69,6 +69,9 @@ class TrainConfig:
     # Evaluate (and checkpoint) the model before training as epoch 0, a candidate for the best.
     eval_at_start: bool = False
     init_std: float = 0.01
+    # A checkpoint to start from (din_ray.warm_start): weights, rows and optimizer state; tables
+    # may have grown since (prepare --vocab-from). "" = a fresh start.
+    init_from: str = ""
     # optimisation
     reg: str = "mba"  # one of din_ray.regularization.REGULARIZERS
     lam: float = 0.01
@@ -463,8 +466,14 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
     if resume is not None:
         start_epoch, history = _restore(resume, model, tables, dense_opt, sparse_opt)
         log.info("resuming from %s at epoch %d", resume, start_epoch)
-    elif cfg.bias_init == "popularity" and not counting:
-        _init_bias_from_popularity(model, tables, env, cfg)
+    else:
+        if cfg.bias_init == "popularity" and not counting:
+            _init_bias_from_popularity(model, tables, env, cfg)  # rows new to init_from keep it
+        if cfg.init_from:
+            from din_ray.warm_start import init_from_checkpoint
+
+            init_from_checkpoint(cfg.init_from, model, tables, dense_opt, sparse_opt,
+                                 cfg.model_config(), schema)
 
     def write_checkpoint(directory: Path, metrics: dict) -> None:
         ckpt.write_worker_files(directory, tables, sparse_opt)

@@ -7,6 +7,10 @@
     din-ray prepare taobao --input data/taobao --output out/taobao
     din-ray prepare amazon --reviews reviews_Electronics_5.json.gz \
         --meta meta_Electronics.json.gz --output out/amazon
+    din-ray prepare log --spec day2/log_spec.yaml --output out/day2 --vocab-from out/day1
+
+Every source takes --vocab-from PREVIOUS_DATASET: known raw ids keep their dense ids, new ones
+are appended, vocabularies never shrink (`din_ray.data.vocab_extend`).
 
 Adding a source: write `_add_<source>(sources)` that adds a parser with `_add_common`, its own
 arguments and `set_defaults(func=...)`, and list it in `SOURCES`.
@@ -42,6 +46,28 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-dim", type=int, default=16,
                         help="embedding width recorded in the schema (training may override)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    _add_vocab_from(parser)
+
+
+def _add_vocab_from(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vocab-from", type=Path, default=None, metavar="PREVIOUS_DATASET",
+                        help="extend this earlier prepared dataset's vocabularies (same schema): "
+                             "known ids keep their dense ids, new ids are appended")
+    parser.add_argument("--count-decay", type=float, default=None, metavar="D",
+                        help="with --vocab-from: MBA counts = round(new + D * earlier) instead "
+                             "of the new period's alone")
+
+
+def _prepared(args: argparse.Namespace, source: str, prepare: Callable[..., Path]) -> Path:
+    """Run `prepare(output, overwrite=...)`, onto --vocab-from's vocabularies when given."""
+    if args.vocab_from is None:
+        if args.count_decay is not None:
+            raise ValueError("--count-decay needs --vocab-from")
+        return prepare(args.output, overwrite=args.overwrite)
+    from din_ray.data.vocab_extend import prepare_onto
+
+    return prepare_onto(args.vocab_from, args.output, lambda tmp: prepare(tmp, overwrite=False),
+                        source=source, overwrite=args.overwrite, count_decay=args.count_decay)
 
 
 def _add_history_ties(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +81,7 @@ def _add_history_ties(parser: argparse.ArgumentParser) -> None:
 
 def _common_kwargs(args: argparse.Namespace) -> dict:
     return {"max_history": args.max_history, "valid_frac": args.valid_frac,
-            "test_frac": args.test_frac, "seed": args.seed, "embedding_dim": args.embedding_dim,
-            "overwrite": args.overwrite}
+            "test_frac": args.test_frac, "seed": args.seed, "embedding_dim": args.embedding_dim}
 
 
 def _summary(source: str, out: Path) -> int:
@@ -85,8 +110,9 @@ def _add_movielens(sources: argparse._SubParsersAction) -> None:
 def _run_movielens(args: argparse.Namespace) -> int:
     from din_ray.data.movielens import prepare_movielens
 
-    out = prepare_movielens(args.input, args.output, split=args.split,
-                            history_ties=args.history_ties, **_common_kwargs(args))
+    out = _prepared(args, "movielens", lambda output, overwrite: prepare_movielens(
+        args.input, output, split=args.split, history_ties=args.history_ties,
+        overwrite=overwrite, **_common_kwargs(args)))
     return _summary("movielens", out)
 
 
@@ -112,10 +138,10 @@ def _add_synthetic(sources: argparse._SubParsersAction) -> None:
 def _run_synthetic(args: argparse.Namespace) -> int:
     from din_ray.data.synthetic import prepare_synthetic
 
-    out = prepare_synthetic(args.output, rows=args.rows, users=args.users, items=args.items,
-                            categories=args.categories, interests_per_user=tuple(args.interests),
-                            signal=args.signal, chunk_rows=args.chunk_rows,
-                            **_common_kwargs(args))
+    out = _prepared(args, "synthetic", lambda output, overwrite: prepare_synthetic(
+        output, rows=args.rows, users=args.users, items=args.items, categories=args.categories,
+        interests_per_user=tuple(args.interests), signal=args.signal, chunk_rows=args.chunk_rows,
+        overwrite=overwrite, **_common_kwargs(args)))
     return _summary("synthetic", out)
 
 
@@ -132,6 +158,7 @@ def _add_ray(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster to join (default: local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    _add_vocab_from(p)
 
 
 def _log_summary(report) -> int:
@@ -146,7 +173,8 @@ def _run_log(args: argparse.Namespace) -> int:
     from din_ray.data.logs import prepare_logs
 
     return _log_summary(prepare_logs(args.spec, args.output, overwrite=args.overwrite,
-                                     address=args.address, num_cpus=args.num_cpus))
+                                     address=args.address, num_cpus=args.num_cpus,
+                                     vocab_from=args.vocab_from, count_decay=args.count_decay))
 
 
 def _add_taobao(sources: argparse._SubParsersAction) -> None:
@@ -174,7 +202,8 @@ def _run_taobao(args: argparse.Namespace) -> int:
         args.input, args.output, overwrite=args.overwrite, address=args.address,
         num_cpus=args.num_cpus, max_history=args.max_history, valid=args.valid_frac,
         test=args.test_frac, valid_start=args.valid_start, test_start=args.test_start,
-        min_count=args.min_count, embedding_dim=args.embedding_dim, seed=args.seed))
+        min_count=args.min_count, embedding_dim=args.embedding_dim, seed=args.seed,
+        vocab_from=args.vocab_from, count_decay=args.count_decay))
 
 
 def _add_amazon(sources: argparse._SubParsersAction) -> None:
@@ -198,12 +227,14 @@ def _run_amazon(args: argparse.Namespace) -> int:
     if args.processed:
         if args.reviews or args.meta:
             raise ValueError("give --processed or --reviews with --meta, not both")
-        out = prepare_amazon_processed(args.processed, args.output,
-                                       processed_test=args.processed_test,
-                                       **_common_kwargs(args))
+        out = _prepared(args, "amazon-processed", lambda output, overwrite:
+                        prepare_amazon_processed(args.processed, output,
+                                                 processed_test=args.processed_test,
+                                                 overwrite=overwrite, **_common_kwargs(args)))
     elif args.reviews and args.meta:
-        out = prepare_amazon(args.reviews, args.meta, args.output,
-                             history_ties=args.history_ties, **_common_kwargs(args))
+        out = _prepared(args, "amazon", lambda output, overwrite: prepare_amazon(
+            args.reviews, args.meta, output, history_ties=args.history_ties,
+            overwrite=overwrite, **_common_kwargs(args)))
     else:
         raise ValueError("prepare amazon needs --reviews and --meta (raw files) or --processed")
     return _summary("amazon", out)

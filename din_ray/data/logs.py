@@ -48,10 +48,12 @@ import pyarrow.csv as pcsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from din_ray.data import vocab_extend
 from din_ray.data.format import (
     SPLITS,
     DataError,
     DatasetWriter,
+    PreparedDataset,
     check_ids,
     count_ids,
     to_arrow,
@@ -1100,7 +1102,9 @@ def log_schema(spec: LogSpec, encoders: dict[str, Encoder]) -> Schema:
 
 def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrite: bool = False,
                  staging_dir: str | None = None, address: str | None = None,
-                 num_cpus: int | None = None, executor: str = "ray") -> LogReport:
+                 num_cpus: int | None = None, executor: str = "ray",
+                 vocab_from: str | Path | None = None,
+                 count_decay: float | None = None) -> LogReport:
     """Prepare an impression log + behaviour log described by `spec` (see the module docstring).
 
     Args:
@@ -1114,6 +1118,9 @@ def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrit
         executor: "ray" (the Ray Data pipeline) or "local": the same tasks run one after the
             other in this process, without Ray (small data, debugging, machines where Ray
             cannot start).
+        vocab_from: an earlier prepared dataset of the same spec whose vocabularies this one
+            extends (`din_ray.data.vocab_extend`); checked before any work starts.
+        count_decay: with `vocab_from`, counts are round(new + count_decay * earlier).
 
     Returns:
         A LogReport (rows per split, per-file malformed/filtered/missing/join-miss counts,
@@ -1131,6 +1138,7 @@ def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrit
     output = Path(output_dir)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite)")
+    previous = _check_previous(spec, vocab_from, count_decay)
     staging = staging_dir or str(output.with_name(
         f".{output.name}.staging-{os.getpid()}-{time.time_ns()}"))
     seconds: dict[str, float] = {}
@@ -1151,16 +1159,36 @@ def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrit
                    else contextlib.nullcontext())
         with session:
             return _prepare(spec, output, overwrite, staging, joins, join_stats, units, buckets,
-                            seconds, executor)
+                            seconds, executor, previous, count_decay)
     finally:
         fs, inner = _fs(staging)
         if fs.get_file_info(inner).type != pafs.FileType.NotFound:
             fs.delete_dir(inner)
 
 
+def _check_previous(spec: LogSpec, vocab_from: str | Path | None,
+                    count_decay: float | None) -> PreparedDataset | None:
+    """The `vocab_from` dataset, refused before any work when its schema is not this spec's
+    (vocabulary sizes aside)."""
+    if vocab_from is None:
+        if count_decay is not None:
+            raise ValueError("count_decay needs vocab_from (the earlier counts)")
+        return None
+    vocab_extend._check_decay(count_decay)
+    previous = vocab_extend.open_previous(vocab_from, "logs")
+    # Vocabulary tables get one placeholder id: only the structure is compared here.
+    encoders = {t: (Encoder(t, e.type, pd.Index(["?"])) if e.index is not None else e)
+                for t, e in build_encoders(spec, {}).items()}
+    fixed = [t for t, e in encoders.items() if e.index is None]
+    vocab_extend.check_continues(previous, log_schema(spec, encoders), fixed)
+    return previous
+
+
 def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: list[JoinTable],
              join_stats: list[FileStats], units: list[Unit], buckets: int,
-             seconds: dict[str, float], executor: str) -> LogReport:
+             seconds: dict[str, float], executor: str,
+             previous: PreparedDataset | None = None,
+             count_decay: float | None = None) -> LogReport:
     t0 = time.perf_counter()
     per_file: dict[str, FileStats] = {}
     hist = TimeHistogram()
@@ -1197,6 +1225,10 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
                     partial[table] = [_merge_counts(partial[table])]
         merged = {t: _merge_counts(p) for t, p in partial.items() if p}
     encoders = build_encoders(spec, merged)
+    if previous is not None:
+        for t, e in encoders.items():
+            if e.index is not None:
+                e.index = vocab_extend.extend_encoder_index(previous, t, e.index, e.type)
     schema = log_schema(spec, encoders)
     seconds["vocab"] = time.perf_counter() - t0
     log.info("vocabularies: %s", {t: e.vocab_size for t, e in encoders.items()})
@@ -1204,6 +1236,9 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
     t0 = time.perf_counter()
     params = {"spec": spec.name, "max_history": spec.max_history, "executor": executor,
               "valid_start": valid_start, "test_start": test_start, "buckets": buckets}
+    if previous is not None:
+        params.update(vocab_from=str(previous.root), count_decay=count_decay)
+        old_counts = previous.counts() if count_decay is not None else {}
     summary = {"impressions": 0, "behaviors": 0, "history": 0}
     with DatasetWriter(output, schema, source="logs", params=params,
                        overwrite=overwrite) as writer:
@@ -1220,6 +1255,10 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
         for t, e in encoders.items():
             if e.index is not None:
                 writer.add_vocab(t, ["<pad>", "<oov>"] + [str(v) for v in e.index])
+        if previous is not None:
+            for t in writer.counts:
+                writer.counts[t] = vocab_extend.decayed_counts(writer.counts[t],
+                                                               old_counts.get(t), count_decay)
         seconds["build"] = time.perf_counter() - t0
         report = LogReport(
             output=str(output), rows=dict(writer.rows),

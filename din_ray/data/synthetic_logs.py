@@ -3,6 +3,9 @@
     python -c "from din_ray.data.synthetic_logs import write_synthetic_logs as w; w('raw', 10**6)"
     din-ray prepare log --spec raw/log_spec.yaml --output out/logs
 
+    din-ray synthetic-days --output raw --days 5 --drift 0.2 --impressions 20000
+    # raw/day-01 ... raw/day-05, each a directory as below (see `write_synthetic_days`)
+
 Writes, under DIR:
 
     impressions/part-*.parquet   user, time_stamp, adgroup_id, pid, clk
@@ -160,9 +163,13 @@ class _World:
     cate_size: np.ndarray  # (C,)
 
     @classmethod
-    def build(cls, cfg: SyntheticLogConfig) -> _World:
+    def build(cls, cfg: SyntheticLogConfig, cyclic: bool = False) -> _World:
+        """`cyclic`: item i is in category i % categories (instead of a random permutation),
+        so any `categories` consecutive items cover every category."""
         rng = np.random.default_rng([cfg.seed, 0])
         item_cate = rng.permutation(np.arange(cfg.items) % cfg.categories)
+        if cyclic:
+            item_cate = np.arange(cfg.items) % cfg.categories
         # Brands belong to one category; an item's brand is one of its category's brands.
         brand_cate = np.arange(cfg.brands) % cfg.categories
         brands_of = np.argsort(brand_cate, kind="stable")
@@ -195,12 +202,29 @@ class _World:
         pick = (rng.random(len(cates)) * self.cate_size[cates]).astype(np.int64)
         return self.cate_items[self.cate_start[cates] + pick]
 
+    def active(self, items: np.ndarray) -> _World:
+        """The same world with candidates and behaviours drawn from `items` only (every
+        category must keep at least one)."""
+        keep = np.zeros(self.cfg.items, bool)
+        keep[items] = True
+        cate_items = self.cate_items[keep[self.cate_items]]
+        size = np.bincount(self.item_cate[cate_items], minlength=self.cfg.categories)
+        if (size == 0).any():
+            raise ValueError(f"{int((size == 0).sum())} categories have no active item")
+        start = np.searchsorted(self.item_cate[cate_items], np.arange(self.cfg.categories))
+        return _World(self.cfg, self.item_cate, self.item_brand, self.item_effect, cate_items,
+                      start, size)
+
     def write_chunk(self, out: Path, index: int, rng: np.random.Generator, u0: int,
-                    n_imp: np.ndarray, n_beh: np.ndarray) -> None:
+                    n_imp: np.ndarray, n_beh: np.ndarray,
+                    user_rng: np.random.Generator | None = None) -> None:
+        """Behaviours and impressions of users u0.. (`user_rng`, default `rng`, draws their
+        interests: the same generator gives the same users on another day)."""
         cfg = self.cfg
         n_users = len(n_imp)
-        k = rng.integers(2, 6, n_users)  # interests per user
-        interests = rng.integers(0, cfg.categories, (n_users, 5))  # first k used
+        user_rng = user_rng or rng
+        k = user_rng.integers(2, 6, n_users)  # interests per user
+        interests = user_rng.integers(0, cfg.categories, (n_users, 5))  # first k used
         span = cfg.days * DAY
 
         # Behaviours.
@@ -238,3 +262,68 @@ class _World:
             "pid": pa.array(np.array(PIDS)[rng.integers(0, 2, len(iu))][order]),
             "clk": clk[order],
         }), out / "impressions" / f"part-{index:05d}.parquet", row_group_size=262_144)
+
+
+def write_synthetic_days(output_dir: str | Path, days: int, impressions_per_day: int, *,
+                         drift: float = 0.2, items: int = 1000, categories: int = 20,
+                         max_history: int = 50, seed: int = 0, **kwargs) -> list[Path]:
+    """`days` consecutive daily logs of one world whose ads drift: OUT/day-01 ... each a
+    directory as `write_synthetic_logs` writes (with its own log_spec.yaml).
+
+    The users and their interests stay the same every day. Day d (0-based) shows the ads
+    [d * shift, d * shift + items) with shift = round(drift * items): each day a `drift` share
+    of yesterday's ads retires and as many new ads appear (ad ids are global, so an ad keeps its
+    raw id on every day it runs). Categories cycle over the ad ids, so every day has ads of
+    every category. Day d's events fall on day d (timestamps start + d * 86400 ...).
+
+    Args:
+        output_dir: directory to create (must not exist).
+        days: number of daily logs (>= 1).
+        impressions_per_day: impression rows per day.
+        drift: share of the ads replaced each day, in [0, 1].
+        items: ads running on any one day (>= categories).
+        **kwargs: other SyntheticLogConfig fields (users, brands, behaviors_per_impression, ...).
+    Returns:
+        The log_spec.yaml path of each day, in order.
+    """
+    if days < 1:
+        raise ValueError(f"days must be >= 1, got {days}")
+    if not 0 <= drift <= 1:
+        raise ValueError(f"drift must be in [0, 1], got {drift}")
+    if items < categories:
+        raise ValueError(f"items ({items}) must be >= categories ({categories}) so that every "
+                         "day has an ad of every category")
+    shift = round(drift * items)
+    universe = items + shift * (days - 1)
+    start = kwargs.pop("start", SyntheticLogConfig.start)
+    cfg = SyntheticLogConfig(impressions_per_day, items=universe, categories=categories,
+                             seed=seed, days=1, start=start, **kwargs).resolved()
+    world = _World.build(cfg, cyclic=True)  # each day's window of ads covers every category
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=False)
+    specs = []
+    for d in range(days):
+        day_cfg = SyntheticLogConfig(**{**asdict(cfg), "start": start + d * DAY})
+        day = _World(day_cfg, *(getattr(world, f) for f in
+                                ("item_cate", "item_brand", "item_effect", "cate_items",
+                                 "cate_start", "cate_size")))
+        day = day.active(np.arange(d * shift, d * shift + items))
+        root = out / f"day-{d + 1:02d}"
+        (root / "impressions").mkdir(parents=True)
+        (root / "behaviors").mkdir()
+        day.write_tables(root)
+        rng = np.random.default_rng([seed, 1, d])
+        per_user = rng.multinomial(impressions_per_day, np.full(cfg.users, 1.0 / cfg.users))
+        n_beh = round(impressions_per_day * cfg.behaviors_per_impression)
+        beh_per_user = rng.multinomial(n_beh, np.full(cfg.users, 1.0 / cfg.users))
+        for c in range(math.ceil(cfg.users / cfg.chunk_users)):
+            u0, u1 = c * cfg.chunk_users, min((c + 1) * cfg.chunk_users, cfg.users)
+            day.write_chunk(root, c, np.random.default_rng([seed, 2, c, d]), u0,
+                            per_user[u0:u1], beh_per_user[u0:u1],
+                            user_rng=np.random.default_rng([seed, 2, c]))
+        spec = root / "log_spec.yaml"
+        spec.write_text(yaml.safe_dump(spec_dict(max_history), sort_keys=False))
+        specs.append(spec)
+    log.info("wrote %d days of %d impressions (%d ads a day, %d replaced daily) to %s", days,
+             impressions_per_day, items, shift, out)
+    return specs
