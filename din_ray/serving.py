@@ -68,11 +68,18 @@ class RequestError(ValueError):
     """A request the server rejects: HTTP `status`, the offending `field`, and why."""
 
     def __init__(self, status: int, field: str, message: str) -> None:
+        # Field names and values come from the client: a lone surrogate ("\ud800" in JSON) is a
+        # valid Python str that cannot be encoded as the UTF-8 of the error response.
+        field, message = _printable(field), _printable(message)
         super().__init__(f"{field}: {message}")
         self.status, self.field, self.message = status, field, message
 
     def to_dict(self) -> dict:
         return {"error": {"field": self.field, "message": self.message}}
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -142,9 +149,7 @@ class Vocabulary:
         return cls(table, num_rows, dict(zip(t.column("raw").to_pylist(), ids.tolist())))
 
     def encode(self, value: object, field: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise RequestError(422, field, f"expected a string or integer id, got "
-                                           f"{type(value).__name__} {_short(value)}")
+        _check_raw_id(value, field)
         if self.mapping is not None:
             return self.mapping.get(str(value), OOV_ID)
         if not isinstance(value, int):
@@ -166,9 +171,7 @@ class HashedIds(Vocabulary):
         self.buckets, self.id_type = buckets, id_type
 
     def encode(self, value: object, field: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise RequestError(422, field, f"expected a string or integer id, got "
-                                           f"{type(value).__name__} {_short(value)}")
+        _check_raw_id(value, field)
         if self.id_type == "int":
             try:
                 raw = np.array([int(value)], dtype=np.int64)
@@ -194,7 +197,7 @@ class BinnedIds(Vocabulary):
     def encode(self, value: object, field: str) -> int:
         try:
             x = float(value) if not isinstance(value, bool) else float("nan")
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond 1e308
             x = float("nan")
         if not np.isfinite(x):
             raise RequestError(422, field, f"table {self.table!r} bins numbers, got "
@@ -260,6 +263,19 @@ def _base_encoders(path: Path, schema: Schema) -> dict[str, Vocabulary]:
     return out
 
 
+def _check_raw_id(value: object, field: str) -> None:
+    """Raw ids are JSON strings (valid Unicode: no lone surrogates) or integers."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RequestError(422, field, f"expected a string or integer id, got "
+                                       f"{_json_type(value)} {_short(value)}")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(422, field, f"not valid Unicode (a lone surrogate escape): "
+                                           f"{_short(value)}") from None
+
+
 def _short(value: object, limit: int = 40) -> str:
     text = json.dumps(value) if isinstance(value, (str, int, float, list, dict)) else repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
@@ -311,12 +327,17 @@ class RequestParser:
             raise RequestError(413, "body", f"{len(body)} bytes exceeds the limit of "
                                             f"{self.limits.max_body_bytes}")
         try:
-            payload = json.loads(body)
+            payload = json.loads(body, object_pairs_hook=_unique_keys,
+                                 parse_constant=_no_constant)
         except UnicodeDecodeError as e:
             raise RequestError(400, "body", f"not UTF-8 text: {e.reason}") from None
         except json.JSONDecodeError as e:
             raise RequestError(400, "body", f"invalid JSON at line {e.lineno} column "
                                             f"{e.colno}: {e.msg}") from None
+        except RecursionError:
+            raise RequestError(400, "body", "JSON nested too deeply") from None
+        except ValueError as e:  # e.g. an integer literal of more than 4300 digits
+            raise RequestError(400, "body", f"invalid JSON: {e}") from None
         return self.parse(payload)
 
     def parse(self, payload: object) -> ParsedRequest:
@@ -326,7 +347,8 @@ class RequestParser:
                                             f"{_json_type(payload)}")
         unknown = sorted(set(payload) - set(TOP_LEVEL))
         if unknown:
-            raise RequestError(422, unknown[0], f"unknown field; expected {list(TOP_LEVEL)}")
+            raise RequestError(422, _key(unknown[0]),
+                               f"unknown field; expected {list(TOP_LEVEL)}")
         explain = payload.get("explain", False)
         if not isinstance(explain, bool):
             raise RequestError(422, "explain", f"expected true or false, got {_short(explain)}")
@@ -356,7 +378,7 @@ class RequestParser:
             behaviour = {f.name: a for a, f in self.history_fields.items()}
             if where == "history" and unknown[0] in behaviour:
                 hint = f" (history lists are keyed by the ad feature: {behaviour[unknown[0]]!r})"
-            raise RequestError(422, f"{where}.{unknown[0]}",
+            raise RequestError(422, f"{where}.{_key(unknown[0])}",
                                f"unknown field; expected {expected}{hint}")
         missing = [k for k in expected if k not in obj]
         if missing:
@@ -414,6 +436,27 @@ class RequestParser:
             for f in self.ad_features:
                 cols[f.name][i] = self._encode(f, cand[f.name], f"{where}.{f.name}")
         return cols
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json.loads hook: a key given twice is ambiguous (JSON parsers disagree on which wins)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise RequestError(400, _key(key), "duplicate key in a JSON object")
+    return out
+
+
+def _key(name: str) -> str:
+    """A client's object key as a field name: quoted unless a plain identifier ("" stays
+    visible)."""
+    return name if name.isidentifier() else json.dumps(name)
+
+
+def _no_constant(name: str) -> float:
+    """json.loads hook: NaN and Infinity are not JSON (RFC 8259), though Python reads them."""
+    raise RequestError(400, "body", f"{name} is not a JSON value")
 
 
 def _json_type(value: object) -> str:

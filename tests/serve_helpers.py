@@ -3,6 +3,7 @@ real test rows, and offline scores computed the way `din-ray evaluate` does."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -145,3 +146,102 @@ BAD_REQUESTS = [
     ({"candidates": [GOOD_CANDIDATE], "history": {"item_id": ["i1"] * 800,
                                                   "cate_id": [2] * 800}}, 413, "body"),
 ]
+
+
+# --- fuzzing (hypothesis): valid bodies mutated at every position and type, and pathological JSON
+def fuzz_strategies():
+    """Hypothesis strategies for hostile request bodies (imported lazily: hypothesis is a test
+    extra). Returns `bodies(valid)`: a strategy of raw HTTP bodies (bytes) derived from the list
+    of valid JSON payloads `valid`."""
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(), st.integers(min_value=-2**200, max_value=2**200),
+        st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+        st.sampled_from(["i3", "i29", "\ud800", "\x00", "2", "1e999", "NaN", ""]))
+    values = st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+        max_leaves=12)
+
+    def paths(obj, prefix=()):
+        """Every position in a JSON tree: (path to the container, key or index)."""
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield prefix, k
+                yield from paths(v, prefix + (k,))
+        elif isinstance(obj, list):
+            for i, v in enumerate(obj):
+                yield prefix, i
+                yield from paths(v, prefix + (i,))
+
+    @st.composite
+    def mutated(draw, valid):
+        body = json.loads(json.dumps(draw(st.sampled_from(valid))))
+        for _ in range(draw(st.integers(1, 3))):
+            spots = list(paths(body))
+            if not spots:
+                break
+            where, key = draw(st.sampled_from(spots))
+            parent = body
+            for step in where:
+                parent = parent[step]
+            action = draw(st.sampled_from(["replace", "delete", "add"]))
+            if action == "replace":
+                parent[key] = draw(values)
+            elif action == "delete":
+                del parent[key]
+            elif isinstance(parent, dict):
+                parent[draw(st.text(max_size=8))] = draw(values)
+            else:
+                parent.insert(draw(st.integers(0, len(parent))), draw(values))
+        return json.dumps(body, ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass")
+
+    @st.composite
+    def byte_edits(draw, valid):
+        """A valid body with a few raw bytes replaced, inserted or cut (broken JSON, bad UTF-8)."""
+        data = bytearray(json.dumps(draw(st.sampled_from(valid))).encode())
+        for _ in range(draw(st.integers(1, 4))):
+            i = draw(st.integers(0, len(data)))
+            byte = draw(st.integers(0, 255))
+            op = draw(st.sampled_from(["set", "insert", "cut"]))
+            if op == "insert" or i == len(data):
+                data.insert(i, byte)
+            elif op == "set":
+                data[i] = byte
+            else:
+                del data[i:i + draw(st.integers(1, 8))]
+        return bytes(data)
+
+    def pathological(valid: list[dict]) -> list[bytes]:
+        good = json.dumps(valid[0])
+        cand = json.dumps(valid[0]["candidates"][0])
+        return [
+            b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+            b"[" * 3000, ('{"candidates": [' + "[" * 1500 + "]" * 1500 + "]}").encode(),
+            b"1" * 5000, ('{"candidates": [{"item_id": ' + "9" * 4400 + ', "cate_id": 2}]}'
+                          ).encode(),
+            ('{"candidates": [{"item_id": 1' + "0" * 400 + ', "cate_id": 2}]}').encode(),
+            b'{"candidates": [{"item_id": 1e999, "cate_id": 2}]}',
+            b'{"candidates": [{"item_id": NaN, "cate_id": 2}]}',
+            b'{"candidates": [{"item_id": "i3", "cate_id": Infinity}]}',
+            b'{"candidates": [{"item_id": "i3", "cate_id": -Infinity}]}', b"NaN",
+            ('{"candidates": [' + cand + '], "candidates": [' + cand + "]}").encode(),
+            b'{"candidates": [{"item_id": "i3", "item_id": "i4", "cate_id": 2}]}',
+            ('{"candidates": [' + ",".join([cand] * 100_000) + "]}").encode(),
+            b'{"candidates": [' + b"1," * 200_000 + b"1]}",
+            ('{"history": {"item_id": [' + ",".join(['"i3"'] * 50_000) + '], "cate_id": ['
+             + ",".join(["2"] * 50_000) + ']}, "candidates": [' + cand + "]}").encode(),
+            b'{"candidates": [{"item_id": "\\ud800", "cate_id": 2}]}',
+            b'{"candidates": [{"\\udfff": "i3", "cate_id": 2}]}',
+            b'{"\\ud800": 1, "candidates": [' + cand.encode() + b"]}",
+            b'{"candidates": [{"item_id": "\xff\xfe", "cate_id": 2}]}',
+            b"\xef\xbb\xbf" + good.encode(), b"\xff\xfe" + good.encode("utf-16-le"),
+            good.encode("utf-32"), b"\x00" * 64, b"", b" ", b"null", b'"x"', b"{}" * 3,
+            good.encode() + b"garbage", b'{"candidates": [{"item_id": "i3", "cate_id": 2}]',
+        ]
+
+    def bodies(valid: list[dict]):
+        return st.one_of(mutated(valid), byte_edits(valid), st.sampled_from(pathological(valid)),
+                         st.binary(max_size=64))
+
+    return bodies, pathological

@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from serve_helpers import BAD_REQUESTS, GOOD_CANDIDATE, offline_scores, payloads, train_tiny
+from serve_helpers import (
+    BAD_REQUESTS,
+    GOOD_CANDIDATE,
+    fuzz_strategies,
+    offline_scores,
+    payloads,
+    train_tiny,
+)
 
 from din_ray.checkpoint import ID_FILTER, CheckpointError
 from din_ray.data.format import PreparedDataset
@@ -16,6 +23,8 @@ from din_ray.model import Dice, ModelConfig, build_model, model_names
 from din_ray.regularization import IdFilter
 from din_ray.schema import OOV_ID, Feature, Schema
 from din_ray.serving import (
+    BinnedIds,
+    HashedIds,
     ParsedRequest,
     RequestError,
     RequestLimits,
@@ -263,3 +272,68 @@ def test_vocabularies_are_loaded_from_the_checkpoint(runs, din):
     assert info["vocab_sizes"] == {"item_id": 30, "cate_id": 6}
     assert info["request"]["history"] == ["item_id", "cate_id"]
     assert info["model"]["checkpoint"] == str(din.path) and "valid_gauc" in info["metrics"]
+
+
+def _every_encoder_parser() -> RequestParser:
+    """A parser whose tables use every raw-id encoder: a vocabulary, dense ids, hashed strings,
+    hashed integers and numeric bins, with user, context, ad and behaviour features."""
+    schema = Schema((
+        Feature("city", "user", "city", 12, 4),
+        Feature("age", "user", "age", 7, 4),
+        Feature("hour", "context", "hour", 9, 4),
+        Feature("item_id", "ad", "item_id", 30, 4),
+        Feature("cate_id", "ad", "cate_id", 6, 4),
+        Feature("hist_item_id", "behavior", "item_id", 30, 4, 5, "item_id"),
+        Feature("hist_cate_id", "behavior", "cate_id", 6, 4, 5, "cate_id"),
+    ))
+    vocabs = {"item_id": Vocabulary("item_id", 30, {f"i{k}": k for k in range(2, 30)}),
+              "cate_id": Vocabulary("cate_id", 6, None),
+              "city": HashedIds("city", 12, 10, "str"), "hour": HashedIds("hour", 9, 7, "int"),
+              "age": BinnedIds("age", 7, [18.0, 30.0, 45.0, 60.0])}
+    return RequestParser(schema, vocabs, RequestLimits(max_candidates=50,
+                                                       max_body_bytes=4 << 20))
+
+
+FUZZ_VALID = [
+    {"user": {"city": "Paris", "age": 33}, "context": {"hour": 13},
+     "history": {"item_id": ["i3", "i4", 7], "cate_id": [2, 3, 4]},
+     "candidates": [{"item_id": "i5", "cate_id": 2}, {"item_id": 9, "cate_id": 5}],
+     "explain": True},
+    {"user": {"city": 17, "age": "70"}, "context": {"hour": "8"},
+     "candidates": [{"item_id": "new", "cate_id": 99}]},
+]
+
+
+def test_fuzzed_bodies_parse_or_get_a_4xx_naming_the_field():
+    """Every body (valid ones mutated at every position and type, raw byte edits, pathological
+    JSON) either parses into in-range dense ids or raises a 4xx `RequestError` whose JSON
+    renders the way the Serve app sends it (UTF-8, no NaN)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    bodies, pathological = fuzz_strategies()
+    parser = _every_encoder_parser()
+    for p in FUZZ_VALID:
+        parser.parse(p)  # the seeds themselves are valid
+    tried = []
+
+    def check(body: bytes) -> None:
+        tried.append(body)
+        try:
+            req = parser.parse_body(body)
+        except RequestError as e:
+            assert 400 <= e.status < 500, e
+            rendered = json.dumps(e.to_dict(), ensure_ascii=False, allow_nan=False)
+            assert json.loads(rendered.encode("utf-8"))["error"]["field"]
+            return
+        rows = {f.name: f.vocab_size for f in parser.schema.features}
+        ids = {**req.user, **req.history, **req.candidates}
+        for name, value in ids.items():
+            value = np.asarray(value)
+            assert ((0 <= value) & (value < rows[name])).all(), (name, value)
+        assert 1 <= req.num_candidates <= parser.limits.max_candidates
+
+    for body in pathological(FUZZ_VALID):
+        check(body)
+    hypothesis.settings(max_examples=1000, deadline=None, database=None, derandomize=True)(
+        hypothesis.given(bodies(FUZZ_VALID))(check))()
+    print(f"fuzzed the parser with {len(tried)} bodies")
+    assert len(tried) > 1000
