@@ -6,7 +6,7 @@ import argparse
 import json
 
 from din_ray.model import ACTIVATIONS, model_names
-from din_ray.regularization import REGULARIZERS
+from din_ray.regularization import REG_FORMS, REGULARIZERS
 from din_ray.train import PRECISIONS, TrainConfig, evaluate_checkpoint, run_local
 
 
@@ -26,7 +26,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="--reg filter: ids kept per table, the most frequent")
     p.add_argument("--id-dropout", type=float, default=d.id_dropout,
                    help="--reg dropout: share of each training sample's ids discarded")
-    p.add_argument("--lam", type=float, default=d.lam, help="regularization strength λ")
+    p.add_argument("--lam", type=float, default=d.lam,
+                   help="regularization strength λ, for a global batch of 256 samples")
+    p.add_argument("--reg-form", default=d.reg_form, choices=REG_FORMS,
+                   help="mba/difacto/l2 applied after the optimizer's update (decoupled, as "
+                        "AdamW) or added to the gradient (coupled, Eq. 7); the same under SGD")
     p.add_argument("--optimizer", default=d.optimizer, choices=("adam", "sgd"))
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--lr-decay", type=float, default=d.lr_decay, help="per-epoch factor")
@@ -59,6 +63,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
     values = dict(
         data=args.data, model=args.model, activation=args.activation, reg=args.reg, lam=args.lam,
+        reg_form=args.reg_form,
         filter_top_k=args.filter_top_k, id_dropout=args.id_dropout,
         optimizer=args.optimizer, lr=args.lr, lr_decay=args.lr_decay, batch_size=args.batch_size,
         epochs=args.epochs, patience=args.patience, embedding_dim=args.embedding_dim,

@@ -7,14 +7,26 @@
     dropout  discard 50 % of each training sample's feature ids (`IdDropout`, data level)
     filter   keep only the K most frequent ids per table, the rest become OOV (`IdFilter`)
 
-The gradient regularizers are callables `(table, ids, weight_rows, grad_rows) -> grad_rows`
-applied by `RowWiseOptimizer`: ids (U,) global row ids, weight_rows and grad_rows (U, dim). The
-data-level ones rewrite batches of ids before the model sees them (`din_ray.train` applies them).
+The gradient regularizers (`RowPenalty`) give `penalty(table, ids, rows) -> (U, dim)`, the
+gradient of their term on the given rows: ids (U,) global row ids, rows (U, dim) their values.
+`RowWiseOptimizer` applies it in one of two forms (`reg_form`): "coupled" adds it to the data
+gradient before the optimizer's update, as Eq. 7 is written; "decoupled" (the default) subtracts
+lr·penalty after the update, as AdamW does with weight decay. Under SGD the two are the same
+update. Under Adam the coupled term is divided by Adam's running gradient scale: once it
+dominates a row's gradient the row moves about lr per touch towards zero whatever λ is, so λ
+stops meaning anything; decoupled, the shrinkage is lr·λ·w_j/n_j per touch, as under SGD.
+
+λ is defined for a global mini-batch of `LAMBDA_BATCH` samples: the penalty of a step over a
+global batch of G samples (batch_size × workers) is scaled by LAMBDA_BATCH / G. The data term is a
+mean over G samples, so without the scaling N workers (or an N× larger batch) would weigh the
+penalty N× more against the data at the same λ (Eq. 5: the epoch's objective is
+Σ loss / G + λ‖W‖²).
+
+The data-level ones rewrite batches of ids before the model sees them (`din_ray.train` applies
+them).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,27 +34,74 @@ from torch import Tensor
 
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, PAD_ID, Schema
 
-Regularizer = Callable[[str, Tensor, Tensor, Tensor], Tensor]
+# The global batch λ is defined for: the default batch size of one worker, so a default
+# single-worker run regularizes as before the scaling existed.
+LAMBDA_BATCH = 256
+REG_FORMS = ("decoupled", "coupled")
 
 
-class MiniBatchAware:
-    """Mini-batch aware L2 (paper §5.1, Eq. 7): grad_j += λ · (α_mj / n_j) · w_j.
+class RowPenalty:
+    """An L2 term on embedding rows: penalty_j = λ · s · c_j · (w_j − w0_j), c_j per regularizer.
+
+    Args:
+        lam: λ.
+        centers: table -> (rows, dim) values the rows are pulled towards (default zero), e.g.
+            the popularity logits ad bias rows start at, so the penalty pulls a bias towards
+            its prior click rate instead of towards logit 0 (a 50 % click rate).
+        global_batch: samples per step over all workers (G); the term is scaled by
+            s = LAMBDA_BATCH / G so that λ means the same at any worker count and batch size.
+    """
+
+    whole_tables = False
+
+    def __init__(self, lam: float, centers: dict[str, Tensor] | None = None,
+                 global_batch: int = LAMBDA_BATCH) -> None:
+        if lam < 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        if global_batch < 1:
+            raise ValueError(f"global_batch must be >= 1, got {global_batch}")
+        self.lam = lam
+        self.strength = lam * LAMBDA_BATCH / global_batch  # λ · s
+        self.centers = dict(centers or {})
+
+    def weights(self, table: str, ids: Tensor) -> Tensor | float:
+        """c_j of the rows `ids` (U,) -> (U, 1) or a scalar."""
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> RowPenalty:
+        """Keep the term's tensors on the tables' device (the training loop calls this once),
+        so a step indexes them where the ids are."""
+        self.centers = {t: c.to(device) for t, c in self.centers.items()}
+        return self
+
+    def penalty(self, table: str, ids: Tensor, rows: Tensor) -> Tensor:
+        """The term's gradient on `rows` (U, dim) of global ids `ids` (U,). -> (U, dim)"""
+        center = self.centers.get(table)
+        if center is not None:
+            rows = rows - center[ids].to(rows.dtype)
+        return self.strength * self.weights(table, ids) * rows
+
+
+class MiniBatchAware(RowPenalty):
+    """Mini-batch aware L2 (paper §5.1, Eq. 7): penalty_j = λ · (α_mj / n_j) · w_j.
 
     α_mj = 1 exactly for the rows touched in mini-batch m, which are the rows this is called
-    with, so the cost grows with the touched rows, never with the table. n_j is the number of
-    training samples containing id j (`counts.npz` of the prepared data). Tables without counts
-    (e.g. per-id biases derived from a feature) use the counts of the table they are named after
-    (`item_id.bias` -> `item_id`).
+    with, so the cost grows with the touched rows, never with the table. n_j counts, per table,
+    the training samples whose lookups of that table include id j: `counts.npz` of the prepared
+    data for the feature tables, and counted from the training split for derived tables (a
+    candidate's bias table: the samples whose candidate is j, not the history occurrences its
+    base table also counts; see `din_ray.train.table_counts`).
 
     Args:
         lam: λ (the paper uses 0.01).
-        counts: table -> (vocab_size,) int64 n_j.
+        counts: table -> (vocab_size,) int64 n_j; every table the optimizer updates needs one.
+        centers, global_batch: as `RowPenalty`.
     """
 
-    def __init__(self, lam: float, counts: dict[str, np.ndarray]) -> None:
-        if lam < 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
-        self.lam = lam
+    def __init__(self, lam: float, counts: dict[str, np.ndarray],
+                 centers: dict[str, Tensor] | None = None,
+                 global_batch: int = LAMBDA_BATCH) -> None:
+        super().__init__(lam, centers, global_batch)
         # 1/n_j, with unseen ids (n_j = 0, e.g. OOV) treated as seen once.
         self.inv_counts = {t: torch.from_numpy(1.0 / np.maximum(c, 1)).float()
                            for t, c in counts.items()}
@@ -50,66 +109,63 @@ class MiniBatchAware:
     def _inv(self, table: str) -> Tensor:
         inv = self.inv_counts.get(table)
         if inv is None:
-            inv = self.inv_counts.get(table.split(".", 1)[0])
-        if inv is None:
-            raise KeyError(f"no id counts for table {table!r}; have {sorted(self.inv_counts)}")
+            raise KeyError(f"no id counts for table {table!r}; have {sorted(self.inv_counts)} "
+                           "(count derived tables with din_ray.train.table_counts)")
         return inv
 
+    def weights(self, table: str, ids: Tensor) -> Tensor:
+        return self._inv(table)[ids].unsqueeze(-1)  # (U, 1)
+
     def to(self, device: torch.device | str) -> MiniBatchAware:
-        """Keep the counts on the tables' device (the training loop calls this once), so a step
-        indexes them where the ids are."""
+        super().to(device)
         self.inv_counts = {t: c.to(device) for t, c in self.inv_counts.items()}
         return self
 
-    def __call__(self, table: str, ids: Tensor, rows: Tensor, grad: Tensor) -> Tensor:
-        return grad + self.lam * self._inv(table)[ids].unsqueeze(-1) * rows
-
 
 class DiFacto(MiniBatchAware):
-    """DiFacto's adaptive L2 (arXiv v1 Eq. 11): grad_j += λ · n_j · w_j on touched rows.
+    """DiFacto's adaptive L2 (arXiv v1 Eq. 11): penalty_j = λ · n_j · w_j on touched rows.
 
     The opposite weighting of MBA: frequent ids are penalised most. Same counts, same cost.
     """
 
-    def __init__(self, lam: float, counts: dict[str, np.ndarray]) -> None:
-        super().__init__(lam, counts)
-        # Reuse MBA's lookup (with its derived-table fallback) on n_j instead of 1/n_j.
+    def __init__(self, lam: float, counts: dict[str, np.ndarray],
+                 centers: dict[str, Tensor] | None = None,
+                 global_batch: int = LAMBDA_BATCH) -> None:
+        super().__init__(lam, counts, centers, global_batch)
+        # Reuse MBA's lookup on n_j instead of 1/n_j.
         self.inv_counts = {t: torch.from_numpy(np.asarray(c, dtype=np.float32))
                            for t, c in counts.items()}
 
 
-class WholeTableL2:
+class WholeTableL2(RowPenalty):
     """Ordinary L2 over whole tables (Eq. 5), for comparison with MBA.
 
-    Every row j of every table gets grad_j += (λ / S) · w_j at every step, S = steps per epoch:
-    Eq. 5's λ‖W‖² spread evenly over an epoch's mini-batches, i.e. exactly the objective that MBA
-    (Eq. 6/7) approximates by touching only the rows in the batch. Untouched rows therefore get an
-    optimizer update too, so a step costs O(table rows), which is the point of the comparison
-    (`benchmarks/mba_cost.py`). Note that with Adam the update of an untouched row is
-    scale-free (about lr·sign(w_j)), so rare ids shrink fast whatever λ is.
+    Every row j of every table gets penalty_j = (λ / S) · w_j at every step, S = steps per
+    epoch: Eq. 5's λ‖W‖² spread evenly over an epoch's mini-batches, i.e. exactly the objective
+    that MBA (Eq. 6/7) approximates by touching only the rows in the batch. Untouched rows
+    therefore get an optimizer update too, so a step costs O(table rows), which is the point of
+    the comparison (`benchmarks/mba_cost.py`). In the coupled form under Adam the update of an
+    untouched row is scale-free (about lr·sign(w_j)), so rare ids shrink fast whatever λ is.
     """
 
     whole_tables = True
 
-    def __init__(self, lam: float, steps_per_epoch: int = 1) -> None:
-        if lam < 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
+    def __init__(self, lam: float, steps_per_epoch: int = 1,
+                 centers: dict[str, Tensor] | None = None,
+                 global_batch: int = LAMBDA_BATCH) -> None:
+        super().__init__(lam, centers, global_batch)
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-        self.lam = lam
-        self.coef = lam / steps_per_epoch
+        self.coef = 1.0 / steps_per_epoch
 
-    def __call__(self, table: str, ids: Tensor, rows: Tensor, grad: Tensor) -> Tensor:
-        return grad + self.coef * rows
-
-    def to(self, device: torch.device | str) -> WholeTableL2:
-        return self  # holds no tensors
+    def weights(self, table: str, ids: Tensor) -> float:
+        return self.coef
 
     @staticmethod
     def expand(tables, gradients: dict[str, tuple[Tensor, Tensor]]
                ) -> dict[str, tuple[Tensor, Tensor]]:
         """Touched-row gradients -> gradients over every row this worker owns (zeros where the
-        batch did not touch a row), so the optimizer and `__call__` visit the whole table.
+        batch did not touch a row), so the optimizer and `penalty` visit the whole table.
 
         Args:
             tables: the `EmbeddingTables` (its row blocks and weights).
@@ -216,14 +272,23 @@ GRADIENT_REGULARIZERS = ("mba", "l2", "difacto")
 
 
 def build_regularizer(name: str, lam: float, counts: dict[str, np.ndarray],
-                      steps_per_epoch: int = 1) -> Regularizer | None:
-    """The gradient regularizer for `--reg name`; None for none/dropout/filter or λ = 0."""
+                      steps_per_epoch: int = 1, global_batch: int = LAMBDA_BATCH,
+                      centers: dict[str, Tensor] | None = None) -> RowPenalty | None:
+    """The gradient regularizer for `--reg name`; None for none/dropout/filter or λ = 0.
+
+    Args:
+        name, lam: `--reg` and `--lam`.
+        counts: table -> n_j (mba, difacto).
+        steps_per_epoch: global steps per epoch (l2).
+        global_batch: samples per step over all workers (see `RowPenalty`).
+        centers: table -> rows the penalty pulls towards instead of zero.
+    """
     if name not in REGULARIZERS:
         raise ValueError(f"reg must be one of {REGULARIZERS}, got {name!r}")
     if name not in GRADIENT_REGULARIZERS or lam == 0:
         return None
     if name == "mba":
-        return MiniBatchAware(lam, counts)
+        return MiniBatchAware(lam, counts, centers, global_batch)
     if name == "difacto":
-        return DiFacto(lam, counts)
-    return WholeTableL2(lam, steps_per_epoch)
+        return DiFacto(lam, counts, centers, global_batch)
+    return WholeTableL2(lam, steps_per_epoch, centers, global_batch)

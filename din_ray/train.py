@@ -35,7 +35,15 @@ from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.embedding import EmbeddingTables, RowWiseOptimizer
 from din_ray.metrics import evaluate_predictions
 from din_ray.model import CTRModel, ModelConfig, Popularity, build_model
-from din_ray.regularization import REGULARIZERS, IdDropout, IdFilter, build_regularizer
+from din_ray.regularization import (
+    GRADIENT_REGULARIZERS,
+    REG_FORMS,
+    REGULARIZERS,
+    IdDropout,
+    IdFilter,
+    RowPenalty,
+    build_regularizer,
+)
 from din_ray.schema import PAD_ID, Schema
 
 log = logging.getLogger(__name__)
@@ -74,7 +82,11 @@ class TrainConfig:
     init_from: str = ""
     # optimisation
     reg: str = "mba"  # one of din_ray.regularization.REGULARIZERS
-    lam: float = 0.01
+    lam: float = 0.01  # for a global batch of regularization.LAMBDA_BATCH (256) samples
+    # How the embedding optimizer applies mba/difacto/l2: "decoupled" (after the update, as
+    # AdamW; under Adam λ keeps its meaning) or "coupled" (added to the gradient, Eq. 7 as
+    # written). Identical under SGD.
+    reg_form: str = "decoupled"
     filter_top_k: int = 0  # reg="filter": ids kept per table (the most frequent)
     id_dropout: float = 0.5  # reg="dropout": share of a sample's ids discarded (paper: 50 %)
     optimizer: str = "adam"
@@ -139,6 +151,8 @@ class TrainConfig:
             raise ValueError(f"bias_init must be 'popularity' or 'zero', got {self.bias_init!r}")
         if self.reg not in REGULARIZERS:
             raise ValueError(f"reg must be one of {REGULARIZERS}, got {self.reg!r}")
+        if self.reg_form not in REG_FORMS:
+            raise ValueError(f"reg_form must be one of {REG_FORMS}, got {self.reg_form!r}")
         if self.reg == "filter" and self.filter_top_k < 1:
             raise ValueError("reg='filter' needs filter_top_k >= 1 (ids kept per table), got "
                              f"{self.filter_top_k}")
@@ -358,9 +372,10 @@ class BatchRegularizer:
 
 
 def tables_without_counts(model: CTRModel, counts: dict[str, np.ndarray]) -> list[str]:
-    """Tables of `model` with no n_j in `counts`, neither their own nor, for `<table>.<suffix>`,
-    their base table's (the fallback of `MiniBatchAware._inv`)."""
-    return [t for t in model.table_specs() if t not in counts and t.split(".", 1)[0] not in counts]
+    """Tables of `model` with no n_j of their own in `counts`. A derived table (`item_id.bias`,
+    `item_id.w_hist_item_id`) is looked up by fewer keys than its base table, whose n_j also
+    counts the history occurrences, so it is counted on its own (`table_counts`)."""
+    return [t for t in model.table_specs() if t not in counts]
 
 
 def table_counts(model: CTRModel, tables: list[str], batches) -> dict[str, np.ndarray]:
@@ -412,21 +427,46 @@ def _fit_popularity(model: Popularity, tables: EmbeddingTables, env: WorkerEnv) 
     return float(nll / shows.sum().clamp(min=1))
 
 
-def _init_bias_from_popularity(model: CTRModel, tables: EmbeddingTables, env: WorkerEnv,
-                               cfg: TrainConfig) -> None:
-    """Start the candidate's bias row at its smoothed training click rate (as a logit).
+def bias_prior(model: CTRModel, env: WorkerEnv, cfg: TrainConfig) -> dict[str, Tensor]:
+    """The candidate's bias rows at its smoothed training click rate (as a logit), which
+    `bias_init="popularity"` starts them at. -> {"<table>.bias": (vocab, 1)}, {} without one.
 
     The model then starts where the popularity baseline ends, and early stopping on validation
     keeps only what the history adds on top. Without it a rare item's bias moves about one
-    learning rate per touch and the model never learns item quality on small data.
+    learning rate per touch and the model never learns item quality on small data. The
+    regularizers pull these rows towards the prior rather than towards logit 0.
     """
     candidate = model.schema.ad_features[0]
     name = f"{candidate.table}.bias"
-    if name not in tables.specs:
-        return
+    if name not in model.table_specs():
+        return {}
     clicks, shows = click_counts(candidate.name, model.schema.label, env.train_batches(0), env,
                                  candidate.vocab_size)
-    tables.set_rows(name, Popularity.table_from_counts(clicks, shows, cfg.smoothing).float())
+    return {name: Popularity.table_from_counts(clicks, shows, cfg.smoothing).float()}
+
+
+def embedding_regularizer(cfg: TrainConfig, model: CTRModel, dataset: PreparedDataset,
+                          env: WorkerEnv, data_reg: BatchRegularizer,
+                          centers: dict[str, Tensor]) -> RowPenalty | None:
+    """The gradient regularizer of `cfg.reg` for this run (None when there is none).
+
+    n_j per table: the prepared `counts.npz` for the feature tables, counted from the training
+    split (summed over workers) for the others: bias and first-order tables (n_j = samples
+    whose lookups of that table hold j, e.g. whose candidate is j), hashed crosses. λ is scaled
+    for the global batch, `cfg.batch_size` × workers (`din_ray.regularization.LAMBDA_BATCH`).
+    """
+    if cfg.reg not in GRADIENT_REGULARIZERS or cfg.lam == 0:
+        return None
+    counts = dataset.counts()
+    missing = tables_without_counts(model, counts)
+    if cfg.reg in ("mba", "difacto") and missing:
+        local = table_counts(model, missing, data_reg.eval(env.train_batches(0)))
+        counts = {**counts, **{t: env.all_reduce_sum(torch.from_numpy(c)).numpy()
+                               for t, c in local.items()}}
+    global_batch = cfg.batch_size * env.world_size
+    steps_per_epoch = math.ceil(dataset.num_rows("train") / global_batch)
+    return build_regularizer(cfg.reg, cfg.lam, counts, max(steps_per_epoch, 1),
+                             global_batch=global_batch, centers=centers)
 
 
 def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
@@ -446,29 +486,27 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
     if params:
         dense_opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
                      else torch.optim.SGD(params, lr=cfg.lr))
-    sparse_opt = RowWiseOptimizer(tables, cfg.optimizer, lr=cfg.sparse_lr or cfg.lr)
+    sparse_opt = RowWiseOptimizer(tables, cfg.optimizer, lr=cfg.sparse_lr or cfg.lr,
+                                  reg_form=cfg.reg_form)
     data_reg = BatchRegularizer(cfg, dataset, env.rank)
-    counts = dataset.counts()
-    missing = tables_without_counts(model, counts)
-    if cfg.reg in ("mba", "difacto") and cfg.lam > 0 and missing:
-        local = table_counts(model, missing, data_reg.eval(env.train_batches(0)))
-        counts = {**counts, **{t: env.all_reduce_sum(torch.from_numpy(c)).numpy()
-                               for t, c in local.items()}}
-    steps_per_epoch = math.ceil(dataset.num_rows("train") / (cfg.batch_size * env.world_size))
-    regularizer = build_regularizer(cfg.reg, cfg.lam, counts, max(steps_per_epoch, 1))
+    resume = env.latest_checkpoint()
+    regularized = cfg.reg in GRADIENT_REGULARIZERS and cfg.lam > 0
+    prior = {}
+    if cfg.bias_init == "popularity" and not counting and (resume is None or regularized):
+        prior = bias_prior(model, env, cfg)  # the warm start, and the penalty's centre
+    regularizer = embedding_regularizer(cfg, model, dataset, env, data_reg, prior)
     if regularizer is not None:
         regularizer = regularizer.to(env.device)
     dense_model = env.wrap_dense(model) if params else model
 
     history: list[dict] = []
     start_epoch = 0
-    resume = env.latest_checkpoint()
     if resume is not None:
         start_epoch, history = _restore(resume, model, tables, dense_opt, sparse_opt)
         log.info("resuming from %s at epoch %d", resume, start_epoch)
     else:
-        if cfg.bias_init == "popularity" and not counting:
-            _init_bias_from_popularity(model, tables, env, cfg)  # rows new to init_from keep it
+        for name, rows in prior.items():
+            tables.set_rows(name, rows)  # rows new to init_from keep it
         if cfg.init_from:
             from din_ray.warm_start import init_from_checkpoint
 

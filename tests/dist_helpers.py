@@ -21,7 +21,7 @@ from din_ray.embedding import EmbeddingTables, IdRangeError, RowWiseOptimizer, r
 from din_ray.model import TableSpec, build_model
 from din_ray.regularization import build_regularizer
 from din_ray.sharding import ShardedEmbeddingTables, embedding_group
-from din_ray.train import TrainConfig, forward, to_torch
+from din_ray.train import TrainConfig, forward, table_counts, tables_without_counts, to_torch
 
 
 def _entry(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> None:
@@ -74,9 +74,11 @@ def train_steps(rank: int, world: int, data: str, replicate_below: int, steps: i
                                         replicate_below=replicate_below, group=embedding_group())
         dense = torch.nn.parallel.DistributedDataParallel(model)
     dense_opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sparse_opt = RowWiseOptimizer(tables, "adam", lr=cfg.lr)
-    regularizer = build_regularizer("mba", cfg.lam, dataset.counts())
+    sparse_opt = RowWiseOptimizer(tables, "adam", lr=cfg.lr, reg_form=cfg.reg_form)
     rows = dataset.read_split("train")
+    counts = {**dataset.counts(), **table_counts(model, tables_without_counts(
+        model, dataset.counts()), iter([rows]))}
+    regularizer = build_regularizer("mba", cfg.lam, counts, global_batch=global_batch)
     share = global_batch // world
     losses = []
     for step in range(steps):
