@@ -182,9 +182,9 @@ class Dice(nn.Module):
             # eight elementwise passes.
             z, mean, invstd = torch.native_batch_norm(rows, None, None, None, None, True, 0.0,
                                                       self.eps)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(invstd.pow(-2) - self.eps, self.momentum)
+            with torch.no_grad():  # fp32 moving averages, also under bf16 autocast
+                self.running_mean.lerp_(mean.float(), self.momentum)
+                self.running_var.lerp_(invstd.float().pow(-2) - self.eps, self.momentum)
             z = z.reshape(x.shape)
         else:
             mean, var = self._statistics(rows, mask)
@@ -203,8 +203,8 @@ class Dice(nn.Module):
         mean = rows.mean(0)
         var = rows.var(0, unbiased=False)
         with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var, self.momentum)
+            self.running_mean.lerp_(mean.float(), self.momentum)
+            self.running_var.lerp_(var.float(), self.momentum)
         return mean, var
 
 

@@ -16,6 +16,7 @@ how tables are sharded, how dense gradients are synchronised and where checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -258,8 +259,10 @@ def to_torch(batch: dict[str, np.ndarray], device: torch.device | None = None
 
 
 def dense_autocast(device: torch.device, precision: str):
-    """The autocast context of the dense part: bf16 for precision="bf16", else disabled."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """The autocast context of the dense part: bf16 for precision="bf16", else none."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def enable_tf32() -> None:
