@@ -42,6 +42,9 @@ from din_ray.schema import PAD_ID, Schema
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
+# Benchmark instrumentation: cfg.extra[STEP_LOSSES_KEY] = a file path makes rank 0 append each
+# epoch's per-step losses there as one JSON line (benchmarks/gpu_check.py compares GPU and CPU).
+STEP_LOSSES_KEY = "step_losses_file"
 
 
 @dataclass(frozen=True)
@@ -528,6 +531,7 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
     t0 = time.perf_counter()
     batches = iter(data_reg.train(env.train_batches(epoch), epoch))
     waited = 0.0
+    step_losses: list[Tensor] | None = [] if cfg.extra.get(STEP_LOSSES_KEY) else None
     while True:
         t_wait = time.perf_counter()
         batch = next(batches, None)
@@ -539,6 +543,8 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
                           regularizer, cfg.precision)
         n = len(batch[dataset.schema.label])
         total_loss += loss.detach().double() * n
+        if step_losses is not None:
+            step_losses.append(loss.detach())
         seen += n
         steps += 1
         if env.rank == 0 and steps % max(1, expected // 10) == 0:
@@ -546,6 +552,10 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
             log.info("epoch %d: %3.0f%% (%d steps, loss %.4f, %.0f samples/s/worker, %.0f%% of "
                      "the time waiting for data)", epoch + 1, min(100.0, 100.0 * steps / expected),
                      steps, float(total_loss) / seen, seen / elapsed, 100.0 * waited / elapsed)
+    if step_losses is not None and env.rank == 0:
+        with open(cfg.extra[STEP_LOSSES_KEY], "a") as f:
+            f.write(json.dumps(torch.stack(step_losses).cpu().tolist() if step_losses else [])
+                    + "\n")
     stats = env.all_reduce_sum(torch.stack([total_loss.cpu(),
                                             torch.tensor(float(seen), dtype=torch.float64)]))
     return float(stats[0] / max(stats[1], 1)), int(stats[1]), waited
