@@ -82,7 +82,7 @@ def fake_train_step(model: str = "din") -> None:
             assert all(v.device == FAKE for v in state.values())
 
 
-@pytest.mark.parametrize("model", ["din", "base"])
+@pytest.mark.parametrize("model", ["din", "base", "lr", "wide_deep", "pnn", "deepfm"])
 def test_training_step_stays_on_the_device(model):
     fake_train_step(model)
 
