@@ -191,10 +191,12 @@ class Dice(nn.Module):
     @torch.no_grad()
     def _track(self, mean: Tensor, var: Tensor) -> None:
         """Fold one batch's statistics (C,) into the running averages."""
-        self.num_batches_tracked += 1
-        weight = max(self.momentum, 1.0 / float(self.num_batches_tracked))
-        self.running_mean.lerp_(mean, weight)
-        self.running_var.lerp_(var, weight)
+        with torch.no_grad():  # fp32 moving averages, also under bf16 autocast
+            self.num_batches_tracked += 1
+            # A tensor weight, so a step on a GPU does not wait to read the count on the host.
+            weight = (1.0 / self.num_batches_tracked.float()).clamp(min=self.momentum)
+            self.running_mean.lerp_(mean.float(), weight)
+            self.running_var.lerp_(var.float(), weight)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])  # (N, C)

@@ -42,13 +42,18 @@ def build_app(args: dict):
 
 def app_config(args: argparse.Namespace, checkpoint: Path) -> dict:
     """The Serve config (serve/config.yaml's schema) for the command line's settings."""
+    app = load_app_module()
+    # Unset batching options take the defaults of the replica's kind (GPU or CPU).
+    default = app.BatchingConfig.default(args.gpus_per_replica)
+    max_batch_size = args.max_batch_size or default.max_batch_size
+    wait_s = (default.batch_wait_timeout_s if args.batch_wait_ms is None
+              else args.batch_wait_ms / 1e3)
     build_args = {"checkpoint": str(checkpoint), "max_candidates": args.max_candidates,
                   "max_body_bytes": args.max_body_bytes, "threads": args.threads,
-                  "num_replicas": args.replicas,
-                  "max_ongoing_requests": max(args.max_ongoing_requests, args.max_batch_size)}
-    user_config = {"max_batch_size": args.max_batch_size,
-                   "batch_wait_timeout_s": args.batch_wait_ms / 1e3}
-    return load_app_module().app_config(build_args, host=args.host, port=args.port,
+                  "num_replicas": args.replicas, "gpus_per_replica": args.gpus_per_replica,
+                  "max_ongoing_requests": max(args.max_ongoing_requests, max_batch_size)}
+    user_config = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}
+    return app.app_config(build_args, host=args.host, port=args.port,
                                         user_config=user_config, access_log=args.access_log)
 
 
@@ -88,10 +93,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint, train output (checkpoint/) or tune output (best.json)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=1024,
-                   help="candidates (not requests) merged into one forward pass")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0,
-                   help="how long a batch waits to fill")
+    p.add_argument("--max-batch-size", type=int, default=None,
+                   help="candidates (not requests) merged into one forward pass "
+                        "(default 1024; 8192 with --gpus-per-replica)")
+    p.add_argument("--batch-wait-ms", type=float, default=None,
+                   help="how long a batch waits to fill (default 2; 5 with --gpus-per-replica)")
+    p.add_argument("--gpus-per-replica", type=float, default=0,
+                   help="GPUs per replica; the replica holds the model on its GPU")
     p.add_argument("--max-ongoing-requests", type=int, default=1024,
                    help="requests in flight per replica (raised to the batch size if lower)")
     p.add_argument("--max-candidates", type=int, default=1000, help="per request")

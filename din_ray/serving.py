@@ -484,15 +484,18 @@ class Scorer:
     batch through their own `forward`.
     """
 
-    def __init__(self, model: CTRModel, tables: EmbeddingTables, schema: Schema) -> None:
-        self.model, self.tables, self.schema = model.eval(), tables.eval(), schema
+    def __init__(self, model: CTRModel, tables: EmbeddingTables, schema: Schema,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model, self.tables = model.to(self.device).eval(), tables.to(self.device).eval()
+        self.schema = schema
         self.user_side = tuple(f for f in schema.features if f.group in USER_SIDE)
         self.ad_side = schema.ad_features
         self.shared = model.shares_user_side
 
     def batch(self, requests: Sequence[ParsedRequest]) -> tuple[dict[str, Tensor], Tensor]:
-        """Dense ids of `requests`: user-side features (U, ...) and ad features (C,), and the
-        request row of every candidate, owner (C,)."""
+        """Dense ids of `requests` on the scorer's device: user-side features (U, ...) and ad
+        features (C,), and the request row of every candidate, owner (C,)."""
         batch: dict[str, Tensor] = {}
         for f in self.user_side:
             if f.is_sequence:
@@ -502,8 +505,10 @@ class Scorer:
         for f in self.ad_side:
             batch[f.name] = torch.from_numpy(np.concatenate([r.candidates[f.name]
                                                              for r in requests]))
-        counts = torch.tensor([r.num_candidates for r in requests])
-        owner = torch.repeat_interleave(torch.arange(len(requests)), counts)  # (C,)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        counts = torch.tensor([r.num_candidates for r in requests], device=self.device)
+        owner = torch.repeat_interleave(torch.arange(len(requests), device=self.device),
+                                        counts)  # (C,)
         return batch, owner
 
     def logits(self, requests: Sequence[ParsedRequest]) -> tuple[Tensor, Tensor | None]:
@@ -519,7 +524,9 @@ class Scorer:
 
     def score(self, requests: Sequence[ParsedRequest]) -> list[Scores]:
         logits, weights = self.logits(requests)
-        probs = torch.sigmoid(logits).tolist()
+        probs = torch.sigmoid(logits).tolist()  # the batch's one copy to the host
+        if weights is not None:
+            weights = weights.cpu() if any(r.explain for r in requests) else None
         out, start = [], 0
         for r in requests:
             end = start + r.num_candidates
@@ -544,16 +551,19 @@ class ServedModel:
     version: str
 
     @classmethod
-    def load(cls, path: str | Path, limits: RequestLimits | None = None) -> ServedModel:
+    def load(cls, path: str | Path, limits: RequestLimits | None = None,
+             device: torch.device | str = "cpu") -> ServedModel:
         """Load the checkpoint at `path` (see `resolve_checkpoint`) with safe deserialisation
-        only: JSON, Parquet and `torch.load(weights_only=True)` inside `din_ray.checkpoint`."""
+        only: JSON, Parquet and `torch.load(weights_only=True)` inside `din_ray.checkpoint`.
+        The weights are read on the host and then moved to `device` (a replica's GPU), so any
+        checkpoint serves on any device."""
         path = resolve_checkpoint(path).resolve()
         model, tables, ckpt = load_model(path)
         parser = RequestParser(ckpt.schema, load_vocabularies(path, ckpt.schema), limits)
         name = str(ckpt.config.get("model", type(model).__name__))
-        served = cls(path, ckpt, parser, Scorer(model, tables, ckpt.schema), name,
+        served = cls(path, ckpt, parser, Scorer(model, tables, ckpt.schema, device), name,
                      checkpoint_version(path))
-        log.info("serving %s version %s from %s", name, served.version, path)
+        log.info("serving %s version %s from %s on %s", name, served.version, path, device)
         return served
 
     @property

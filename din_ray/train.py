@@ -16,6 +16,7 @@ how tables are sharded, how dense gradients are synchronised and where checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,6 +50,9 @@ from din_ray.schema import PAD_ID, Schema
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16")
+# Benchmark instrumentation: cfg.extra[STEP_LOSSES_KEY] = a file path makes rank 0 append each
+# epoch's per-step losses there as one JSON line (benchmarks/gpu_check.py compares GPU and CPU).
+STEP_LOSSES_KEY = "step_losses_file"
 
 
 @dataclass(frozen=True)
@@ -285,8 +289,10 @@ def to_torch(batch: dict[str, np.ndarray], device: torch.device | None = None
 
 
 def dense_autocast(device: torch.device, precision: str):
-    """The autocast context of the dense part: bf16 for precision="bf16", else disabled."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """The autocast context of the dense part: bf16 for precision="bf16", else none."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def enable_tf32() -> None:
@@ -590,6 +596,7 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
     t0 = time.perf_counter()
     batches = iter(data_reg.train(env.train_batches(epoch), epoch))
     waited = 0.0
+    step_losses: list[Tensor] | None = [] if cfg.extra.get(STEP_LOSSES_KEY) else None
     while True:
         t_wait = time.perf_counter()
         batch = next(batches, None)
@@ -601,6 +608,8 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
                           regularizer, cfg.precision, f"train split, epoch {epoch + 1}")
         n = len(batch[dataset.schema.label])
         total_loss += loss.detach().double() * n
+        if step_losses is not None:
+            step_losses.append(loss.detach())
         seen += n
         steps += 1
         if env.rank == 0 and steps % max(1, expected // 10) == 0:
@@ -608,6 +617,10 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
             log.info("epoch %d: %3.0f%% (%d steps, loss %.4f, %.0f samples/s/worker, %.0f%% of "
                      "the time waiting for data)", epoch + 1, min(100.0, 100.0 * steps / expected),
                      steps, float(total_loss) / seen, seen / elapsed, 100.0 * waited / elapsed)
+    if step_losses is not None and env.rank == 0:
+        with open(cfg.extra[STEP_LOSSES_KEY], "a") as f:
+            f.write(json.dumps(torch.stack(step_losses).cpu().tolist() if step_losses else [])
+                    + "\n")
     stats = env.all_reduce_sum(torch.stack([total_loss.cpu(),
                                             torch.tensor(float(seen), dtype=torch.float64)]))
     return float(stats[0] / max(stats[1], 1)), int(stats[1]), waited

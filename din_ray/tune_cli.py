@@ -23,7 +23,7 @@ def _tune(args: argparse.Namespace) -> int:
         storage_path=args.storage_path, name=args.name, address=args.address,
         num_cpus=args.num_cpus)
     base = config_from_args(args, workers=args.workers_per_trial,
-                            cpus_per_worker=args.cpus_per_worker)
+                            cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu)
     try:
         result = (summarize_tune if args.summarize else run_tune)(settings, base)
     except NoResultError as e:
@@ -48,6 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="Ray Train workers of each trial")
     p.add_argument("--cpus-per-worker", type=float, default=1.0,
                    help="CPUs each training worker requests")
+    p.add_argument("--use-gpu", action="store_true",
+                   help="one GPU per training worker of every trial")
     p.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
                    help="trials at once (0 = as many as the cluster's CPUs hold)")
     p.add_argument("--grace-period", type=int, default=d.grace_period,

@@ -37,7 +37,7 @@ MODES = ("max", "min")
 # (tuples and dicts) that Optuna's categorical sampler cannot hold.
 NOT_TUNABLE = frozenset({
     "data", "output", "workers", "threads", "storage_path", "run_name", "address",
-    "max_failures", "use_gpu", "cpus_per_worker", "replicate_below", "epochs", "seed",
+    "max_failures", "use_gpu", "device", "cpus_per_worker", "replicate_below", "epochs", "seed",
     "eval_batch_size", "attention_hidden", "mlp_hidden", "extra",
 })
 

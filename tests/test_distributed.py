@@ -125,3 +125,9 @@ def test_killed_worker_recovers_and_rerun_resumes(ray_cluster, data, tmp_path):
     assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
     assert again["history"][:2] == result["history"]
     assert sorted(p.name for p in run_dir.glob("epoch-*"))[-1] == "epoch-0003"
+
+
+def test_use_gpu_without_a_gpu_fails_at_once(ray_cluster, data, tmp_path):
+    # The module's cluster has CPUs only: refused before any worker waits for a GPU.
+    with pytest.raises(ValueError, match="no GPU visible to Ray"):
+        run_ray(small_config(data, tmp_path / "out", use_gpu=True))

@@ -104,6 +104,7 @@ def test_model_info_and_health(server):
     assert "valid_gauc" in info["metrics"]
     assert info["model"]["checkpoint"].endswith("checkpoint")
     assert info["serving"]["max_batch_size"] == 64
+    assert info["serving"]["device"] == "cpu"  # no GPU given to the replica
     health = requests.get(f"{server['url']}/healthz", timeout=60)
     assert health.status_code == 200 and health.json()["status"] == "ok"
     assert health.json()["model"]["version"] == info["model"]["version"]
@@ -185,6 +186,14 @@ def test_config_yaml_and_cli_config_are_valid_serve_configs(tmp_path):
     assert deployment.user_config == {"max_batch_size": 2048, "batch_wait_timeout_s": 0.005}
     assert built.http_options.host == "127.0.0.1"
     assert built.applications[0].args["max_ongoing_requests"] == 2048
+
+    # --gpus-per-replica: GPUs reserved per replica and the GPU batching defaults.
+    args = parser.parse_args(["serve", "--checkpoint", str(tmp_path), "--gpus-per-replica", "1"])
+    gpu_app = serve_cli.app_config(args, tmp_path)["applications"][0]
+    assert gpu_app["args"]["gpus_per_replica"] == 1
+    assert gpu_app["deployments"][0]["user_config"] == {
+        "max_batch_size": app.GPU_MAX_BATCH_SIZE, "batch_wait_timeout_s": app.GPU_BATCH_WAIT_S}
+    assert app._actor_options(1)["num_gpus"] == 1 and "num_gpus" not in app._actor_options(0)
     with pytest.raises(ValueError, match="unknown build_app arguments"):
         app.build_app({"checkpoint": str(tmp_path), "max_batch": 3})
     with pytest.raises(ValueError, match="unknown user_config keys"):
