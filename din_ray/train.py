@@ -402,7 +402,8 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
         _init_bias_from_popularity(model, tables, env, cfg)
 
     def write_checkpoint(directory: Path, metrics: dict) -> None:
-        ckpt.write_worker_files(directory, tables, sparse_opt)
+        digests = ckpt.gather_shard_digests(ckpt.write_worker_files(directory, tables, sparse_opt),
+                                            tables.specs, env.world_size, env.all_reduce_sum)
         if env.rank == 0:
             dense = {"model": model.state_dict(),
                      "optimizer": dense_opt.state_dict() if dense_opt else {},
@@ -411,7 +412,8 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
             ckpt.write_manifest(directory, schema=schema, config=cfg.to_dict(), metrics=metrics,
                                 dense=dense, specs=tables.specs, world_size=env.world_size,
                                 vocab_dir=dataset.root / "vocab",
-                                id_remap=data_reg.filter.remap if data_reg.filter else None)
+                                id_remap=data_reg.filter.remap if data_reg.filter else None,
+                                shard_digests=digests)
 
     def close_epoch(epoch: int, lr: float, train_loss: float | None, seconds: float,
                     samples: int, data_seconds: float = 0.0) -> None:
