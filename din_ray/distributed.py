@@ -201,7 +201,7 @@ def check_config(cfg: TrainConfig) -> PreparedDataset:
         # fail on the first step.
         raise ValueError("use_gpu=True: the training loop (din_ray.train) does not place batches "
                          "and tables on the GPU yet; train on CPU workers")
-    dataset = PreparedDataset.open(cfg.data)
+    dataset = PreparedDataset.open(cfg.data, verify=True)  # once, here on the driver
     for split in SPLITS:
         files = dataset.files(split)
         if not files:
