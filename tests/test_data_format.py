@@ -37,12 +37,19 @@ def test_the_manifest_lists_every_file_with_size_and_digest(good):
     PreparedDataset.open(good, verify=True)
 
 
-def test_truncated_file_fails_naming_it(copy):
+def test_truncated_file_fails_naming_it(good, copy):
     f = _first(copy, "valid")
-    f.write_bytes(f.read_bytes()[:-10])
-    with pytest.raises(DataError, match="truncated") as e:
+    f.write_bytes(f.read_bytes()[:-10])  # the footer is gone
+    with pytest.raises(DataError, match="not a readable Parquet file") as e:
         PreparedDataset.open(copy)
     assert str(f) in str(e.value)
+    shutil.copyfile(_first(good, "valid"), f)
+    g = _first(copy, "test")  # a readable file with a row group cut off: only its size shows
+    table = pq.read_table(g)
+    pq.write_table(table.slice(0, len(table) - 1), g)
+    with pytest.raises(DataError, match="truncated") as e:
+        PreparedDataset.open(copy)
+    assert str(g) in str(e.value)
 
 
 def test_corrupted_file_of_the_right_size_fails_verification_naming_it(copy):

@@ -161,13 +161,15 @@ class PreparedDataset:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{manifest_path}: not valid JSON ({e})") from None
         ds = cls(root, Schema.load(root / "schema.json"), manifest)
-        ds._check_files(verify)
+        rows = {}
         for split in SPLITS:
             if not (root / split).is_dir():
                 raise DataError(f"{root / split}: split {split!r} is missing")
-            rows = sum(ds.check_file(path) for path in ds.files(split))
-            if "rows" in manifest and rows != ds.num_rows(split):
-                raise DataError(f"{root / split}: its files hold {rows} rows but {MANIFEST} "
+            rows[split] = sum(ds.check_file(path) for path in ds.files(split))
+        ds._check_files(verify)
+        for split, n in rows.items():
+            if "rows" in manifest and n != ds.num_rows(split):
+                raise DataError(f"{root / split}: its files hold {n} rows but {MANIFEST} "
                                 f"says {ds.num_rows(split)}; files are missing or replaced")
         return ds
 
