@@ -1,7 +1,8 @@
 """Sharded checkpoints that restore at any worker count.
 
     CKPT/
-      manifest.json                      written last: lists every file; its presence = complete
+      manifest.json                      written last: lists every file with its SHA-256;
+                                         its presence = complete
       schema.json, config.json, metrics.json
       dense.pt                           dense model state, dense optimizer state, step counts
       tables/<table>.<start>-<end>.pt    one row block per worker: weight (+ Adam moments)
@@ -13,12 +14,19 @@ Each worker writes its own row blocks (`write_worker_files`); rank 0 writes the 
 manifest (`write_manifest`). A reader asks for any row range (`Checkpoint.table_rows`) and gets it
 stitched from whichever blocks overlap it, so 2 workers' blocks restore into 1 or 3 workers.
 
+Opening a checkpoint verifies every file against the manifest's SHA-256 before anything is
+loaded, so a missing, truncated or corrupted file fails naming the file and no model is ever
+built from part of a checkpoint. Workers may write their blocks on other machines (Ray Train
+merges the directories), so their digests reach rank 0 through a collective
+(`gather_shard_digests`).
+
 Everything is read with `torch.load(weights_only=True)` (tensors and plain containers only, never
 arbitrary pickles) and JSON, so loading an untrusted checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -78,6 +86,31 @@ def publish(tmp: Path, final: Path) -> None:
     _fsync(final.parent)
 
 
+def file_digest(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _all_shard_files(specs: dict[str, TableSpec], world_size: int) -> list[str]:
+    return [shard_file(name, *row_block(s.num_rows, r, world_size))
+            for name, s in specs.items() for r in range(world_size)]
+
+
+def gather_shard_digests(local: dict[str, str], specs: dict[str, TableSpec], world_size: int,
+                         all_reduce_sum) -> dict[str, str]:
+    """Every worker's shard digests on every worker: each fills the rows of its own files in a
+    zero (files, 32) byte matrix, and a sum all-reduce (`all_reduce_sum`, the training
+    environment's) combines them exactly, since no two workers write the same file."""
+    files = _all_shard_files(specs, world_size)
+    table = torch.zeros(len(files), 32, dtype=torch.int64)
+    for i, name in enumerate(files):
+        if name in local:
+            table[i] = torch.tensor(list(bytes.fromhex(local[name])), dtype=torch.int64)
+    table = all_reduce_sum(table)
+    return {name: bytes(row.tolist()).hex() for name, row in zip(files, table)}
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -99,8 +132,10 @@ def _atomic_text(path: Path, text: str) -> None:
 
 
 def write_worker_files(directory: str | Path, tables: EmbeddingTables,
-                       optimizer: RowWiseOptimizer | None) -> None:
-    """Write this worker's row block of every table, with its optimizer moments."""
+                       optimizer: RowWiseOptimizer | None) -> dict[str, str]:
+    """Write this worker's row block of every table, with its optimizer moments; returns
+    their SHA-256 by file name (for the manifest)."""
+    digests = {}
     directory = Path(directory)
     for name, spec in tables.specs.items():
         # The worker's row_block, which is all it holds unless the table is replicated (then
@@ -112,14 +147,20 @@ def write_worker_files(directory: str | Path, tables: EmbeddingTables,
             blob.update({k: v[start - held:end - held].cpu().clone()
                          for k, v in optimizer.state_rows(name).items()})
         _atomic_torch_save(blob, directory / shard_file(name, start, end))
+        digests[shard_file(name, start, end)] = file_digest(directory / shard_file(name, start,
+                                                                                     end))
+    return digests
 
 
 def write_manifest(directory: str | Path, *, schema: Schema, config: dict, metrics: dict,
                    specs: dict[str, TableSpec], world_size: int, dense: dict,
                    vocab_dir: str | Path | None = None,
-                   id_remap: dict[str, np.ndarray] | None = None) -> None:
+                   id_remap: dict[str, np.ndarray] | None = None,
+                   shard_digests: dict[str, str] | None = None) -> None:
     """Rank 0: dense state, schema, config, metrics, vocabularies, the id filter's remapping
-    (`id_remap`, table -> (rows,) int64) when training used one, then the manifest (last)."""
+    (`id_remap`, table -> (rows,) int64) when training used one, then the manifest (last),
+    with the SHA-256 of every file: rank 0's own, and all workers' shards (`shard_digests`,
+    from `gather_shard_digests`; a single process may leave it None: its shards are here)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_torch_save(dense, directory / "dense.pt")
@@ -151,6 +192,11 @@ def write_manifest(directory: str | Path, *, schema: Schema, config: dict, metri
         },
         "files": ["dense.pt", "schema.json", "config.json", "metrics.json", *listed_files],
     }
+    shards = _all_shard_files(specs, world_size)
+    if shard_digests is None:
+        shard_digests = {f: file_digest(directory / f) for f in shards}
+    manifest["sha256"] = {**{f: file_digest(directory / f) for f in manifest["files"]},
+                          **{f: shard_digests[f] for f in shards}}
     _atomic_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
@@ -160,8 +206,9 @@ def save_local(directory: str | Path, *, tables: EmbeddingTables,
     directory = Path(directory)
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{time.time_ns()}")
     try:
-        write_worker_files(tmp, tables, optimizer)
-        write_manifest(tmp, specs=tables.specs, world_size=tables.world_size, **manifest_args)
+        digests = write_worker_files(tmp, tables, optimizer)
+        write_manifest(tmp, specs=tables.specs, world_size=tables.world_size,
+                       shard_digests=digests, **manifest_args)
         if directory.exists():
             trash = directory.with_name(f".{directory.name}.old-{time.time_ns()}")
             directory.rename(trash)
@@ -208,7 +255,7 @@ class Checkpoint:
         mpath = path / MANIFEST
         if not mpath.exists():
             raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint is incomplete")
-        manifest = json.loads(mpath.read_text())
+        manifest = _read_json(mpath)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{mpath}: format_version {manifest.get('format_version')!r} "
                                   f"is not {FORMAT_VERSION}")
@@ -224,12 +271,17 @@ class Checkpoint:
         missing = [f for f in listed.values() if not (path / f).exists()]
         if missing:
             raise CheckpointError(f"{path}: incomplete, missing {missing[:5]}")
+        # Checkpoints written before digests were recorded have no "sha256" and are trusted.
+        for name, digest in manifest.get("sha256", {}).items():
+            if file_digest(path / name) != digest:
+                raise CheckpointError(f"{path / name}: SHA-256 differs from the manifest's; the "
+                                      "file is corrupted or was changed after the checkpoint "
+                                      "was written")
         return cls(path, manifest, Schema.load(path / "schema.json"),
-                   json.loads((path / "config.json").read_text()),
-                   json.loads((path / "metrics.json").read_text()))
+                   _read_json(path / "config.json"), _read_json(path / "metrics.json"))
 
     def dense_state(self) -> dict:
-        return torch.load(self.path / "dense.pt", weights_only=True, map_location="cpu")
+        return _torch_load(self.path / "dense.pt")
 
     def table_specs(self) -> dict[str, TableSpec]:
         tables = self.manifest["tables"]
@@ -245,7 +297,7 @@ class Checkpoint:
             lo, hi = max(start, shard["start"]), min(end, shard["end"])
             if lo >= hi:
                 continue
-            blob = torch.load(self.path / shard["file"], weights_only=True, map_location="cpu")
+            blob = _torch_load(self.path / shard["file"])
             for key, value in blob.items():
                 parts.setdefault(key, []).append(value[lo - shard["start"]:hi - shard["start"]])
         return {k: torch.cat(v) for k, v in parts.items()}
@@ -265,6 +317,22 @@ class Checkpoint:
                 for key, value in optimizer.state_rows(name).items():
                     if key in rows:
                         value.copy_(rows[key])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _torch_load(path: Path) -> dict:
+    """A tensor file; one that cannot be read (truncated, not a torch file) names itself."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable tensor file ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
 
 
 def load_model(path: str | Path) -> tuple[CTRModel, EmbeddingTables, Checkpoint]:

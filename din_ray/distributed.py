@@ -234,7 +234,7 @@ class EvalSplitConfig(DataConfig):
 def check_config(cfg: TrainConfig) -> PreparedDataset:
     """Everything that can be checked before a worker starts; raises ValueError (or DataError /
     SchemaError, both ValueErrors) naming the directory, file, table or field at fault."""
-    dataset = PreparedDataset.open(cfg.data)
+    dataset = PreparedDataset.open(cfg.data, verify=True)  # once, here on the driver
     for split in SPLITS:
         files = dataset.files(split)
         if not files:

@@ -5,13 +5,20 @@
     curl -s 127.0.0.1:8000/v1/model
 
 Starts (or joins, with --address) a Ray cluster, deploys `serve/app.py`'s application and keeps
-it up until Ctrl-C or SIGTERM, then shuts Serve down. Binds 127.0.0.1 unless told otherwise.
+it up until Ctrl-C or SIGTERM, then shuts Serve down. Binds 127.0.0.1 unless told otherwise;
+any other address needs an API token (`--token-file`, or the DIN_RAY_SERVE_TOKEN environment
+variable) that clients send as `Authorization: Bearer <token>`, or an explicit `--insecure`:
+
+    din-ray serve --checkpoint runs/din --host 0.0.0.0 --token-file ~/.din-ray-token
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
+import ipaddress
+import os
 import signal
 import sys
 import time
@@ -34,6 +41,45 @@ def load_app_module():
         return importlib.import_module("serve.app")
 
 
+TOKEN_ENV = "DIN_RAY_SERVE_TOKEN"
+MIN_TOKEN_CHARS = 16  # guessing must stay hopeless: only the token's SHA-256 is checked
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def access_token(host: str, token_file: str | None, insecure: bool,
+                 environ: dict[str, str] | None = None) -> str | None:
+    """The API token for a server binding `host`: read from `token_file`, else the
+    DIN_RAY_SERVE_TOKEN environment variable; None when there is none.
+
+    Raises:
+        ValueError: `host` is not loopback and there is no token and no `insecure`; or the
+            token is shorter than MIN_TOKEN_CHARS characters.
+    """
+    environ = os.environ if environ is None else environ
+    if token_file is not None:
+        token, source = Path(token_file).read_text().strip(), token_file
+    else:
+        token, source = environ.get(TOKEN_ENV, "").strip(), f"${TOKEN_ENV}"
+    if token and len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(f"{source}: the API token has {len(token)} characters; use at least "
+                         f"{MIN_TOKEN_CHARS} (e.g. `python -c 'import secrets; "
+                         "print(secrets.token_urlsafe(32))'`)")
+    if not token and not is_loopback(host) and not insecure:
+        raise ValueError(f"--host {host} accepts connections from other machines: give an API "
+                         f"token with --token-file or ${TOKEN_ENV}, or pass --insecure to "
+                         "serve without one")
+    return token or None
+
+
 def build_app(args: dict):
     """Serve import target that works wherever din-ray is installed
     (`import_path: din_ray.serve_cli:build_app`): serve/app.py's `build_app`."""
@@ -52,6 +98,9 @@ def app_config(args: argparse.Namespace, checkpoint: Path) -> dict:
                   "max_body_bytes": args.max_body_bytes, "threads": args.threads,
                   "num_replicas": args.replicas, "gpus_per_replica": args.gpus_per_replica,
                   "max_ongoing_requests": max(args.max_ongoing_requests, max_batch_size)}
+    token = access_token(args.host, args.token_file, args.insecure)
+    if token is not None:
+        build_args["token_sha256"] = hashlib.sha256(token.encode()).hexdigest()
     user_config = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}
     return app.app_config(build_args, host=args.host, port=args.port,
                                         user_config=user_config, access_log=args.access_log)
@@ -110,4 +159,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", default=None, help="join this Ray cluster instead")
     p.add_argument("--temp-dir", default=None, help="Ray temp dir of the local cluster")
     p.add_argument("--access-log", action="store_true", help="log every request")
+    p.add_argument("--token-file", default=None,
+                   help=f"file holding the API token (else ${TOKEN_ENV}); required with a --host "
+                        "beyond loopback")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a --host beyond loopback without an API token")
     p.set_defaults(func=_serve)

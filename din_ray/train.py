@@ -520,7 +520,8 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
                                  cfg.model_config(), schema)
 
     def write_checkpoint(directory: Path, metrics: dict) -> None:
-        ckpt.write_worker_files(directory, tables, sparse_opt)
+        digests = ckpt.gather_shard_digests(ckpt.write_worker_files(directory, tables, sparse_opt),
+                                            tables.specs, env.world_size, env.all_reduce_sum)
         if env.rank == 0:
             # Host copies: a checkpoint written on GPUs loads anywhere.
             dense = {"model": _on_cpu(model.state_dict()),
@@ -530,7 +531,8 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
             ckpt.write_manifest(directory, schema=schema, config=cfg.to_dict(), metrics=metrics,
                                 dense=dense, specs=tables.specs, world_size=env.world_size,
                                 vocab_dir=dataset.root / "vocab",
-                                id_remap=data_reg.filter.remap if data_reg.filter else None)
+                                id_remap=data_reg.filter.remap if data_reg.filter else None,
+                                shard_digests=digests)
 
     def close_epoch(epoch: int, lr: float, train_loss: float | None, seconds: float,
                     samples: int, data_seconds: float = 0.0) -> None:

@@ -1,8 +1,9 @@
 """Deploy the CTR endpoint (Ray Serve) to the cluster this job is submitted to.
 
     ray job submit --working-dir . -- python jobs/serve.py \\
-        --checkpoint /mnt/shared/din/runs/tune --host 0.0.0.0 --port 8000 --replicas 2
-    curl -s http://HEAD_IP:8000/v1/model
+        --checkpoint /mnt/shared/din/runs/tune --host 0.0.0.0 --port 8000 --replicas 2 \
+        --token-file /mnt/shared/din/serve-token
+    curl -s -H "Authorization: Bearer $(cat serve-token)" http://HEAD_IP:8000/v1/model
 
 The arguments are `din-ray serve`'s (`din-ray serve --help`) without the local-Ray ones
 (--num-cpus, --temp-dir): the driver joins the cluster named by RAY_ADDRESS (set by the job
@@ -14,8 +15,9 @@ takes it down.
 
 --checkpoint (a checkpoint, a `din-ray train` output or a `din-ray tune` output) is resolved by
 the driver and loaded by every replica: on a multi-node cluster it must be a shared filesystem
-path. --host 0.0.0.0 makes the endpoint reachable from outside the head node; it has no
-authentication of its own, so keep it behind a private network or a proxy.
+path. --host 0.0.0.0 makes the endpoint reachable from outside the head node, and then needs an
+API token (--token-file or DIN_RAY_SERVE_TOKEN; every endpoint but /healthz checks it) or an
+explicit --insecure.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         address = _cluster_address(args.address, args.num_cpus, args.temp_dir)
         checkpoint = resolve_checkpoint(args.checkpoint).resolve()
-    except (ValueError, CheckpointError) as e:
+        config = app_config(args, checkpoint)
+    except (ValueError, CheckpointError, FileNotFoundError) as e:
         print(f"jobs/serve.py: error: {e}", file=sys.stderr)
         return 2
-    config = app_config(args, checkpoint)
 
     import ray
 

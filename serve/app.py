@@ -10,6 +10,11 @@
 Endpoints: POST /v1/ctr (request format in `din_ray.serving`), GET /v1/model, GET /v1/stats
 (this replica's batching counters), GET /healthz.
 
+Access. Given `token_sha256` (the hex SHA-256 of an API token; `din-ray serve` derives it from
+`--token-file` or DIN_RAY_SERVE_TOKEN and requires one to bind beyond loopback), every endpoint
+but /healthz answers 401 unless the request carries `Authorization: Bearer <token>`. Only the
+digest travels in the Serve config, which `serve status` and the dashboard show.
+
 Batching. `@serve.batch` merges concurrent requests into one forward pass. `max_batch_size`
 counts CANDIDATES, not requests (`batch_cost`): the forward pass costs what its candidates cost,
 so a batch takes requests while their candidates fit. A request is never split: its user side is
@@ -23,6 +28,8 @@ reads the endpoint annotations at run time to recognise the `Request` parameter.
 """
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import time
@@ -36,6 +43,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
+from starlette.exceptions import HTTPException
 
 from din_ray.serving import (
     ParsedRequest,
@@ -56,6 +64,15 @@ api = FastAPI(title="din-ray", description="DIN click-through-rate scoring")
 # GPU replicas: 8192 candidates (about forty 200-ad requests) per pass, waiting up to 5 ms.
 GPU_MAX_BATCH_SIZE = 8192
 GPU_BATCH_WAIT_S = 0.005
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Unknown paths and wrong methods answer in the same error format as bad bodies."""
+    field = "method" if exc.status_code == 405 else "path"
+    return JSONResponse({"error": {"field": field, "message": f"{exc.detail}: "
+                                   f"{request.method} {request.url.path}"}},
+                        status_code=exc.status_code, headers=exc.headers)
 
 
 @dataclass(frozen=True)
@@ -146,7 +163,7 @@ class BatchStats:
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, refusing early (413) once it is known to exceed `limit` bytes."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, "body", f"{declared} bytes exceeds the limit of {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -173,14 +190,18 @@ class CTRServer:
         checkpoint: checkpoint, train output or tune output directory (`resolve_checkpoint`).
         max_candidates, max_body_bytes: request limits (`RequestLimits`).
         threads: torch intra-op threads for this replica (match its num_cpus).
+        token_sha256: hex SHA-256 of the API token every endpoint but /healthz requires; None
+            leaves them open.
 
     The model lives on the replica's GPU when Ray gave it one (`ray_actor_options.num_gpus`,
     `gpus_per_replica` in `build_app`), else on the CPU.
     """
 
     def __init__(self, checkpoint: str, max_candidates: int = 1000,
-                 max_body_bytes: int = 1 << 20, threads: int = 1) -> None:
+                 max_body_bytes: int = 1 << 20, threads: int = 1,
+                 token_sha256: str | None = None) -> None:
         torch.set_num_threads(threads)
+        self.token_sha256 = token_sha256
         self.limits = RequestLimits(max_candidates=max_candidates, max_body_bytes=max_body_bytes)
         # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPUs, so its first one is cuda:0.
         self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
@@ -206,8 +227,24 @@ class CTRServer:
         # validated (and queued for the next batch) meanwhile.
         return await asyncio.to_thread(self.served.scorer.score, requests)
 
+    def _refused(self, request: Request) -> JSONResponse | None:
+        """401 unless the request carries the API token (when one is configured). Digests of
+        equal length are compared in constant time, so timing reveals nothing of the token."""
+        if self.token_sha256 is None:
+            return None
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).hexdigest()
+        if scheme.lower() == "bearer" and hmac.compare_digest(given, self.token_sha256):
+            return None
+        return JSONResponse({"error": {"field": "authorization", "message":
+                                       "missing or wrong API token; send 'Authorization: "
+                                       "Bearer <token>'"}},
+                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+
     @api.post("/v1/ctr")
     async def ctr(self, request: Request) -> JSONResponse:
+        if refused := self._refused(request):
+            return refused
         try:
             body = await _read_body(request, self.limits.max_body_bytes)
             parsed = self.served.parser.parse_body(body)
@@ -216,13 +253,13 @@ class CTRServer:
         scores = await self.score_batch(parsed)
         return JSONResponse(self.served.response(parsed, scores))
 
-    @api.get("/v1/model")
-    def model(self) -> dict:
-        return {**self.served.info(), "serving": self._serving()}
+    @api.get("/v1/model", response_model=None)
+    def model(self, request: Request) -> dict | JSONResponse:
+        return self._refused(request) or {**self.served.info(), "serving": self._serving()}
 
-    @api.get("/v1/stats")
-    def batch_stats(self) -> dict:
-        return {**self._serving(), **self.stats.to_dict()}
+    @api.get("/v1/stats", response_model=None)
+    def batch_stats(self, request: Request) -> dict | JSONResponse:
+        return self._refused(request) or {**self._serving(), **self.stats.to_dict()}
 
     @api.get("/healthz")
     def healthz(self) -> dict:
@@ -249,19 +286,22 @@ def _actor_options(gpus: float = 0) -> dict:
 
 BUILD_ARGS = ("checkpoint", "max_batch_size", "batch_wait_ms", "max_candidates",
               "max_body_bytes", "threads", "max_ongoing_requests", "num_replicas",
-              "gpus_per_replica")
+              "gpus_per_replica", "token_sha256")
 
 
 def build_app(args: dict) -> Application:
     """`serve run serve.app:build_app checkpoint=DIR [max_batch_size=N] [batch_wait_ms=MS]
     [max_candidates=N] [max_body_bytes=N] [threads=N] [max_ongoing_requests=N]
-    [num_replicas=N] [gpus_per_replica=N]` (values arrive as strings from the command line
-    or as YAML scalars from `serve/config.yaml`'s `args`)."""
+    [num_replicas=N] [gpus_per_replica=N] [token_sha256=HEX]` (values arrive as strings from the
+    command line or as YAML scalars from `serve/config.yaml`'s `args`)."""
     unknown = sorted(set(args) - set(BUILD_ARGS))
     if unknown:
         raise ValueError(f"unknown build_app arguments {unknown}; known: {list(BUILD_ARGS)}")
     if "checkpoint" not in args:
         raise ValueError("build_app needs checkpoint=DIR (a checkpoint, train or tune output)")
+    digest = str(args.get("token_sha256") or "").lower()
+    if digest and (len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError("token_sha256 must be the 64 hex digits of the token's SHA-256")
     # Resolved here, where the command was given, so that replicas get an absolute path and a
     # wrong one fails the deploy at once instead of crash-looping replicas.
     checkpoint = str(resolve_checkpoint(args["checkpoint"]).resolve())
@@ -276,8 +316,10 @@ def build_app(args: dict) -> Application:
     options: dict = {"user_config": asdict(batching), "ray_actor_options": _actor_options(gpus)}
     options.update({k: int(args[k]) for k in ("max_ongoing_requests", "num_replicas")
                     if k in args})
-    server_args = {k: int(args[k]) for k in ("max_candidates", "max_body_bytes", "threads")
-                   if k in args}
+    server_args: dict = {k: int(args[k]) for k in ("max_candidates", "max_body_bytes", "threads")
+                         if k in args}
+    if digest:
+        server_args["token_sha256"] = digest
     return CTRServer.options(**options).bind(checkpoint, **server_args)
 
 

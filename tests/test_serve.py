@@ -1,13 +1,15 @@
 """The Ray Serve app over real HTTP: a checkpoint trained here, one Serve instance per module.
 
 Covers scores equal to offline predictions, ordering, explain, every bad-input case (the server
-keeps serving), candidate-counted batches forming under concurrent load, and `user_config`
-reconfiguring the live replica's batch size without a restart.
+keeps serving), fuzzed hostile bodies (never a 5xx, the replica survives), the API token,
+candidate-counted batches forming under concurrent load, and `user_config` reconfiguring the
+live replica's batch size without a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import shutil
 import socket
@@ -16,7 +18,14 @@ import aiohttp
 import numpy as np
 import pytest
 import requests
-from serve_helpers import BAD_REQUESTS, offline_scores, payloads, start_local_ray, train_tiny
+from serve_helpers import (
+    BAD_REQUESTS,
+    fuzz_strategies,
+    offline_scores,
+    payloads,
+    start_local_ray,
+    train_tiny,
+)
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
@@ -26,6 +35,10 @@ from din_ray.serve_cli import load_app_module  # noqa: E402
 app = load_app_module()
 
 pytestmark = pytest.mark.timeout(400)
+
+# The module's app requires this token (as a server bound beyond loopback would).
+TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def _free_port() -> int:
@@ -40,7 +53,8 @@ def server(tmp_path_factory):
     run = train_tiny(root, "din")
     temp = start_local_ray(num_cpus=4)
     port = _free_port()
-    args = {"checkpoint": str(run), "max_candidates": 8, "max_body_bytes": 4000}
+    args = {"checkpoint": str(run), "max_candidates": 8, "max_body_bytes": 4000,
+            "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
     try:
         app.deploy(app.app_config(args, port=port, user_config={
             "max_batch_size": 64, "batch_wait_timeout_s": 0.05}))
@@ -54,16 +68,18 @@ def server(tmp_path_factory):
 
 def _post(server, payload, **kw) -> requests.Response:
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    return requests.post(f"{server['url']}/v1/ctr", data=data, timeout=60, **kw)
+    headers = {**AUTH, **kw.pop("headers", {})}
+    return requests.post(f"{server['url']}/v1/ctr", data=data, timeout=60, headers=headers,
+                         **kw)
 
 
 def _stats(server) -> dict:
-    return requests.get(f"{server['url']}/v1/stats", timeout=60).json()
+    return requests.get(f"{server['url']}/v1/stats", timeout=60, headers=AUTH).json()
 
 
 async def _burst(url: str, bodies: list[dict]) -> list[dict]:
     """Send all `bodies` at once; the replica may merge them into batches."""
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=AUTH) as session:
         async def one(body):
             async with session.post(f"{url}/v1/ctr", json=body) as r:
                 assert r.status == 200, await r.text()
@@ -98,7 +114,7 @@ def test_explain_returns_weights_per_behaviour_and_candidate(server):
 
 
 def test_model_info_and_health(server):
-    info = requests.get(f"{server['url']}/v1/model", timeout=60).json()
+    info = requests.get(f"{server['url']}/v1/model", timeout=60, headers=AUTH).json()
     assert info["schema"]["name"] == "tiny"
     assert info["vocab_sizes"] == {"item_id": 30, "cate_id": 6}
     assert "valid_gauc" in info["metrics"]
@@ -198,3 +214,84 @@ def test_config_yaml_and_cli_config_are_valid_serve_configs(tmp_path):
         app.build_app({"checkpoint": str(tmp_path), "max_batch": 3})
     with pytest.raises(ValueError, match="unknown user_config keys"):
         app.BatchingConfig.from_dict({"max_batch_size": 8, "wait": 1})
+
+
+def test_every_endpoint_but_healthz_needs_the_token(server):
+    url = server["url"]
+    body = json.dumps(payloads(server["root"] / "data", 1)[0]).encode()
+    for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"},
+                    {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}):
+        for r in (requests.post(f"{url}/v1/ctr", data=body, headers=headers, timeout=60),
+                  requests.get(f"{url}/v1/model", headers=headers, timeout=60),
+                  requests.get(f"{url}/v1/stats", headers=headers, timeout=60)):
+            assert r.status_code == 401, (headers, r.text)
+            assert r.json()["error"]["field"] == "authorization"
+    assert requests.get(f"{url}/healthz", timeout=60).status_code == 200
+    assert _post(server, body).status_code == 200
+    r = requests.get(f"{url}/v2/nothing", headers=AUTH, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["field"] == "path"
+    r = requests.get(f"{url}/v1/ctr", headers=AUTH, timeout=60)
+    assert r.status_code == 405 and r.json()["error"]["field"] == "method"
+
+
+def test_fuzzed_bodies_never_get_a_5xx_and_the_replica_survives(server):
+    """Hostile bodies over real HTTP (valid ones mutated at every position and type, raw byte
+    edits, pathological JSON): every answer is 200 or a 4xx JSON error naming a field, and the
+    same replica process still serves afterwards."""
+    hypothesis = pytest.importorskip("hypothesis")
+    bodies, pathological = fuzz_strategies()
+    valid = payloads(server["root"] / "data", 4, candidates=3, seed=11)
+    before = _stats(server)["replica"]
+    statuses: list[int] = []
+    session = requests.Session()
+    session.headers.update(AUTH)
+
+    def check(body: bytes) -> None:
+        r = session.post(f"{server['url']}/v1/ctr", data=body, timeout=60)
+        statuses.append(r.status_code)
+        assert r.status_code == 200 or 400 <= r.status_code < 500, (body[:200], r.text[:300])
+        if r.status_code == 200:
+            assert len(r.json()["scores"]) >= 1
+        else:
+            assert isinstance(r.json()["error"]["field"], str), r.text[:300]
+
+    for body in pathological(valid):
+        check(body)
+    hypothesis.settings(max_examples=800, deadline=None, database=None, derandomize=True)(
+        hypothesis.given(bodies(valid))(check))()
+    counts = {s: statuses.count(s) for s in sorted(set(statuses))}
+    print(f"fuzzed the Serve app with {len(statuses)} requests: statuses {counts}")
+    assert len(statuses) > 800 and counts.get(200, 0) > 0
+    assert requests.get(f"{server['url']}/healthz", timeout=60).status_code == 200
+    assert _stats(server)["replica"] == before  # the same process: nothing crashed it
+    assert _post(server, valid[0]).status_code == 200
+
+
+def test_binding_beyond_loopback_needs_a_token_or_insecure(tmp_path):
+    import argparse
+
+    from din_ray import serve_cli
+
+    parser = argparse.ArgumentParser()
+    serve_cli.register(parser.add_subparsers())
+
+    def config(*argv: str) -> dict:
+        args = parser.parse_args(["serve", "--checkpoint", str(tmp_path), *argv])
+        return serve_cli.app_config(args, tmp_path)["applications"][0]["args"]
+
+    assert "token_sha256" not in config()  # loopback: open unless a token is given
+    with pytest.raises(ValueError, match="--token-file or \\$DIN_RAY_SERVE_TOKEN"):
+        config("--host", "0.0.0.0")
+    assert "token_sha256" not in config("--host", "0.0.0.0", "--insecure")
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    digest = hashlib.sha256(TOKEN.encode()).hexdigest()
+    assert config("--host", "0.0.0.0", "--token-file", str(token))["token_sha256"] == digest
+    token.write_text("short")
+    with pytest.raises(ValueError, match="at least 16"):
+        config("--host", "10.1.2.3", "--token-file", str(token))
+    assert serve_cli.access_token("::1", None, False, environ={}) is None
+    assert serve_cli.access_token("example.com", None, False,
+                                  environ={"DIN_RAY_SERVE_TOKEN": TOKEN}) == TOKEN
+    with pytest.raises(ValueError, match="token_sha256 must be"):
+        app.build_app({"checkpoint": str(tmp_path), "token_sha256": "abc"})

@@ -1,6 +1,7 @@
 """The training loop run locally: outputs, best-epoch selection, checkpoints, resume, errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,6 +111,50 @@ def test_incomplete_checkpoint_and_bad_inputs_fail_clearly(data, tmp_path):
         TrainConfig.from_dict({"data": "x", "learning_rate": 1})
     with pytest.raises(ValueError, match="epochs"):
         TrainConfig(data="x", epochs=0)
+
+
+def test_missing_truncated_or_corrupted_checkpoint_files_fail_at_load_naming_the_file(
+        data, tmp_path):
+    import shutil
+
+    run_local(config(data, tmp_path / "run", epochs=1))
+    good = tmp_path / "run" / "checkpoint"
+    manifest = json.loads((good / "manifest.json").read_text())
+    shard = manifest["tables"]["item_id"]["shards"][0]["file"]
+    assert set(manifest["sha256"]) == {*manifest["files"], *(
+        s["file"] for t in manifest["tables"].values() for s in t["shards"])}
+
+    def broken(name: str, damage) -> Path:
+        copy = tmp_path / f"broken-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(good, copy)
+        damage(copy / name)
+        return copy
+
+    def flip_a_byte(f: Path) -> None:  # same size, one bit off: only a checksum sees it
+        raw = bytearray(f.read_bytes())
+        raw[len(raw) // 2] ^= 1
+        f.write_bytes(bytes(raw))
+
+    def truncate(f: Path) -> None:
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+    for name, damage, message in ((shard, Path.unlink, "missing"),
+                                  (shard, flip_a_byte, "SHA-256 differs"),
+                                  (shard, truncate, "SHA-256 differs"),
+                                  ("dense.pt", flip_a_byte, "SHA-256 differs"),
+                                  ("vocab/item_id.parquet", flip_a_byte, "SHA-256 differs"),
+                                  ("config.json", truncate, "SHA-256 differs")):
+        with pytest.raises(CheckpointError, match=message) as e:
+            load_model(broken(name, damage))
+        assert name in str(e.value), e.value
+    # A checkpoint from before digests were recorded still names an unreadable shard.
+    old = broken(shard, truncate)
+    del manifest["sha256"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="unreadable tensor file") as e:
+        load_model(old)
+    assert shard in str(e.value)
+    load_model(good)  # the original is untouched and loads
 
 
 def test_cli_train_and_evaluate(data, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """The prepared-dataset layout that every source writes and training, tuning and serving read.
 
     DIR/
-      dataset.json            manifest, written last: a directory without it is incomplete
+      dataset.json            manifest, written last: a directory without it is incomplete;
+                              lists every data file with its size and SHA-256
       schema.json             din_ray.schema.Schema
       counts.npz              per table: int64 n_j = number of training samples containing id j
       vocab/<table>.parquet   raw id (string) -> dense id (int32), for tables built from raw ids
@@ -13,10 +14,17 @@ oldest behaviour first, PAD (0) after the last real one.
 
 A `DatasetWriter` builds everything in a sibling temporary directory and renames it into place,
 so a crash never leaves a half-written dataset where a reader would pick it up.
+
+`PreparedDataset.open` checks what is cheap on every open (each worker opens the data): every
+split is there, every listed file exists at its recorded size (a truncated copy fails), no file
+is missing or unlisted, every Parquet footer reads, matches the schema and adds up to the
+manifest's row counts; `verify=True` (done once per run, by the driver) also compares
+SHA-256s, which catches a corrupted file of the right size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -189,7 +197,9 @@ class PreparedDataset:
     manifest: dict
 
     @classmethod
-    def open(cls, root: str | Path) -> PreparedDataset:
+    def open(cls, root: str | Path, verify: bool = False) -> PreparedDataset:
+        """Open and check the dataset at `root` (see the module docstring); `verify` also
+        compares every file's SHA-256 with the manifest's (reads all the data once)."""
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: prepared data directory not found")
@@ -197,16 +207,49 @@ class PreparedDataset:
         if not manifest_path.exists():
             raise DataError(
                 f"{root}: no {MANIFEST}; not a prepared din-ray dataset (or incomplete)")
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{manifest_path}: not valid JSON ({e})") from None
         ds = cls(root, Schema.load(root / "schema.json"), manifest)
+        rows = {}
         for split in SPLITS:
-            for k, path in enumerate(ds.files(split)):
-                if k == 0:
-                    ds.check_file(path)
+            if not (root / split).is_dir():
+                raise DataError(f"{root / split}: split {split!r} is missing")
+            rows[split] = sum(ds.check_file(path) for path in ds.files(split))
+        ds._check_files(verify)
+        for split, n in rows.items():
+            if "rows" in manifest and n != ds.num_rows(split):
+                raise DataError(f"{root / split}: its files hold {n} rows but {MANIFEST} "
+                                f"says {ds.num_rows(split)}; files are missing or replaced")
+        for split in SPLITS:
+            for path in ds.files(split):
                 # An id past its table would index another row (-1: the last) or fail in one
                 # rank of a sharded run while the others wait: every file of every split.
                 check_file_ids(ds.schema, path)
         return ds
+
+    def _check_files(self, verify: bool) -> None:
+        """Every file the manifest lists is there at its size (and digest, with `verify`),
+        and no Parquet file is there that it does not list. (Datasets written before sizes
+        were recorded list none: only the Parquet checks apply.)"""
+        listed = self.manifest.get("files")
+        if listed is None:
+            return
+        for name, meta in listed.items():
+            path = self.root / name
+            if not path.exists():
+                raise DataError(f"{path}: listed in {MANIFEST} but missing")
+            if path.stat().st_size != meta["bytes"]:
+                raise DataError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says "
+                                f"{meta['bytes']}; the file is truncated or was replaced")
+            if verify and _sha256(path) != meta["sha256"]:
+                raise DataError(f"{path}: SHA-256 differs from {MANIFEST}'s; the file is "
+                                "corrupted or was changed after preparation")
+        for split in SPLITS:
+            for path in self.files(split):
+                if path.relative_to(self.root).as_posix() not in listed:
+                    raise DataError(f"{path}: not listed in {MANIFEST} (a stray file)")
 
     def files(self, split: str) -> list[Path]:
         if split not in SPLITS:
@@ -216,9 +259,14 @@ class PreparedDataset:
     def num_rows(self, split: str) -> int:
         return int(self.manifest.get("rows", {}).get(split, 0))
 
-    def check_file(self, path: Path) -> None:
-        """Fail fast when a Parquet file does not match the schema."""
-        got = pq.read_schema(path)
+    def check_file(self, path: Path) -> int:
+        """Fail fast when a Parquet file is unreadable or does not match the schema; returns
+        its row count (from the footer: no data is read)."""
+        try:
+            footer = pq.ParquetFile(path)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        got = footer.schema_arrow
         want = arrow_schema(self.schema)
         for field in want:
             idx = got.get_field_index(field.name)
@@ -230,6 +278,7 @@ class PreparedDataset:
                     f"{path}: column {field.name!r} has type {got.field(idx).type}, "
                     f"schema expects {field.type}"
                 )
+        return footer.metadata.num_rows
 
     def counts(self) -> dict[str, np.ndarray]:
         with np.load(self.root / COUNTS, allow_pickle=False) as z:
@@ -255,6 +304,11 @@ class PreparedDataset:
         return to_numpy(self.schema, pq.read_table(files))
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def iter_numpy_batches(
     files: list[Path], schema: Schema, batch_size: int, shuffle: bool = False, seed: int = 0,
     drop_last: bool = False,
@@ -271,7 +325,11 @@ def iter_numpy_batches(
         pf = pq.ParquetFile(files[i])
         groups = rng.permutation(pf.num_row_groups) if shuffle else range(pf.num_row_groups)
         for g in groups:
-            cols = to_numpy(schema, pf.read_row_group(int(g)))
+            try:
+                group = pf.read_row_group(int(g))
+            except (pa.ArrowException, OSError) as e:  # a data page that does not decode
+                raise DataError(f"{files[i]}: row group {g} unreadable ({e})") from None
+            cols = to_numpy(schema, group)
             if shuffle:
                 perm = rng.permutation(len(cols[schema.label]))
                 cols = {k: v[perm] for k, v in cols.items()}
@@ -374,8 +432,12 @@ class DatasetWriter:
             raise DataError(f"{self.output}: no training rows were produced")
         self.schema.save(self.tmp / "schema.json")
         np.savez(self.tmp / COUNTS, **self.counts)
+        files = sorted(p for p in self.tmp.rglob("*") if p.is_file())
         manifest = {"source": self.source, "params": self.params, "rows": self.rows,
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "files": {p.relative_to(self.tmp).as_posix():
+                              {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                              for p in files}}
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if self.output.exists():  # overwrite: swap, then delete the old copy
             trash = self.output.with_name(f".{self.output.name}.old-{time.time_ns()}")
