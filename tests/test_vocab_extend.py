@@ -134,3 +134,19 @@ def test_in_memory_source_of_another_source_is_refused(tmp_path):
         prepare_onto(previous, tmp_path / "day2", lambda tmp: _tiny(tmp, ["a"], 20, 1),
                      source="tiny")
     assert not (tmp_path / "day2").exists()
+
+
+def test_cli_prepare_synthetic_vocab_from_grows_the_vocabulary(tmp_path):
+    from din_ray.cli import main as cli_main
+
+    common = ["prepare", "synthetic", "--rows", "1500", "--max-history", "5"]
+    assert cli_main([*common, "--items", "200", "--output", str(tmp_path / "a")]) == 0
+    assert cli_main([*common, "--items", "260", "--seed", "1", "--output", str(tmp_path / "b"),
+                     "--vocab-from", str(tmp_path / "a")]) == 0
+    a, b = PreparedDataset.open(tmp_path / "a"), PreparedDataset.open(tmp_path / "b")
+    old, new = a.vocab("item_id"), b.vocab("item_id")
+    assert len(new) == 260 and all(new[r] == i for r, i in old.items())
+    assert b.manifest["params"]["vocab_from"] == str(tmp_path / "a")
+    # --count-decay without --vocab-from fails at once.
+    assert cli_main([*common, "--output", str(tmp_path / "c"), "--count-decay", "0.5"]) == 2
+    assert not (tmp_path / "c").exists()
