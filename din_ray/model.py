@@ -345,7 +345,7 @@ class TargetAttention(nn.Module):
         per_candidate = query @ (w_v - w_d).T + self.first.bias  # (C, H)
         if keys.shape[0] == 1:
             # One history (a serving request): broadcast it over the candidates, no copies.
-            mask = mask.expand(len(owner), -1)  # (C, L)
+            mask = mask.expand(query.shape[0], -1)  # (C, L)
         else:
             # Row copies (index_select: several times faster than x[owner] on CPU).
             keys, mask = keys.index_select(0, owner), mask.index_select(0, owner)  # (C, L, D)
