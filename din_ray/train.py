@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from din_ray import checkpoint as ckpt
@@ -208,6 +209,16 @@ class WorkerEnv:
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         return tensor
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Give every worker rank 0's copy of the model's buffers (Dice's running statistics),
+        the copy the checkpoint holds. A no-op in one process."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return
+        for buffer in model.buffers():
+            out = buffer.to(self.device)
+            dist.broadcast(out, src=0)
+            buffer.copy_(out)
 
     def latest_checkpoint(self) -> Path | None:
         return None
@@ -537,6 +548,10 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
     def close_epoch(epoch: int, lr: float, train_loss: float | None, seconds: float,
                     samples: int, data_seconds: float = 0.0) -> None:
         """Evaluate valid and test, append to the history, report with a checkpoint."""
+        # Under DDP each worker's last batch moved its own copy of the running statistics
+        # (DDP copies rank 0's buffers only at the next training forward): every worker
+        # evaluates with, and the checkpoint holds, rank 0's.
+        env.sync_buffers(model)
         metrics = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
                    "train_samples": samples, "train_seconds": seconds,
                    "samples_per_s": samples / max(seconds, 1e-9),

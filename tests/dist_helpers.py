@@ -21,7 +21,15 @@ from din_ray.embedding import EmbeddingTables, IdRangeError, RowWiseOptimizer, r
 from din_ray.model import TableSpec, build_model
 from din_ray.regularization import build_regularizer
 from din_ray.sharding import ShardedEmbeddingTables, embedding_group
-from din_ray.train import TrainConfig, forward, table_counts, tables_without_counts, to_torch
+from din_ray.train import (
+    TrainConfig,
+    WorkerEnv,
+    forward,
+    table_counts,
+    tables_without_counts,
+    to_torch,
+    train_loop,
+)
 
 
 def _entry(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> None:
@@ -162,3 +170,55 @@ def predict_checkpoint(rank: int, world: int, checkpoint: str, data: str,
     parts: list = [None] * world
     dist.all_gather_object(parts, probs.numpy())
     return np.concatenate(parts)
+
+
+class GlooEnv(WorkerEnv):
+    """`train.WorkerEnv` over the spawned gloo group, the collectives as `RayEnv` does them:
+    this rank's contiguous share of each global training batch, its contiguous block of each
+    evaluation split (both ranks always evaluate rows), DDP, sharded tables, checkpoints of
+    every epoch written by all ranks into `out/epoch-NNNN`. Buffers sync through the inherited
+    `WorkerEnv.sync_buffers`, which `RayEnv` inherits too."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, out: str) -> None:
+        self.cfg, self.rank, self.world_size, self.out = cfg, rank, world, Path(out)
+        self.dataset = PreparedDataset.open(cfg.data)
+
+    def train_batches(self, epoch: int):
+        rows = self.dataset.read_split("train")
+        n, share = len(rows[self.dataset.schema.label]), self.cfg.batch_size
+        for lo in range(0, n - share * self.world_size + 1, share * self.world_size):
+            yield {k: v[lo + self.rank * share:lo + (self.rank + 1) * share]
+                   for k, v in rows.items()}
+
+    def eval_batches(self, split: str):
+        rows = self.dataset.read_split(split)
+        lo, hi = row_block(len(rows[self.dataset.schema.label]), self.rank, self.world_size)
+        yield {k: v[lo:hi] for k, v in rows.items()}
+
+    def make_tables(self, model, cfg):
+        return ShardedEmbeddingTables(model.table_specs(), self.rank, self.world_size,
+                                      seed=cfg.seed, replicate_below=cfg.replicate_below,
+                                      group=embedding_group())
+
+    def wrap_dense(self, model):
+        return torch.nn.parallel.DistributedDataParallel(model)
+
+    def gather(self, arrays):
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, arrays)
+        return {k: np.concatenate([p[k] for p in parts]) for k in arrays}
+
+    def all_reduce_sum(self, tensor):
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    def report(self, metrics, write_checkpoint) -> None:
+        write_checkpoint(self.out / f"epoch-{metrics['epoch']:04d}")
+        dist.barrier()
+
+
+def train_loop_gloo(rank: int, world: int, cfg: dict, out: str) -> dict:
+    """`train.train_loop` in this gloo process; returns its summary (the same on every rank)."""
+    cfg = TrainConfig.from_dict(cfg)
+    return train_loop(cfg, GlooEnv(cfg, rank, world, out))

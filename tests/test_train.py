@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from builders import write_tiny_dataset
+from dist_helpers import spawn, train_loop_gloo
 
 from din_ray.checkpoint import (
     Checkpoint,
@@ -184,3 +185,18 @@ def test_warm_started_model_ranks_like_popularity_at_epoch_zero(data, tmp_path):
     cold = run_local(config(data, tmp_path / "cold", epochs=1, eval_at_start=True,
                             bias_init="zero"))
     assert cold["history"][0]["test_logloss"] == pytest.approx(np.log(2), abs=1e-6)
+
+
+def test_every_worker_evaluates_with_the_checkpoints_dice_statistics(data, tmp_path):
+    """Under DDP each worker's last batch moves its own copy of Dice's running statistics (DDP
+    copies rank 0's only at the next training forward). Both workers must evaluate, and the
+    checkpoint hold, the same copy: one process scoring every row from the checkpoint then
+    reproduces the 2-worker run's metrics. (A large learning rate so the statistics matter.)"""
+    cfg = config(data, tmp_path / "run", epochs=1, lr=0.05, activation="dice", workers=2,
+                 replicate_below=50)
+    summary = spawn(train_loop_gloo, 2, tmp_path / "spawn", cfg.to_dict(),
+                    str(tmp_path / "ckpt"))[0]
+    single = evaluate_checkpoint(tmp_path / "ckpt" / "epoch-0001", data)
+    for key in ("valid_gauc", "valid_auc", "valid_logloss", "test_gauc", "test_auc",
+                "test_logloss"):
+        assert summary["history"][0][key] == pytest.approx(single[key], abs=1e-7), key
