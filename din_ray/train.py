@@ -336,9 +336,9 @@ def predict_split(model: nn.Module, tables: EmbeddingTables, batches, schema: Sc
     model.eval()
     tables.eval()
     labels, probs, users = [], [], []
+    where = f"{split} split" if split else ""
     for batch in batches:
         t = to_torch(batch, env.device)
-        where = f"{split} split" if split else ""
         probs.append(torch.sigmoid(forward(model, tables, t, where, precision)))
         labels.append(batch[schema.label])
         users.append(batch[schema.user_column])
