@@ -76,14 +76,16 @@ class Sizes:
 GPU_SIZES = Sizes(batch_sizes=(8192, 32768, 65536), throughput_rows=400_000, steps=20,
                   warmup=3, loss_rows=20_000, loss_batch=256, loss_steps=50, candidates=200,
                   serve_repeats=100)
-CPU_SIZES = Sizes(batch_sizes=(64, 128), throughput_rows=2_000, steps=2, warmup=1,
-                  loss_rows=2_000, loss_batch=64, loss_steps=10, candidates=200,
+CPU_SIZES = Sizes(batch_sizes=(64, 128), throughput_rows=1_000, steps=2, warmup=1,
+                  loss_rows=1_000, loss_batch=64, loss_steps=10, candidates=200,
                   serve_repeats=5)
 
 
-def synthetic(path: Path, rows: int) -> PreparedDataset:
+def synthetic(work: Path, rows: int) -> PreparedDataset:
+    """The synthetic set of `rows` rows under `work`, generated once (sections share it)."""
     from din_ray.data.synthetic import prepare_synthetic
 
+    path = work / f"synthetic-{rows}"
     if not (path / "schema.json").exists():
         prepare_synthetic(path, rows=rows, max_history=50, embedding_dim=16)
     return PreparedDataset.open(path)
@@ -114,7 +116,7 @@ def run_ray_losses(work: Path, sizes: Sizes, dry_run: bool, tol: float) -> dict:
 
     from din_ray.local_ray import connect
 
-    data = synthetic(work / "loss-data", sizes.loss_rows)
+    data = synthetic(work, sizes.loss_rows)
     losses = {}
     # One local Ray for both runs (run_ray joins it); it finds the machine's GPUs itself.
     # Its own short temp dir (unix socket paths are limited to about 100 characters).
@@ -149,7 +151,7 @@ def _ray_run(work: Path, data: PreparedDataset, sizes: Sizes, name: str, use_gpu
 
 
 def run_throughput(work: Path, sizes: Sizes, device: torch.device, arch: Arch) -> dict:
-    data = synthetic(work / "throughput-data", sizes.throughput_rows)
+    data = synthetic(work, sizes.throughput_rows)
     schema = data.schema.with_embedding_dim(arch.embedding_dim)
     largest = max(sizes.batch_sizes)
     pool = load_batches(data.root, largest, max(1, sizes.throughput_rows * 8 // 10 // largest))
@@ -200,13 +202,17 @@ def run_serving(work: Path, sizes: Sizes, device: torch.device, arch: Arch) -> d
     from benchmarks.serve_latency import make_bodies
     from din_ray.serving import ServedModel
 
-    data = synthetic(work / "loss-data", sizes.loss_rows)
-    cfg = TrainConfig(data=str(data.root), output=str(work / "serve-model"), epochs=1,
-                      batch_size=sizes.loss_batch, embedding_dim=arch.embedding_dim,
-                      attention_hidden=arch.attention_hidden, mlp_hidden=arch.mlp_hidden)
-    if not (Path(cfg.output) / "checkpoint").exists():
-        run_local(cfg)  # on the CPU: the checkpoint is device-independent
-    served = ServedModel.load(Path(cfg.output) / "checkpoint", device=device)
+    # The CPU worker's checkpoint of ray_losses (TrainConfig's defaults are the benchmark
+    # architecture with Dice) when that section ran; checkpoints are device-independent.
+    checkpoint = work / "ray-cpu" / "checkpoint"
+    if not checkpoint.exists():
+        cfg = TrainConfig(data=str(synthetic(work, sizes.loss_rows).root),
+                          output=str(work / "serve-model"), epochs=1, batch_size=sizes.loss_batch,
+                          embedding_dim=arch.embedding_dim, attention_hidden=arch.attention_hidden,
+                          mlp_hidden=arch.mlp_hidden)
+        run_local(cfg)
+        checkpoint = Path(cfg.output) / "checkpoint"
+    served = ServedModel.load(checkpoint, device=device)
     raw = [json.dumps(b).encode() for b in
            make_bodies(served.path, 4, sizes.candidates, seed=0)]
     for body in raw:  # warm-up
