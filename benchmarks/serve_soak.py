@@ -187,7 +187,7 @@ def soak(url: str, bodies: Path, work: Path, args: argparse.Namespace) -> dict:
     pids = serve_pids()
     sampler = MemorySampler(pids, args.sample_s)
     sampler.start()
-    client = start_client(url, bodies, work / "soak.json", args, args.seconds)
+    client = start_client(f"{url}/v1/ctr", bodies, work / "soak.json", args, args.seconds)
     try:
         client.wait(timeout=args.seconds + 120)
     finally:
@@ -203,7 +203,7 @@ def kill_replica(url: str, bodies: Path, work: Path, fixed: dict,
                  args: argparse.Namespace) -> dict:
     before_scores = _scores(url, fixed)
     victim = serve_pids()["replica"]
-    client = start_client(url, bodies, work / "kill.json", args, args.kill_seconds)
+    client = start_client(f"{url}/v1/ctr", bodies, work / "kill.json", args, args.kill_seconds)
     t_client = time.time()
     time.sleep(args.kill_at)
     t_kill = time.time()
