@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--margin", type=float, default=0.0)
     p.add_argument("--markdown", type=Path, default=None)
+    p.add_argument("--parts", default="prepare,init,days",
+                   help="comma-separated subset of prepare,init,days (init needs prepare)")
     args = p.parse_args(argv)
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
@@ -124,17 +126,26 @@ def main(argv: list[str] | None = None) -> int:
                  sparse_lr=0.05, patience=0)
     result = {"days_args": vars(args) | {"out": str(args.out), "markdown": str(args.markdown)},
               "impressions": args.impressions, "repeat": args.repeat, "num_days": args.days}
-    result["prepare"] = bench_prepare(specs, args.out, args.repeat)
-    print(json.dumps(result["prepare"]), flush=True)
-    result["init_from"] = bench_init_from(args.out, train)
-    print(json.dumps(result["init_from"]), flush=True)
-    result["days"] = bench_days(specs, args.out, train, args.margin)
+    parts = set(args.parts.split(","))
+    if parts - {"prepare", "init", "days"} or ("init" in parts and "prepare" not in parts):
+        p.error(f"--parts: {args.parts!r}")
+    if "prepare" in parts:
+        result["prepare"] = bench_prepare(specs, args.out, args.repeat)
+        print(json.dumps(result["prepare"]), flush=True)
+    if "init" in parts:
+        result["init_from"] = bench_init_from(args.out, train)
+        print(json.dumps(result["init_from"]), flush=True)
+    if "days" in parts:
+        result["days"] = bench_days(specs, args.out, train, args.margin)
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    print(table)
-    if args.markdown:
-        args.markdown.write_text(table)
+    name = "continual" if parts == {"prepare", "init", "days"} else "continual_" + "_".join(
+        sorted(parts))
+    RESULTS.with_name(f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    if parts == {"prepare", "init", "days"}:
+        table = markdown(result)
+        print(table)
+        if args.markdown:
+            args.markdown.write_text(table)
     return 0
 
 

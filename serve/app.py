@@ -22,6 +22,15 @@ computed once for all of its candidates, and a request with more candidates than
 `max_batch_size` runs as a batch of its own (`max_batch_size=1` thus turns merging off). Batch
 size and wait time live in `user_config` and change at run time through `reconfigure`.
 
+Swapping the model with no downtime. `user_config.checkpoint` names the checkpoint to serve
+("" = the one the app was built with). Deploying the same config with only that key changed is a
+lightweight update (Serve's in-place `user_config` update): each replica loads the new checkpoint
+in a thread while it keeps answering with the old one, then switches with one assignment. A
+request is parsed and scored by the model that was current when it arrived, so requests in
+flight during the swap complete with either version and none fails; /v1/model and every
+response's `model.version` say which one answered. A checkpoint that fails to load fails the
+update and the old model stays served. `with_checkpoint(config, path)` builds that config.
+
 Nothing starts at import: `build_app` / `CTRServer.bind(...)` return an application that
 `serve.run` or `serve deploy` starts. (No `from __future__ import annotations` here: FastAPI
 reads the endpoint annotations at run time to recognise the `Request` parameter.)
@@ -89,6 +98,8 @@ class BatchingConfig:
 
     max_batch_size: int = 1024
     batch_wait_timeout_s: float = 0.002
+    # The checkpoint to serve instead of the built one ("" = the built one): see "Swapping".
+    checkpoint: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
@@ -118,7 +129,34 @@ class BatchingConfig:
         return cls()
 
 
-def batch_cost(requests: list[ParsedRequest]) -> int:
+@dataclass(frozen=True)
+class Job:
+    """One parsed request and the loaded model that parsed it (and must score it)."""
+
+    served: ServedModel
+    request: ParsedRequest
+
+    @property
+    def num_candidates(self) -> int:
+        return self.request.num_candidates
+
+
+def score_jobs(jobs: list[Job]) -> list[Scores]:
+    """Score a batch; a swap can land between two requests of one batch, so each group of
+    requests is scored by the model that parsed it."""
+    out: list[Scores | None] = [None] * len(jobs)
+    groups: dict[int, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(id(job.served), []).append(i)
+    for rows in groups.values():
+        served = jobs[rows[0]].served
+        for i, scores in zip(rows, served.scorer.score([jobs[i].request for i in rows]),
+                             strict=True):
+            out[i] = scores
+    return out
+
+
+def batch_cost(requests: list[Job]) -> int:
     """Size of a would-be batch for `@serve.batch`: its candidates.
 
     A lone request counts as 1 whatever its size: serve.batch rejects a first item larger than
@@ -205,15 +243,24 @@ class CTRServer:
         self.limits = RequestLimits(max_candidates=max_candidates, max_body_bytes=max_body_bytes)
         # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPUs, so its first one is cuda:0.
         self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+        self.built_checkpoint = checkpoint
         self.served = ServedModel.load(checkpoint, self.limits, self.device)
         self.stats = BatchStats()
         self.config = BatchingConfig()
         self.replica = f"{os.uname().nodename}:{os.getpid()}"
         self.started = time.time()
 
-    def reconfigure(self, user_config: dict) -> None:
-        """Apply a new `user_config` (batch size, wait) to the live batch queue."""
-        self.config = BatchingConfig.from_dict(user_config)
+    async def reconfigure(self, user_config: dict) -> None:
+        """Apply a new `user_config`: batch size and wait to the live batch queue, and a new
+        checkpoint, loaded off the event loop (requests keep being served meanwhile)."""
+        config = BatchingConfig.from_dict(user_config)
+        target = resolve_checkpoint(config.checkpoint or self.built_checkpoint).resolve()
+        if target != self.served.path:
+            served = await asyncio.to_thread(ServedModel.load, target, self.limits,
+                                           self.device)
+            self.served = served  # one assignment: the swap
+            log.info("now serving %s version %s", served.path, served.version)
+        self.config = config
         self.score_batch.set_max_batch_size(self.config.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(self.config.batch_wait_timeout_s)
         log.info("batching: %s", self.config)
@@ -221,11 +268,11 @@ class CTRServer:
     @serve.batch(max_batch_size=BatchingConfig.max_batch_size,
                  batch_wait_timeout_s=BatchingConfig.batch_wait_timeout_s,
                  batch_size_fn=batch_cost)
-    async def score_batch(self, requests: list[ParsedRequest]) -> list[Scores]:
-        self.stats.record(len(requests), sum(r.num_candidates for r in requests))
+    async def score_batch(self, jobs: list[Job]) -> list[Scores]:
+        self.stats.record(len(jobs), sum(j.num_candidates for j in jobs))
         # The forward pass runs off the event loop so that requests keep being read and
         # validated (and queued for the next batch) meanwhile.
-        return await asyncio.to_thread(self.served.scorer.score, requests)
+        return await asyncio.to_thread(score_jobs, jobs)
 
     def _refused(self, request: Request) -> JSONResponse | None:
         """401 unless the request carries the API token (when one is configured). Digests of
@@ -247,11 +294,12 @@ class CTRServer:
             return refused
         try:
             body = await _read_body(request, self.limits.max_body_bytes)
-            parsed = self.served.parser.parse_body(body)
+            served = self.served  # this request's model, whatever a swap does meanwhile
+            parsed = served.parser.parse_body(body)
         except RequestError as e:
             return JSONResponse(e.to_dict(), status_code=e.status)
-        scores = await self.score_batch(parsed)
-        return JSONResponse(self.served.response(parsed, scores))
+        scores = await self.score_batch(Job(served, parsed))
+        return JSONResponse(served.response(parsed, scores))
 
     @api.get("/v1/model", response_model=None)
     def model(self, request: Request) -> dict | JSONResponse:
@@ -336,7 +384,8 @@ def app_config(args: dict, *, host: str = "127.0.0.1", port: int = 8000,
     """
     overrides = {"name": "CTRServer", **(deployment or {})}
     if user_config is not None:
-        overrides["user_config"] = asdict(BatchingConfig.from_dict(user_config))
+        full = asdict(BatchingConfig.from_dict(user_config))
+        overrides["user_config"] = {k: v for k, v in full.items() if k != "checkpoint" or v}
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": host, "port": port},
@@ -348,6 +397,18 @@ def app_config(args: dict, *, host: str = "127.0.0.1", port: int = 8000,
             "deployments": [overrides],
         }],
     }
+
+
+def with_checkpoint(config: dict, checkpoint: str | Path) -> dict:
+    """`config` (an `app_config`) serving `checkpoint` instead: deploying it swaps the model in
+    the running replicas without a restart (see "Swapping" above)."""
+    path = str(resolve_checkpoint(checkpoint).resolve())  # a wrong path fails here, not there
+    apps = []
+    for a in config["applications"]:
+        deployments = [{**d, "user_config": {**d.get("user_config", asdict(BatchingConfig())),
+                                             "checkpoint": path}} for d in a["deployments"]]
+        apps.append({**a, "deployments": deployments})
+    return {**config, "applications": apps}
 
 
 def deploy(config: dict, timeout_s: float = 300) -> None:

@@ -380,3 +380,58 @@ def test_binding_beyond_loopback_needs_a_token_or_insecure(tmp_path):
                                   environ={"DIN_RAY_SERVE_TOKEN": TOKEN}) == TOKEN
     with pytest.raises(ValueError, match="token_sha256 must be"):
         app.build_app({"checkpoint": str(tmp_path), "token_sha256": "abc"})
+
+
+async def _stream(url: str, bodies: list[dict], stop: asyncio.Event, limit: int,
+                  clients: int = 4) -> list[tuple[int, str | None]]:
+    """`clients` loops posting `bodies` round-robin until `stop` (or `limit` requests in all):
+    (status, model version) per request."""
+    seen: list[tuple[int, str | None]] = []
+    async with aiohttp.ClientSession() as session:
+        async def client(k: int) -> None:
+            i = k
+            while not stop.is_set() and len(seen) < limit:
+                async with session.post(f"{url}/v1/ctr", json=bodies[i % len(bodies)]) as r:
+                    body = await r.json() if r.status == 200 else None
+                    seen.append((r.status, body["model"]["version"] if body else None))
+                i += clients
+        await asyncio.gather(*(client(k) for k in range(clients)))
+    return seen
+
+
+def test_swap_to_a_promoted_checkpoint_under_load_fails_no_request(server):
+    """A steady stream of requests while the app switches checkpoints (user_config.checkpoint,
+    an in-place update): every request succeeds, answered by the old or the new version, and
+    afterwards /v1/model and the scores are the new checkpoint's."""
+    from din_ray.serving import checkpoint_version
+
+    new_run = train_tiny(server["root"], "din", name="din-day2", seed=2)
+    old = requests.get(f"{server['url']}/v1/model", timeout=60).json()["model"]["version"]
+    new = checkpoint_version(new_run / "checkpoint")
+    assert new != old
+    bodies = payloads(server["root"] / "data", 16, candidates=4, seed=11)
+    config = app.app_config(server["args"], port=server["port"], user_config={
+        "max_batch_size": 64, "batch_wait_timeout_s": 0.01})
+
+    async def swap_during_stream() -> list[tuple[int, str | None]]:
+        stop = asyncio.Event()
+        stream = asyncio.create_task(_stream(server["url"], bodies, stop, limit=1500))
+        await asyncio.sleep(1.0)  # requests flowing before the swap
+        await asyncio.to_thread(app.deploy, app.with_checkpoint(config, new_run))
+        await asyncio.sleep(1.0)  # and after it
+        stop.set()
+        return await stream
+
+    seen = asyncio.run(swap_during_stream())
+    errors = [s for s, _ in seen if s != 200]
+    assert not errors, f"{len(errors)} of {len(seen)} requests failed: {errors[:5]}"
+    versions = [v for _, v in seen]
+    assert versions[0] == old and versions[-1] == new, (versions[0], versions[-1])
+    assert set(versions) == {old, new}
+    info = requests.get(f"{server['url']}/v1/model", timeout=60).json()
+    assert info["model"]["version"] == new
+    offline, _ = offline_scores(new_run / "checkpoint", bodies[0])
+    np.testing.assert_allclose(_post(server, bodies[0]).json()["scores"], offline, atol=1e-5)
+    # Back to the built checkpoint, as the rest of the module expects.
+    app.deploy(config)
+    assert requests.get(f"{server['url']}/v1/model", timeout=60).json()["model"]["version"] == old
