@@ -163,6 +163,72 @@ def compute_profile(checkpoint: Path, bodies: list[dict], threads: int,
             "score_5_requests_one_pass": measure(lambda: served.scorer.score(parsed[:5]))}
 
 
+def matmul_profile(checkpoint: Path, bodies: list[dict], repeats: int = 30,
+                   compile_model: bool = True) -> dict:
+    """The model's matmul work on one request against this machine's single-thread matmul rate,
+    both measured here, now (issue 15, goal 3: >= 50 %).
+
+    Counts the FLOPs of every matmul of one request's forward pass (torch's FlopCounterMode),
+    times that pass (median of `repeats`, one thread, inference mode), and times a 1024^3
+    torch.mm on one thread (best of 5) for the machine's rate. With `compile_model`, the same
+    for `torch.compile` of the model's scoring (inductor, dynamic shapes), with its compile time
+    (paid once per replica start) and a check that its scores equal the eager ones."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from din_ray.serving import ServedModel
+
+    torch.set_num_threads(1)
+    served = ServedModel.load(checkpoint)
+    request = [served.parser.parse_body(json.dumps(bodies[0]).encode())]
+    scorer = served.scorer
+    with FlopCounterMode(display=False) as counter:
+        scorer.logits(request)
+    flops = counter.get_total_flops()
+
+    def median_ms(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times) * 1e3)
+
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    mm_s = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        mm_s.append(time.perf_counter() - t0)
+    mm_gflops = 2 * 1024 ** 3 / min(mm_s) / 1e9
+    eager_ms = median_ms(lambda: scorer.logits(request))
+    out = {"candidates": request[0].num_candidates, "history": request[0].history_length,
+           "matmul_gflop": round(flops / 1e9, 4), "mm_1024_gflops_1_thread": round(mm_gflops, 1),
+           "eager": {"model_ms": round(eager_ms, 2),
+                     "matmul_gflops": round(flops / eager_ms / 1e6, 2),
+                     "share_of_mm_rate": round(flops / eager_ms / 1e6 / mm_gflops, 3)}}
+    if compile_model:
+        model = scorer.model
+        eager = scorer.logits(request)[0]
+        try:
+            t0 = time.perf_counter()
+            model.score_candidates = torch.compile(model.score_candidates, dynamic=True)
+            compiled = scorer.logits(request)[0]
+            compile_s = time.perf_counter() - t0
+            ms = median_ms(lambda: scorer.logits(request))
+            out["compiled"] = {
+                "compile_s": round(compile_s, 1), "model_ms": round(ms, 2),
+                "matmul_gflops": round(flops / ms / 1e6, 2),
+                "share_of_mm_rate": round(flops / ms / 1e6 / mm_gflops, 3),
+                "max_abs_logit_diff": float((compiled - eager).abs().max())}
+        except Exception as e:  # no C++ compiler, unsupported op...: report, keep eager
+            out["compiled"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        finally:
+            model.__dict__.pop("score_candidates", None)
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -203,6 +269,17 @@ def server_main(args: argparse.Namespace) -> int:
     bodies_path.write_text(json.dumps(bodies))
     profile = compute_profile(checkpoint, bodies, args.threads)
     print("in-process replica work:", json.dumps(profile), flush=True)
+    profile["matmul"] = matmul_profile(checkpoint, bodies, compile_model=args.compile)
+    m = profile["matmul"]
+    print(f"one request ({m['candidates']} candidates x {m['history']} behaviours): "
+          f"{m['matmul_gflop']} GFLOP of matmul; eager {m['eager']['model_ms']} ms = "
+          f"{m['eager']['matmul_gflops']} GFLOP/s, {100 * m['eager']['share_of_mm_rate']:.0f} % "
+          f"of this machine's 1-thread torch.mm ({m['mm_1024_gflops_1_thread']} GFLOP/s); "
+          f"compiled: {json.dumps(m.get('compiled'))}", flush=True)
+    if args.in_process_only:
+        _write_report(args, checkpoint, profile, [], os.getloadavg())
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     build_args = {"checkpoint": str(checkpoint), "threads": args.threads,
@@ -245,6 +322,12 @@ def server_main(args: argparse.Namespace) -> int:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+    _write_report(args, checkpoint, profile, results, load_before)
+    return 0
+
+
+def _write_report(args: argparse.Namespace, checkpoint: Path, profile: dict, results: list,
+                  load_before: tuple) -> None:
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "checkpoint": str(checkpoint),
@@ -262,7 +345,6 @@ def server_main(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out)
     print(f"wrote {out}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads in the replica")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the Ray cluster")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--in-process-only", action="store_true",
+                   help="only the in-process figures (replica work, matmul rate), no Serve")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure torch.compile of the model's scoring")
     # client mode (internal)
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
