@@ -163,16 +163,42 @@ def compute_profile(checkpoint: Path, bodies: list[dict], threads: int,
             "score_5_requests_one_pass": measure(lambda: served.scorer.score(parsed[:5]))}
 
 
-def matmul_profile(checkpoint: Path, bodies: list[dict], repeats: int = 30,
+def _reference_forms():
+    """Swap in the forms before issue 15 (Dice normalised then squashed, the first layer over
+    gathered (C·L, D) rows) for a side-by-side figure; returns the function that swaps back."""
+    import torch
+
+    from din_ray import model as m
+
+    saved = m.Dice._folded, m.TargetAttention.shared
+
+    def dice(self, x):
+        z = (x - self.running_mean) * torch.rsqrt(self.running_var + self.eps)
+        return x * torch.addcmul(self.alpha, torch.sigmoid(z), 1 - self.alpha)
+
+    def shared(self, query, keys, mask, owner):
+        h = self._first_layer_gathered(query, keys, owner)
+        keys, mask = keys.index_select(0, owner), mask.index_select(0, owner)
+        return self._pool(self.rest(self.first_act(h, mask), mask).squeeze(-1), keys, mask)
+
+    m.Dice._folded, m.TargetAttention.shared = dice, shared
+
+    def restore():
+        m.Dice._folded, m.TargetAttention.shared = saved
+    return restore
+
+
+def matmul_profile(checkpoint: Path, bodies: list[dict], rounds: int = 15,
                    compile_model: bool = True) -> dict:
     """The model's matmul work on one request against this machine's single-thread matmul rate,
-    both measured here, now (issue 15, goal 3: >= 50 %).
+    both measured here, interleaved (issue 15, goal 3: >= 50 %).
 
-    Counts the FLOPs of every matmul of one request's forward pass (torch's FlopCounterMode),
-    times that pass (median of `repeats`, one thread, inference mode), and times a 1024^3
-    torch.mm on one thread (best of 5) for the machine's rate. With `compile_model`, the same
-    for `torch.compile` of the model's scoring (inductor, dynamic shapes), with its compile time
-    (paid once per replica start) and a check that its scores equal the eager ones."""
+    Counts the FLOPs of every matmul of one request's forward pass (torch's FlopCounterMode).
+    Each round times a 1024^3 torch.mm (the machine's rate now) and then the request (median of
+    5 passes, one thread, inference mode), eager and, with `compile_model`, through
+    `torch.compile` of the model's scoring (inductor, dynamic shapes; its compile time is paid
+    once per replica start, and its scores are checked against the eager ones). The shares are
+    the medians of the per-round ratios, so a load change between rounds cancels out."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -181,51 +207,64 @@ def matmul_profile(checkpoint: Path, bodies: list[dict], repeats: int = 30,
     torch.set_num_threads(1)
     served = ServedModel.load(checkpoint)
     request = [served.parser.parse_body(json.dumps(bodies[0]).encode())]
-    scorer = served.scorer
+    scorer, model = served.scorer, served.scorer.model
     with FlopCounterMode(display=False) as counter:
-        scorer.logits(request)
+        eager_logits = scorer.logits(request)[0]
     flops = counter.get_total_flops()
+    def reference(r):
+        restore = _reference_forms()
+        try:
+            return scorer.logits(r)
+        finally:
+            restore()
 
-    def median_ms(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times) * 1e3)
-
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    mm_s = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        mm_s.append(time.perf_counter() - t0)
-    mm_gflops = 2 * 1024 ** 3 / min(mm_s) / 1e9
-    eager_ms = median_ms(lambda: scorer.logits(request))
+    variants = {"eager": scorer.logits, "eager_reference_forms": reference}
     out = {"candidates": request[0].num_candidates, "history": request[0].history_length,
-           "matmul_gflop": round(flops / 1e9, 4), "mm_1024_gflops_1_thread": round(mm_gflops, 1),
-           "eager": {"model_ms": round(eager_ms, 2),
-                     "matmul_gflops": round(flops / eager_ms / 1e6, 2),
-                     "share_of_mm_rate": round(flops / eager_ms / 1e6 / mm_gflops, 3)}}
+           "matmul_gflop": round(flops / 1e9, 4), "rounds": rounds}
     if compile_model:
-        model = scorer.model
-        eager = scorer.logits(request)[0]
         try:
             t0 = time.perf_counter()
-            model.score_candidates = torch.compile(model.score_candidates, dynamic=True)
-            compiled = scorer.logits(request)[0]
-            compile_s = time.perf_counter() - t0
-            ms = median_ms(lambda: scorer.logits(request))
-            out["compiled"] = {
-                "compile_s": round(compile_s, 1), "model_ms": round(ms, 2),
-                "matmul_gflops": round(flops / ms / 1e6, 2),
-                "share_of_mm_rate": round(flops / ms / 1e6 / mm_gflops, 3),
-                "max_abs_logit_diff": float((compiled - eager).abs().max())}
-        except Exception as e:  # no C++ compiler, unsupported op...: report, keep eager
+            compiled = torch.compile(model.score_candidates, dynamic=True)
+            model.score_candidates = compiled
+            diff = float((scorer.logits(request)[0] - eager_logits).abs().max())
+            out["compiled"] = {"compile_s": round(time.perf_counter() - t0, 1),
+                               "max_abs_logit_diff": diff}
+
+            def compiled_logits(r):
+                model.score_candidates = compiled
+                try:
+                    return scorer.logits(r)
+                finally:
+                    model.__dict__.pop("score_candidates", None)
+
+            variants["compiled"] = compiled_logits
+        except Exception as e:  # no C++ compiler, an unsupported op...: report, stay eager
             out["compiled"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         finally:
             model.__dict__.pop("score_candidates", None)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)
+    mm_rates, ms = [], {k: [] for k in variants}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        mm_rates.append(2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9)
+        for name, fn in variants.items():
+            passes = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                fn(request)
+                passes.append(time.perf_counter() - t0)
+            ms[name].append(float(np.median(passes)) * 1e3)
+    out["mm_1024_gflops_1_thread"] = round(float(np.median(mm_rates)), 1)
+    out["reference_over_eager"] = round(float(np.median(
+        [r / e for r, e in zip(ms["eager_reference_forms"], ms["eager"])])), 2)
+    for name in variants:
+        shares = [flops / m / 1e6 / r for m, r in zip(ms[name], mm_rates)]
+        out.setdefault(name, {}).update(
+            model_ms=round(float(np.median(ms[name])), 2),
+            matmul_gflops=round(flops / float(np.median(ms[name])) / 1e6, 2),
+            share_of_mm_rate=round(float(np.median(shares)), 3))
     return out
 
 
@@ -275,6 +314,7 @@ def server_main(args: argparse.Namespace) -> int:
           f"{m['matmul_gflop']} GFLOP of matmul; eager {m['eager']['model_ms']} ms = "
           f"{m['eager']['matmul_gflops']} GFLOP/s, {100 * m['eager']['share_of_mm_rate']:.0f} % "
           f"of this machine's 1-thread torch.mm ({m['mm_1024_gflops_1_thread']} GFLOP/s); "
+          f"the forms before issue 15 take {m['reference_over_eager']}x as long; "
           f"compiled: {json.dumps(m.get('compiled'))}", flush=True)
     if args.in_process_only:
         _write_report(args, checkpoint, profile, [], os.getloadavg())
