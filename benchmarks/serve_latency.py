@@ -163,6 +163,111 @@ def compute_profile(checkpoint: Path, bodies: list[dict], threads: int,
             "score_5_requests_one_pass": measure(lambda: served.scorer.score(parsed[:5]))}
 
 
+def _reference_forms():
+    """Swap in the forms before issue 15 (Dice normalised then squashed, the first layer over
+    gathered (C·L, D) rows) for a side-by-side figure; returns the function that swaps back."""
+    import torch
+
+    from din_ray import model as m
+
+    saved = m.Dice._folded, m.TargetAttention.shared
+
+    def dice(self, x):
+        z = (x - self.running_mean) * torch.rsqrt(self.running_var + self.eps)
+        return x * torch.addcmul(self.alpha, torch.sigmoid(z), 1 - self.alpha)
+
+    def shared(self, query, keys, mask, owner):
+        h = self._first_layer_gathered(query, keys, owner)
+        keys, mask = keys.index_select(0, owner), mask.index_select(0, owner)
+        return self._pool(self.rest(self.first_act(h, mask), mask).squeeze(-1), keys, mask)
+
+    m.Dice._folded, m.TargetAttention.shared = dice, shared
+
+    def restore():
+        m.Dice._folded, m.TargetAttention.shared = saved
+    return restore
+
+
+def matmul_profile(checkpoint: Path, bodies: list[dict], rounds: int = 30,
+                   compile_model: bool = True) -> dict:
+    """The model's matmul work on one request against this machine's single-thread matmul rate,
+    both measured here, interleaved (issue 15, goal 3: >= 50 %).
+
+    Counts the FLOPs of every matmul of one request's forward pass (torch's FlopCounterMode).
+    Each round times a 1024^3 torch.mm (the machine's rate now) and then the request (median of
+    5 passes, one thread, inference mode), eager and, with `compile_model`, through
+    `torch.compile` of the model's scoring (inductor, dynamic shapes; its compile time is paid
+    once per replica start, and its scores are checked against the eager ones). The shares are
+    the medians of the per-round ratios, so a load change between rounds cancels out."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from din_ray.serving import ServedModel
+
+    torch.set_num_threads(1)
+    served = ServedModel.load(checkpoint)
+    request = [served.parser.parse_body(json.dumps(bodies[0]).encode())]
+    scorer, model = served.scorer, served.scorer.model
+    with FlopCounterMode(display=False) as counter:
+        eager_logits = scorer.logits(request)[0]
+    flops = counter.get_total_flops()
+    def reference(r):
+        restore = _reference_forms()
+        try:
+            return scorer.logits(r)
+        finally:
+            restore()
+
+    variants = {"eager": scorer.logits, "eager_reference_forms": reference}
+    out = {"candidates": request[0].num_candidates, "history": request[0].history_length,
+           "matmul_gflop": round(flops / 1e9, 4), "rounds": rounds}
+    if compile_model:
+        try:
+            t0 = time.perf_counter()
+            compiled = torch.compile(model.score_candidates, dynamic=True)
+            model.score_candidates = compiled
+            diff = float((scorer.logits(request)[0] - eager_logits).abs().max())
+            out["compiled"] = {"compile_s": round(time.perf_counter() - t0, 1),
+                               "max_abs_logit_diff": diff}
+
+            def compiled_logits(r):
+                model.score_candidates = compiled
+                try:
+                    return scorer.logits(r)
+                finally:
+                    model.__dict__.pop("score_candidates", None)
+
+            variants["compiled"] = compiled_logits
+        except Exception as e:  # no C++ compiler, an unsupported op...: report, stay eager
+            out["compiled"] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+        finally:
+            model.__dict__.pop("score_candidates", None)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)
+    mm_rates, ms = [], {k: [] for k in variants}
+    for i in range(rounds):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        mm_rates.append(2 * 1024 ** 3 / (time.perf_counter() - t0) / 1e9)
+        for name, fn in list(variants.items())[::1 if i % 2 else -1]:  # order flips each round
+            passes = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                fn(request)
+                passes.append(time.perf_counter() - t0)
+            ms[name].append(float(np.median(passes)) * 1e3)
+    out["mm_1024_gflops_1_thread"] = round(float(np.median(mm_rates)), 1)
+    out["reference_over_eager"] = round(float(np.median(
+        [r / e for r, e in zip(ms["eager_reference_forms"], ms["eager"])])), 2)
+    for name in variants:
+        shares = [flops / m / 1e6 / r for m, r in zip(ms[name], mm_rates)]
+        out.setdefault(name, {}).update(
+            model_ms=round(float(np.median(ms[name])), 2),
+            matmul_gflops=round(flops / float(np.median(ms[name])) / 1e6, 2),
+            share_of_mm_rate=round(float(np.median(shares)), 3))
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -203,6 +308,18 @@ def server_main(args: argparse.Namespace) -> int:
     bodies_path.write_text(json.dumps(bodies))
     profile = compute_profile(checkpoint, bodies, args.threads)
     print("in-process replica work:", json.dumps(profile), flush=True)
+    profile["matmul"] = matmul_profile(checkpoint, bodies, compile_model=args.compile)
+    m = profile["matmul"]
+    print(f"one request ({m['candidates']} candidates x {m['history']} behaviours): "
+          f"{m['matmul_gflop']} GFLOP of matmul; eager {m['eager']['model_ms']} ms = "
+          f"{m['eager']['matmul_gflops']} GFLOP/s, {100 * m['eager']['share_of_mm_rate']:.0f} % "
+          f"of this machine's 1-thread torch.mm ({m['mm_1024_gflops_1_thread']} GFLOP/s); "
+          f"the forms before issue 15 take {m['reference_over_eager']}x as long; "
+          f"compiled: {json.dumps(m.get('compiled'))}", flush=True)
+    if args.in_process_only:
+        _write_report(args, checkpoint, profile, [], os.getloadavg())
+        shutil.rmtree(work, ignore_errors=True)
+        return 0
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     build_args = {"checkpoint": str(checkpoint), "threads": args.threads,
@@ -245,6 +362,12 @@ def server_main(args: argparse.Namespace) -> int:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+    _write_report(args, checkpoint, profile, results, load_before)
+    return 0
+
+
+def _write_report(args: argparse.Namespace, checkpoint: Path, profile: dict, results: list,
+                  load_before: tuple) -> None:
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "checkpoint": str(checkpoint),
@@ -262,7 +385,6 @@ def server_main(args: argparse.Namespace) -> int:
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     tmp.replace(out)
     print(f"wrote {out}")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,6 +401,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads in the replica")
     p.add_argument("--num-cpus", type=int, default=4, help="logical CPUs of the Ray cluster")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--in-process-only", action="store_true",
+                   help="only the in-process figures (replica work, matmul rate), no Serve")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure torch.compile of the model's scoring")
     # client mode (internal)
     p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)

@@ -261,7 +261,8 @@ def _connect(cfg: TrainConfig) -> bool:
     local one. Returns whether this call connected (and so should disconnect)."""
     # Logical CPUs beyond the workers' so Ray Data always has some to read with (2 workers at
     # 1 CPU on a 2-core machine would otherwise leave it none and the run would hang).
-    return connect(cfg.address, max(4, math.ceil(cfg.workers * cfg.cpus_per_worker) + 2))
+    return connect(cfg.address, max(4, math.ceil(cfg.workers * cfg.cpus_per_worker) + 2),
+                   dashboard=False)
 
 
 def build_trainer(cfg: TrainConfig, dataset: PreparedDataset, callbacks: list | None = None,

@@ -31,10 +31,16 @@ API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 START_ATTEMPTS = 3
 
 
-def connect(address: str | None = None, num_cpus: int = 4, **init_kwargs) -> bool:
+def connect(address: str | None = None, num_cpus: int = 4, dashboard: bool = True,
+            **init_kwargs) -> bool:
     """Join the running Ray (this process's, `address` or $RAY_ADDRESS), else start a local one
     with `num_cpus` logical CPUs. Returns whether this call connected (and so should
-    `ray.shutdown()` when done)."""
+    `ray.shutdown()` when done).
+
+    `dashboard=False` starts a local Ray without the dashboard, for work with no Tune trials
+    to stop: the dashboard's processes (a head and nine modules) take seconds of CPU to start,
+    which a small training run feels, and the placement-group cleanup it serves only matters
+    for trials killed while the cluster lives on (a local Ray ends with this process anyway)."""
     import ray
 
     if ray.is_initialized():
@@ -43,13 +49,15 @@ def connect(address: str | None = None, num_cpus: int = 4, **init_kwargs) -> boo
     if address:
         ray.init(address=address, **init_kwargs)
     else:
-        start_local_ray(num_cpus, **init_kwargs)
+        start_local_ray(num_cpus, dashboard=dashboard, **init_kwargs)
     return True
 
 
-def start_local_ray(num_cpus: int, temp_dir: str | None = None, **init_kwargs) -> None:
+def start_local_ray(num_cpus: int, temp_dir: str | None = None, dashboard: bool = True,
+                    **init_kwargs) -> None:
     """Start a local Ray in this process whose workers can reach its own dashboard (see the
-    module docstring), retrying a start that times out. `init_kwargs` go to `ray.init`."""
+    module docstring; `dashboard=False`: none, see `connect`), retrying a start that times
+    out. `init_kwargs` go to `ray.init`."""
     import ray
 
     previous = os.environ.get(API_SERVER_ENV)
@@ -59,8 +67,9 @@ def start_local_ray(num_cpus: int, temp_dir: str | None = None, **init_kwargs) -
             port = _free_port()  # a fresh one: a failed attempt's dashboard may still hold its
             os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
             try:
-                ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                         dashboard_port=port, _temp_dir=temp_dir, **init_kwargs)
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                         dashboard_port=port if dashboard else None, _temp_dir=temp_dir,
+                         **init_kwargs)
                 break
             except Exception as e:  # Ray raises a plain Exception for this one
                 if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS:

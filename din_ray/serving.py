@@ -52,6 +52,7 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
+from din_ray.allocator import keep_freed_memory
 from din_ray.checkpoint import ID_FILTER, MANIFEST, Checkpoint, CheckpointError, load_model
 from din_ray.data.hashing import bin_index, hashed_ids
 from din_ray.embedding import EmbeddingTables
@@ -558,6 +559,7 @@ class ServedModel:
         The weights are read on the host and then moved to `device` (a replica's GPU), so any
         checkpoint serves on any device."""
         path = resolve_checkpoint(path).resolve()
+        keep_freed_memory()  # a request's activations reuse the last one's pages
         model, tables, ckpt = load_model(path)
         parser = RequestParser(ckpt.schema, load_vocabularies(path, ckpt.schema), limits)
         name = str(ckpt.config.get("model", type(model).__name__))

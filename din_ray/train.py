@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from din_ray import checkpoint as ckpt
+from din_ray.allocator import keep_freed_memory
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.embedding import EmbeddingTables, RowWiseOptimizer
 from din_ray.metrics import evaluate_predictions
@@ -490,6 +491,7 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
     """Train on this worker; returns the final metrics (identical on every worker)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    keep_freed_memory()  # each step's activations reuse the last step's pages
     torch.manual_seed(cfg.seed)
     if env.device.type == "cuda":
         enable_tf32()

@@ -231,9 +231,9 @@ def test_dice_folded_evaluation_equals_formula(grad):
             torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.mark.parametrize("users", [1, 3])  # one history broadcast, and several gathered
+@pytest.mark.parametrize("users,order", [(1, "grouped"), (3, "grouped"), (3, "mixed")])
 @pytest.mark.parametrize("grad", [True, False])
-def test_shared_attention_equals_reference_on_the_repeated_batch(users, grad):
+def test_shared_attention_equals_reference_on_the_repeated_batch(users, order, grad):
     torch.manual_seed(11)
     att = TargetAttention(dim=8, hidden=(10, 5), activation="dice").eval()
     for m in att.modules():
@@ -243,7 +243,9 @@ def test_shared_attention_equals_reference_on_the_repeated_batch(users, grad):
             m.running_var.uniform_(0.5, 2.0)
     _, keys, mask = padded_inputs(B=6)
     keys, mask = keys[1:1 + users].clone(), mask[1:1 + users]  # non-empty histories
-    owner = torch.arange(users).repeat_interleave(4)  # 4 candidates per user
+    owner = torch.arange(users).repeat_interleave(4)  # 4 candidates per user, consecutive
+    if order == "mixed":  # the gathered path: candidates of several users interleaved
+        owner = owner[torch.randperm(len(owner))]
     query = torch.randn(len(owner), 8)
     query.requires_grad_(grad)
     keys.requires_grad_(grad)
