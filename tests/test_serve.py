@@ -80,6 +80,10 @@ def _post(server, payload, **kw) -> requests.Response:
                          **kw)
 
 
+def _model_info(server) -> dict:
+    return requests.get(f"{server['url']}/v1/model", timeout=60, headers=AUTH).json()
+
+
 def _stats(server) -> dict:
     return requests.get(f"{server['url']}/v1/stats", timeout=60, headers=AUTH).json()
 
@@ -121,7 +125,7 @@ def test_explain_returns_weights_per_behaviour_and_candidate(server):
 
 
 def test_model_info_and_health(server):
-    info = requests.get(f"{server['url']}/v1/model", timeout=60, headers=AUTH).json()
+    info = _model_info(server)
     assert info["schema"]["name"] == "tiny"
     assert info["vocab_sizes"] == {"item_id": 30, "cate_id": 6}
     assert "valid_gauc" in info["metrics"]
@@ -253,7 +257,7 @@ def test_served_ctrs_equal_offline_predictions(server, predicted, deepfm_url, mo
                             "cate_id": [int(c) for c in rows["hist_cate_id"][i][real]]},
                 "candidates": [{"item_id": raw[int(rows["item_id"][i])],
                                 "cate_id": int(rows["cate_id"][i])}]}
-        r = requests.post(f"{url}/v1/ctr", json=body, timeout=60)
+        r = requests.post(f"{url}/v1/ctr", json=body, timeout=60, headers=AUTH)
         assert r.status_code == 200, r.text
         assert r.json()["model"]["name"] == model
         served.extend(r.json()["scores"])
@@ -387,7 +391,7 @@ async def _stream(url: str, bodies: list[dict], stop: asyncio.Event, limit: int,
     """`clients` loops posting `bodies` round-robin until `stop` (or `limit` requests in all):
     (status, model version) per request."""
     seen: list[tuple[int, str | None]] = []
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=AUTH) as session:
         async def client(k: int) -> None:
             i = k
             while not stop.is_set() and len(seen) < limit:
@@ -406,7 +410,7 @@ def test_swap_to_a_promoted_checkpoint_under_load_fails_no_request(server):
     from din_ray.serving import checkpoint_version
 
     new_run = train_tiny(server["root"], "din", name="din-day2", seed=2)
-    old = requests.get(f"{server['url']}/v1/model", timeout=60).json()["model"]["version"]
+    old = _model_info(server)["model"]["version"]
     new = checkpoint_version(new_run / "checkpoint")
     assert new != old
     bodies = payloads(server["root"] / "data", 16, candidates=4, seed=11)
@@ -428,10 +432,10 @@ def test_swap_to_a_promoted_checkpoint_under_load_fails_no_request(server):
     versions = [v for _, v in seen]
     assert versions[0] == old and versions[-1] == new, (versions[0], versions[-1])
     assert set(versions) == {old, new}
-    info = requests.get(f"{server['url']}/v1/model", timeout=60).json()
+    info = _model_info(server)
     assert info["model"]["version"] == new
     offline, _ = offline_scores(new_run / "checkpoint", bodies[0])
     np.testing.assert_allclose(_post(server, bodies[0]).json()["scores"], offline, atol=1e-5)
     # Back to the built checkpoint, as the rest of the module expects.
     app.deploy(config)
-    assert requests.get(f"{server['url']}/v1/model", timeout=60).json()["model"]["version"] == old
+    assert _model_info(server)["model"]["version"] == old
