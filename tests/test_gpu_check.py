@@ -1,7 +1,9 @@
 """benchmarks/gpu_check.py's CPU dry run: the device check works before it meets a GPU.
 
-The sections run in-process on tiny sizes; `tests` (the GPU-marked tests in a subprocess) is
-left out here, since the suite runs tests/test_device.py itself.
+The sections run in-process on tiny sizes. Left out here: `tests` (the GPU-marked tests in a
+subprocess; the suite runs tests/test_device.py itself) and `ray_losses` (two Ray Train runs,
+about two minutes on a loaded 2-core machine, too much for the suite; its dry run is
+`python benchmarks/gpu_check.py --dry-run-cpu --sections ray_losses`).
 """
 
 from __future__ import annotations
@@ -10,26 +12,19 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import gpu_check  # noqa: E402
 
 
-@pytest.mark.timeout(300)
 def test_dry_run_writes_every_section(tmp_path, capsys):
     out = tmp_path / "gpu_check.json"
-    rc = gpu_check.main(["--dry-run-cpu", "--sections", "ray_losses", "throughput", "serving",
+    rc = gpu_check.main(["--dry-run-cpu", "--sections", "throughput", "serving",
                          "--output", str(out), "--work", str(tmp_path / "work")])
     result = json.loads(out.read_text())
     assert rc == 0, result
     assert result["device"] == "cpu" and result["ok"]
-    # Two Ray Train runs on the same data and seed: the same per-step losses.
-    losses = result["ray_losses"]
-    assert losses["steps_compared"] >= gpu_check.CPU_SIZES.loss_steps
-    assert losses["max_abs_diff"] <= 1e-6
     runs = result["throughput"]["runs"]
     assert {(r["precision"], r["batch_size"]) for r in runs} == {
         (p, b) for p in ("fp32", "bf16") for b in gpu_check.CPU_SIZES.batch_sizes}
