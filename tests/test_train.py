@@ -139,3 +139,19 @@ def test_warm_started_model_ranks_like_popularity_at_epoch_zero(data, tmp_path):
     cold = run_local(config(data, tmp_path / "cold", epochs=1, eval_at_start=True,
                             bias_init="zero"))
     assert cold["history"][0]["test_logloss"] == pytest.approx(np.log(2), abs=1e-6)
+
+
+def test_local_train_order_is_set_by_the_seed_and_changes_every_epoch(data, tmp_path):
+    from din_ray.data.format import PreparedDataset
+    from din_ray.train import LocalEnv
+
+    def order(seed: int, epoch: int) -> list[tuple]:
+        env = LocalEnv(config(data, tmp_path, seed=seed), PreparedDataset.open(data))
+        return [row for b in env.train_batches(epoch)
+                for row in zip(b["user"].tolist(), b["item_id"].tolist(), b["label"].tolist())]
+
+    first = [order(3, epoch) for epoch in range(3)]
+    assert first == [order(3, epoch) for epoch in range(3)]  # the same seed: the same order
+    assert first[0] != first[1] and first[1] != first[2]  # each epoch another order
+    assert first[0] != order(4, 0)
+    assert all(sorted(o) == sorted(first[0]) for o in first)  # every row once
