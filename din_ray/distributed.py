@@ -43,6 +43,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.data import FileShuffleConfig, RandomSeedConfig
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -235,29 +236,65 @@ def build_trainer(cfg: TrainConfig, dataset: PreparedDataset,
                   callbacks: list | None = None) -> TorchTrainer:
     """The TorchTrainer of one run; `callbacks` go into its RunConfig (din_ray.tune passes
     `TuneReportCallback()` so Tune sees every epoch's report)."""
-    datasets = {split: _read_split(dataset, split, cfg) for split in SPLITS}
+    datasets = {split: read_split(dataset, split, cfg) for split in SPLITS}
     return _trainer(cfg, datasets, callbacks)
 
 
-def _read_split(dataset: PreparedDataset, split: str, cfg: TrainConfig) -> ray.data.Dataset:
+def read_split(dataset: PreparedDataset, split: str, cfg: TrainConfig) -> ray.data.Dataset:
     """A split as a Ray Dataset: streamed from its Parquet files on every pass, or, below
     `cfg.cache_below_mb`, read once into the object store. Every streamed pass (each epoch's
     training and evaluation) starts a new execution whose first batch takes seconds (~12 s in a
     worker on a 2-core machine), which dominates the epochs of small datasets; a cached split
-    starts in well under a second."""
+    starts in well under a second. The train split's block order is `train_order`'s."""
     files = dataset.files(split)
+    size_mb = sum(f.stat().st_size for f in files) / 2**20
+    cached = size_mb < cfg.cache_below_mb
+    train = split == "train"
     ds = ray.data.read_parquet([str(f) for f in files],
-                               shuffle="files" if split == "train" else None)
+                               shuffle=FileShuffleConfig(seed=cfg.seed)
+                               if train and not cached else None)
     # Each dataset carries its own copy of the DataContext (taken when it was created, and passed
     # on to its materialized copy) into the split coordinators: no progress bars there (three
     # datasets per epoch would bury the training log), and the caller's context is left alone.
     ds.context.enable_progress_bars = False
-    size_mb = sum(f.stat().st_size for f in files) / 2**20
-    if size_mb < cfg.cache_below_mb:
-        ds = ds.materialize()
+    if cached:
         log.info("%s split: %.1f MB of Parquet, kept in the object store across epochs", split,
                  size_mb)
-    return ds
+    if train:
+        # Blocks of about one batch (at most 1024 of them) when cached: small splits are read
+        # as one or two blocks, and reordering those would change nothing.
+        blocks = min(max(dataset.num_rows("train") // cfg.batch_size, 1), 1024)
+        return train_order(ds, cfg.seed, cached, blocks)
+    return ds.materialize() if cached else ds
+
+
+def ordered_ingest_options() -> ray.data.ExecutionOptions:
+    """Ray Train's default ingest options with `preserve_order` (see `train_order`)."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
+def train_order(ds: ray.data.Dataset, seed: int, cached: bool, blocks: int
+                ) -> ray.data.Dataset:
+    """The train split in a block order set by the run's `seed` and the epoch.
+
+    Every epoch is one execution of the split, and Ray Data reseeds a seeded shuffle with the
+    execution's index (`reseed_after_execution`), so each epoch reads the blocks in another
+    order, the same in every run with this seed: a streamed split shuffles its files
+    (`FileShuffleConfig(seed)`, set by `read_split`), a cached one is read once and its blocks
+    reordered (`randomize_block_order`) after being cut into `blocks` blocks. Blocks keep that
+    order through the read and the split between workers (`preserve_order`, also given to Ray
+    Train by `_trainer`), not the order in which read tasks happen to finish; rows are then
+    shuffled inside each worker's buffer (`RayEnv.train_batches`, seeded by seed, epoch and
+    rank). A restarted worker group executes the split afresh, so after a restart the epochs
+    take the orders from the first epoch's on.
+    """
+    ds.context.execution_options = ordered_ingest_options()
+    if not cached:
+        return ds
+    return ds.repartition(blocks).materialize().randomize_block_order(
+        seed=RandomSeedConfig(seed=seed))
 
 
 def _trainer(cfg: TrainConfig, datasets: dict, callbacks: list | None) -> TorchTrainer:
@@ -275,7 +312,8 @@ def _trainer(cfg: TrainConfig, datasets: dict, callbacks: list | None) -> TorchT
                                                checkpoint_score_order="max"),
             callbacks=callbacks),
         datasets=datasets,
-        dataset_config=EvalSplitConfig(),
+        # The train split in `train_order`'s block order (Train replaces the datasets' options).
+        dataset_config=EvalSplitConfig(execution_options={"train": ordered_ingest_options()}),
     )
 
 

@@ -20,8 +20,8 @@ from builders import write_tiny_dataset
 
 from din_ray import checkpoint as ckpt
 from din_ray.cli import main as cli_main
-from din_ray.data.format import DataError
-from din_ray.distributed import FAIL_KEY, check_config, run_ray
+from din_ray.data.format import DataError, PreparedDataset
+from din_ray.distributed import FAIL_KEY, check_config, read_split, run_ray
 from din_ray.schema import SchemaError
 from din_ray.train import TrainConfig, evaluate_checkpoint
 
@@ -123,3 +123,24 @@ def test_killed_worker_recovers_and_rerun_resumes(ray_cluster, data, tmp_path):
     assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
     assert again["history"][:2] == result["history"]
     assert sorted(p.name for p in run_dir.glob("epoch-*"))[-1] == "epoch-0003"
+
+
+def test_cached_train_order_is_set_by_the_seed_and_changes_every_epoch(ray_cluster, data,
+                                                                      tmp_path):
+    def epoch_orders(seed: int, epochs: int) -> list[list[tuple]]:
+        cfg = small_config(data, tmp_path / "out", seed=seed)  # 256 rows: cached, 4 blocks
+        ds = read_split(PreparedDataset.open(data), "train", cfg)
+        orders = []
+        for _ in range(epochs):  # every pass is one execution, as every epoch in Ray Train
+            rows = []
+            for b in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                rows += zip(b.column("user").to_pylist(), b.column("item_id").to_pylist(),
+                            b.column("label").to_pylist())
+            orders.append(rows)
+        return orders
+
+    first, again, other = epoch_orders(3, 2), epoch_orders(3, 2), epoch_orders(4, 1)
+    assert first == again  # the same seed: the same order, epoch by epoch
+    assert first[0] != first[1]  # each epoch another order
+    assert first[0] != other[0]
+    assert all(sorted(o) == sorted(first[0]) for o in first + other)  # every row once
