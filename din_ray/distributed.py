@@ -46,6 +46,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.data import FileShuffleConfig
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -89,7 +90,8 @@ class RayEnv(WorkerEnv):
         if "train" in self.columns:
             columns = self.columns["train"]
             rows = in_memory.train_rows(len(columns[self.schema.label]), self.rank,
-                                        self.world_size, seed=self.cfg.seed * 10_007 + epoch)
+                                        self.world_size, seed=self.cfg.seed * 10_007 + epoch,
+                                        shuffle=self.cfg.shuffle)
             numpy = in_memory.iter_batches(self.schema, columns, rows, self.cfg.batch_size)
             return self._lockstep(self._maybe_fail(numpy, epoch), pad=False)
         shard = ray.train.get_dataset_shard("train")
@@ -205,7 +207,8 @@ class EvalSplitConfig(DataConfig):
     """Train split into equal row counts (DDP and the all-to-alls need equal step counts; at
     most workers - 1 rows per epoch are dropped); valid/test split without dropping any row.
 
-    `ordered=True` (cfg.shuffle off) keeps the train split's block order through the split:
+    `ordered=True` (every run: the order is the seeded one of `_read_split`, or the files'
+    own with cfg.shuffle off) keeps the train split's block order through the split:
     Ray Data then deals the blocks out deterministically, each to the worker with the fewest
     rows so far, so with equal blocks of B rows worker w gets blocks w, w + W, ... and step t's
     global batch (B rows per worker) is rows [t*W*B, (t+1)*W*B) in file order, which is what
@@ -296,10 +299,18 @@ def put_small_splits(dataset: PreparedDataset, cfg: TrainConfig) -> dict[str, ra
 
 
 def _read_split(dataset: PreparedDataset, split: str, cfg: TrainConfig) -> ray.data.Dataset:
-    """A large split as a Ray Dataset, streamed from its Parquet files on every pass."""
-    ds = ray.data.read_parquet([str(f) for f in dataset.files(split)],
-                               shuffle="files" if split == "train" and cfg.shuffle else None)
-    ds.context.execution_options.preserve_order = not cfg.shuffle
+    """A large split as a Ray Dataset, streamed from its Parquet files on every pass.
+
+    The train split's file order is set by the run's seed and the epoch: every epoch is one
+    execution of the split, and Ray Data reseeds a seeded file shuffle with the execution's
+    index, so each epoch reads the files in another order, the same in every run with this
+    seed. Blocks keep that order through the read and the split between workers
+    (`preserve_order`, also given to Ray Train by `_trainer`), not the order in which read tasks
+    happen to finish; rows are then shuffled inside each worker's buffer (`RayEnv.train_batches`,
+    seeded by seed, epoch and rank). (Small splits never come here: `put_small_splits`.)"""
+    shuffle = FileShuffleConfig(seed=cfg.seed) if split == "train" and cfg.shuffle else None
+    ds = ray.data.read_parquet([str(f) for f in dataset.files(split)], shuffle=shuffle)
+    ds.context.execution_options.preserve_order = True
     # Each dataset carries its own copy of the DataContext into the split coordinators: no
     # progress bars there (three datasets per epoch would bury the training log), and the
     # caller's context is left alone.
@@ -327,7 +338,7 @@ def _trainer(cfg: TrainConfig, datasets: dict, in_memory_splits: dict[str, ray.O
                                                checkpoint_score_order="max"),
             callbacks=callbacks),
         datasets=datasets or None,
-        dataset_config=EvalSplitConfig(ordered=not cfg.shuffle),
+        dataset_config=EvalSplitConfig(ordered=True),
     )
 
 

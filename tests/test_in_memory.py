@@ -22,6 +22,11 @@ def test_training_shares_cover_each_row_at_most_once_with_equal_step_counts(rows
     assert np.array_equal(shares[0], in_memory.train_rows(rows, 0, world, seed=7))
 
 
+def test_without_shuffle_the_workers_deal_the_rows_in_split_order():
+    shares = [in_memory.train_rows(10, r, 2, seed=7, shuffle=False) for r in range(2)]
+    assert [s.tolist() for s in shares] == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+
+
 def test_the_workers_steps_together_are_the_global_batches_of_one_worker():
     rows, world, batch = 96, 3, 8
     one = in_memory.train_rows(rows, 0, 1, seed=3)

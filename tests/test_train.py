@@ -200,3 +200,19 @@ def test_every_worker_evaluates_with_the_checkpoints_dice_statistics(data, tmp_p
     for key in ("valid_gauc", "valid_auc", "valid_logloss", "test_gauc", "test_auc",
                 "test_logloss"):
         assert summary["history"][0][key] == pytest.approx(single[key], abs=1e-7), key
+
+
+def test_local_train_order_is_set_by_the_seed_and_changes_every_epoch(data, tmp_path):
+    from din_ray.data.format import PreparedDataset
+    from din_ray.train import LocalEnv
+
+    def order(seed: int, epoch: int) -> list[tuple]:
+        env = LocalEnv(config(data, tmp_path, seed=seed), PreparedDataset.open(data))
+        return [row for b in env.train_batches(epoch)
+                for row in zip(b["user"].tolist(), b["item_id"].tolist(), b["label"].tolist())]
+
+    first = [order(3, epoch) for epoch in range(3)]
+    assert first == [order(3, epoch) for epoch in range(3)]  # the same seed: the same order
+    assert first[0] != first[1] and first[1] != first[2]  # each epoch another order
+    assert first[0] != order(4, 0)
+    assert all(sorted(o) == sorted(first[0]) for o in first)  # every row once

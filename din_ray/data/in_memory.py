@@ -48,10 +48,13 @@ def epoch_permutation(num_rows: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(num_rows)
 
 
-def train_rows(num_rows: int, rank: int, world_size: int, seed: int) -> np.ndarray:
-    """The training rows of worker `rank` for the epoch seeded by `seed`, in order.
-    -> (num_rows // world_size,) int64"""
-    return epoch_permutation(num_rows, seed)[rank::world_size][:num_rows // world_size]
+def train_rows(num_rows: int, rank: int, world_size: int, seed: int,
+               shuffle: bool = True) -> np.ndarray:
+    """The training rows of worker `rank` for the epoch seeded by `seed`, in order; without
+    `shuffle` the split's own row order (TrainConfig.shuffle off: the global batches of a
+    local run). -> (num_rows // world_size,) int64"""
+    order = epoch_permutation(num_rows, seed) if shuffle else np.arange(num_rows)
+    return order[rank::world_size][:num_rows // world_size]
 
 
 def eval_rows(num_rows: int, rank: int, world_size: int) -> np.ndarray:
