@@ -81,9 +81,10 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float,
 
 def client_main(args: argparse.Namespace) -> int:
     bodies = [json.dumps(b).encode() for b in json.loads(Path(args.bodies).read_text())]
+    t0_wall = time.time()  # the records' offsets count from here (the server's clock too)
     records = asyncio.run(_load(args.url, bodies, args.concurrency, args.seconds,
                                 args.timeout_s))
-    Path(args.records).write_text(json.dumps(records))
+    Path(args.records).write_text(json.dumps({"t0_wall": t0_wall, "records": records}))
     return 0
 
 
@@ -193,7 +194,7 @@ def soak(url: str, bodies: Path, work: Path, args: argparse.Namespace) -> dict:
     finally:
         sampler.stop.set()
         sampler.join()
-    records = json.loads((work / "soak.json").read_text())
+    records = json.loads((work / "soak.json").read_text())["records"]
     return {"seconds": args.seconds, "pids": pids, **summarize(records, args.bucket_s),
             "memory": memory_growth(sampler.samples, args.warmup_s),
             "memory_samples": sampler.samples}
@@ -204,7 +205,6 @@ def kill_replica(url: str, bodies: Path, work: Path, fixed: dict,
     before_scores = _scores(url, fixed)
     victim = serve_pids()["replica"]
     client = start_client(f"{url}/v1/ctr", bodies, work / "kill.json", args, args.kill_seconds)
-    t_client = time.time()
     time.sleep(args.kill_at)
     t_kill = time.time()
     os.kill(victim, signal.SIGKILL)
@@ -216,8 +216,9 @@ def kill_replica(url: str, bodies: Path, work: Path, fixed: dict,
             break
         time.sleep(0.5)
     client.wait(timeout=args.kill_seconds + 120)
-    records = json.loads((work / "kill.json").read_text())
-    kill_offset = t_kill - t_client  # the client started within ms of t_client
+    written = json.loads((work / "kill.json").read_text())
+    records = written["records"]
+    kill_offset = t_kill - written["t0_wall"]  # the kill on the client's time axis
     after = [(t, lat, o) for t, lat, o in records if t + lat >= kill_offset]
     failed = [(t, lat, o) for t, lat, o in after if o != "200"]
     first_ok = min((t + lat for t, lat, o in after if o == "200" and t >= kill_offset),
