@@ -104,13 +104,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_tune:
         out = root / "tune"
-        with locked(args.lock):
+        trial_s = []
+        with locked(args.lock):  # one hold: the search and its local runs back to back
             tune_s = din_ray(["tune", *train[1:], "--output", str(out), "--space", SPACE,
                               "--trials", str(args.trials), "--workers-per-trial", "1"], env)
-        with open(out / "trials.csv") as f:
-            trials = list(csv.DictReader(f))
-        trial_s = []
-        with locked(args.lock):
+            with open(out / "trials.csv") as f:
+                trials = list(csv.DictReader(f))
             for i, t in enumerate(trials):
                 trial_s.append(din_ray([*train, "--local", "--output", str(root / f"t{i}"),
                                         "--lam", t["lam"], "--lr", t["lr"],
