@@ -57,9 +57,12 @@ from din_ray.train import TrainConfig, WorkerEnv, finalize_output, summarize, tr
 
 log = logging.getLogger(__name__)
 
-# Test-only fault injection: cfg.extra[FAIL_KEY] = {"rank", "epoch" (1-based), "step" (0-based),
-# "marker" (a file path)} makes that worker exit abruptly at that step, once (the marker file
-# records that it happened, so the restarted worker carries on).
+# Test-only fault injection: cfg.extra[FAIL_KEY] = {"rank" (omitted: any), "epoch" (1-based),
+# "step" (0-based),
+# "marker" (a file path), "phase" ("train", the default; "eval": at an evaluation batch;
+# "checkpoint": after writing the epoch's checkpoint files, before reporting them)}, or a list
+# of such plans, makes that worker exit abruptly there, once (the marker file records that it
+# happened, so the restarted worker carries on).
 FAIL_KEY = "fail_at"
 
 
@@ -72,6 +75,7 @@ class RayEnv(WorkerEnv):
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.cfg, self.schema = cfg, schema
         self.device = ray.train.torch.get_device() if cfg.use_gpu else torch.device("cpu")
+        self.epoch = 0  # 0-based epoch of the latest train_batches (for fault injection)
 
     # data
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
@@ -81,12 +85,14 @@ class RayEnv(WorkerEnv):
             local_shuffle_buffer_size=8 * self.cfg.batch_size,
             local_shuffle_seed=(self.cfg.seed * 10_007 + epoch) * 1_009 + self.rank)
         numpy = (to_numpy(self.schema, b) for b in batches)
+        self.epoch = epoch
         return self._lockstep(self._maybe_fail(numpy, epoch), pad=False)
 
     def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
         batches = ray.train.get_dataset_shard(split).iter_batches(
             batch_size=self.cfg.eval_batch_size, batch_format="pyarrow")
-        return self._lockstep((to_numpy(self.schema, b) for b in batches), pad=True)
+        numpy = (to_numpy(self.schema, b) for b in batches)
+        return self._lockstep(self._maybe_fail(numpy, self.epoch, "eval"), pad=True)
 
     def _lockstep(self, batches: Iterator[dict[str, np.ndarray]], pad: bool
                   ) -> Iterator[dict[str, np.ndarray]]:
@@ -113,17 +119,24 @@ class RayEnv(WorkerEnv):
             cols[f.name] = np.zeros((0, f.max_len) if f.is_sequence else 0, np.int64)
         return cols
 
-    def _maybe_fail(self, batches: Iterator[dict[str, np.ndarray]], epoch: int
-                    ) -> Iterator[dict[str, np.ndarray]]:
-        plan = self.cfg.extra.get(FAIL_KEY)
+    def _maybe_fail(self, batches: Iterator[dict[str, np.ndarray]], epoch: int,
+                    phase: str = "train") -> Iterator[dict[str, np.ndarray]]:
         for step, batch in enumerate(batches):
-            if (plan and plan["rank"] == self.rank and plan["epoch"] == epoch + 1
-                    and plan["step"] == step and not Path(plan["marker"]).exists()):
-                Path(plan["marker"]).write_text(f"rank {self.rank} epoch {epoch + 1} step {step}")
-                log.warning("fault injection: rank %d exits at epoch %d step %d", self.rank,
-                            epoch + 1, step)
-                os._exit(1)
+            self._fail_if_planned(phase, epoch + 1, step)
             yield batch
+
+    def _fail_if_planned(self, phase: str, epoch: int, step: int) -> None:
+        plans = self.cfg.extra.get(FAIL_KEY) or []
+        for plan in [plans] if isinstance(plans, dict) else plans:
+            if (plan.get("phase", "train") == phase and plan.get("rank", self.rank) == self.rank
+                    and plan["epoch"] == epoch and plan["step"] == step
+                    and not Path(plan["marker"]).exists()):
+                where = f"rank {self.rank} epoch {epoch} step {step}"
+                if phase != "train":
+                    where += f" {phase}"
+                Path(plan["marker"]).write_text(where)
+                log.warning("fault injection: %s exits", where)
+                os._exit(1)
 
     # model placement
     def make_tables(self, model: CTRModel, cfg: TrainConfig) -> EmbeddingTables:
@@ -161,6 +174,7 @@ class RayEnv(WorkerEnv):
     def report(self, metrics: dict, write_checkpoint: Callable[[Path], None]) -> None:
         with tempfile.TemporaryDirectory(prefix="din-ray-ckpt-") as tmp:
             write_checkpoint(Path(tmp))
+            self._fail_if_planned("checkpoint", metrics["epoch"], 0)
             # Every worker reports its own files under the same name; Ray merges them.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{metrics['epoch']:04d}")
