@@ -62,9 +62,12 @@ from din_ray.train import TrainConfig, WorkerEnv, finalize_output, summarize, tr
 
 log = logging.getLogger(__name__)
 
-# Test-only fault injection: cfg.extra[FAIL_KEY] = {"rank", "epoch" (1-based), "step" (0-based),
-# "marker" (a file path)} makes that worker exit abruptly at that step, once (the marker file
-# records that it happened, so the restarted worker carries on).
+# Test-only fault injection: cfg.extra[FAIL_KEY] = {"rank" (omitted: any), "epoch" (1-based),
+# "step" (0-based),
+# "marker" (a file path), "phase" ("train", the default; "eval": at an evaluation batch;
+# "checkpoint": after writing the epoch's checkpoint files, before reporting them)}, or a list
+# of such plans, makes that worker exit abruptly there, once (the marker file records that it
+# happened, so the restarted worker carries on).
 FAIL_KEY = "fail_at"
 
 
@@ -84,9 +87,11 @@ class RayEnv(WorkerEnv):
         # never waits for the GPU stream; on CPU workers the default group is gloo already.
         self.control = (dist.new_group(backend="gloo") if dist.get_backend() == "nccl"
                         else None)
+        self.epoch = 0  # 0-based epoch of the latest train_batches (for fault injection)
 
     # data
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        self.epoch = epoch
         if "train" in self.columns:
             columns = self.columns["train"]
             rows = in_memory.train_rows(len(columns[self.schema.label]), self.rank,
@@ -107,11 +112,12 @@ class RayEnv(WorkerEnv):
             columns = self.columns[split]
             rows = in_memory.eval_rows(len(columns[self.schema.label]), self.rank,
                                        self.world_size)
-            return self._lockstep(in_memory.iter_batches(self.schema, columns, rows,
-                                                         self.cfg.eval_batch_size), pad=True)
+            numpy = in_memory.iter_batches(self.schema, columns, rows, self.cfg.eval_batch_size)
+            return self._lockstep(self._maybe_fail(numpy, self.epoch, "eval"), pad=True)
         batches = ray.train.get_dataset_shard(split).iter_batches(
             batch_size=self.cfg.eval_batch_size, batch_format="pyarrow")
-        return self._lockstep((to_numpy(self.schema, b) for b in batches), pad=True)
+        numpy = (to_numpy(self.schema, b) for b in batches)
+        return self._lockstep(self._maybe_fail(numpy, self.epoch, "eval"), pad=True)
 
     def _lockstep(self, batches: Iterator[dict[str, np.ndarray]], pad: bool
                   ) -> Iterator[dict[str, np.ndarray]]:
@@ -138,17 +144,24 @@ class RayEnv(WorkerEnv):
             cols[f.name] = np.zeros((0, f.max_len) if f.is_sequence else 0, np.int64)
         return cols
 
-    def _maybe_fail(self, batches: Iterator[dict[str, np.ndarray]], epoch: int
-                    ) -> Iterator[dict[str, np.ndarray]]:
-        plan = self.cfg.extra.get(FAIL_KEY)
+    def _maybe_fail(self, batches: Iterator[dict[str, np.ndarray]], epoch: int,
+                    phase: str = "train") -> Iterator[dict[str, np.ndarray]]:
         for step, batch in enumerate(batches):
-            if (plan and plan["rank"] == self.rank and plan["epoch"] == epoch + 1
-                    and plan["step"] == step and not Path(plan["marker"]).exists()):
-                Path(plan["marker"]).write_text(f"rank {self.rank} epoch {epoch + 1} step {step}")
-                log.warning("fault injection: rank %d exits at epoch %d step %d", self.rank,
-                            epoch + 1, step)
-                os._exit(1)
+            self._fail_if_planned(phase, epoch + 1, step)
             yield batch
+
+    def _fail_if_planned(self, phase: str, epoch: int, step: int) -> None:
+        plans = self.cfg.extra.get(FAIL_KEY) or []
+        for plan in [plans] if isinstance(plans, dict) else plans:
+            if (plan.get("phase", "train") == phase and plan.get("rank", self.rank) == self.rank
+                    and plan["epoch"] == epoch and plan["step"] == step
+                    and not Path(plan["marker"]).exists()):
+                where = f"rank {self.rank} epoch {epoch} step {step}"
+                if phase != "train":
+                    where += f" {phase}"
+                Path(plan["marker"]).write_text(where)
+                log.warning("fault injection: %s exits", where)
+                os._exit(1)
 
     # model placement
     def make_tables(self, model: CTRModel, cfg: TrainConfig) -> EmbeddingTables:
@@ -186,6 +199,7 @@ class RayEnv(WorkerEnv):
     def report(self, metrics: dict, write_checkpoint: Callable[[Path], None]) -> None:
         with tempfile.TemporaryDirectory(prefix="din-ray-ckpt-") as tmp:
             write_checkpoint(Path(tmp))
+            self._fail_if_planned("checkpoint", metrics["epoch"], 0)
             # Every worker reports its own files under the same name; Ray merges them.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{metrics['epoch']:04d}")

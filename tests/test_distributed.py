@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -131,3 +132,29 @@ def test_use_gpu_without_a_gpu_fails_at_once(ray_cluster, data, tmp_path):
     # The module's cluster has CPUs only: refused before any worker waits for a GPU.
     with pytest.raises(ValueError, match="no GPU visible to Ray"):
         run_ray(small_config(data, tmp_path / "out", use_gpu=True))
+
+
+@pytest.mark.timeout(900)
+def test_workers_killed_in_evaluation_and_in_checkpoint_writing_recover(ray_cluster, data,
+                                                                        tmp_path):
+    """A worker dies while evaluating epoch 1 (nothing reported yet: epoch 1 is trained again
+    from scratch), rank 0 dies after writing epoch 2's files but before reporting them (the
+    group resumes from epoch 1's checkpoint). Each epoch is counted once and the final
+    checkpoint is complete: all its files verify against the manifest's digests."""
+    in_eval, in_ckpt = tmp_path / "eval-killed", tmp_path / "ckpt-killed"
+    cfg = small_config(data, tmp_path / "run", max_failures=2, extra={FAIL_KEY: [
+        # Any rank: a small split may all go to one worker (Ray Data splits by blocks).
+        {"phase": "eval", "epoch": 1, "step": 0, "marker": str(in_eval)},
+        {"phase": "checkpoint", "rank": 0, "epoch": 2, "step": 0, "marker": str(in_ckpt)}]})
+    result = run_ray(cfg)
+    assert re.fullmatch(r"rank [01] epoch 1 step 0 eval", in_eval.read_text())
+    assert in_ckpt.read_text() == "rank 0 epoch 2 step 0 checkpoint"
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    run_dir = tmp_path / "run" / "ray" / cfg.run_name
+    assert sorted(p.name for p in run_dir.glob("epoch-*")) == ["epoch-0001", "epoch-0002"]
+    final = ckpt.Checkpoint.open(tmp_path / "run" / "checkpoint")  # verifies every digest
+    assert final.manifest["world_size"] == 2 and final.metrics["epoch"] == result["best_epoch"]
+    assert set(final.manifest["sha256"]) >= {s["file"] for t in final.manifest["tables"].values()
+                                             for s in t["shards"]}
+    history = json.loads(final.dense_state()["history"])
+    assert [h["epoch"] for h in history] == [1, 2][:result["best_epoch"]]
