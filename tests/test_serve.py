@@ -240,7 +240,7 @@ def deepfm_url(server, predicted) -> str:
 
 
 @pytest.mark.parametrize("model", [
-    "din", pytest.param("deepfm", marks=pytest.mark.xfail(strict=True, reason="issue 12 item 2"))])
+    "din", "deepfm"])
 def test_served_ctrs_equal_offline_predictions(server, predicted, deepfm_url, model):
     # Requests carry RAW item ids, mapped through the dataset's vocabulary (categories are
     # dense ids: the tiny data has none), one candidate per sampled test row.
