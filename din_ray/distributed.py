@@ -11,9 +11,10 @@ checkpoint} as `train.run_local`.
 Per worker (`RayEnv`):
   * data: `get_dataset_shard(split).iter_batches(batch_format="pyarrow")`; the train split is
     split with equal row counts (so every worker runs the same number of steps, which DDP and the
-    embedding all-to-alls need); valid/test are split without dropping a row and evaluated in
-    lockstep (an exhausted worker feeds empty batches until every worker is done), so the metrics
-    over the gathered predictions are exactly the single-process values;
+    embedding all-to-alls need; with `shuffle=False` every worker reads the whole split in order
+    and trains on its share of each global batch); valid/test are split without dropping a row
+    and evaluated in lockstep (an exhausted worker feeds empty batches until every worker is
+    done), so the metrics over the gathered predictions are exactly the single-process values;
   * dense layers: `ray.train.torch.prepare_model` (DDP);
   * embeddings: `din_ray.sharding.ShardedEmbeddingTables` on a process group of their own;
   * checkpoints: every worker writes its row blocks, rank 0 the dense state and the manifest
@@ -76,12 +77,26 @@ class RayEnv(WorkerEnv):
     # data
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         shard = ray.train.get_dataset_shard("train")
-        batches = shard.iter_batches(
-            batch_size=self.cfg.batch_size, batch_format="pyarrow",
-            local_shuffle_buffer_size=8 * self.cfg.batch_size if self.cfg.shuffle else None,
-            local_shuffle_seed=(self.cfg.seed * 10_007 + epoch) * 1_009 + self.rank)
+        if self.cfg.shuffle:
+            batches = shard.iter_batches(
+                batch_size=self.cfg.batch_size, batch_format="pyarrow",
+                local_shuffle_buffer_size=8 * self.cfg.batch_size,
+                local_shuffle_seed=(self.cfg.seed * 10_007 + epoch) * 1_009 + self.rank)
+        else:
+            batches = self._share_of_global_batches(shard)
         numpy = (to_numpy(self.schema, b) for b in batches)
         return self._lockstep(self._maybe_fail(numpy, epoch), pad=False)
+
+    def _share_of_global_batches(self, shard) -> Iterator[pa.Table]:
+        """Unshuffled training: every worker reads the whole split in file order (see
+        EvalSplitConfig) in global batches of batch_size * workers rows and trains on its
+        contiguous share of each (a last short batch cut to a multiple of the worker count), so
+        step t trains on the rows one process reading the files in order takes at step t."""
+        for batch in shard.iter_batches(batch_size=self.cfg.batch_size * self.world_size,
+                                        batch_format="pyarrow"):
+            share = batch.num_rows // self.world_size
+            if share:
+                yield batch.slice(self.rank * share, share)
 
     def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
         batches = ray.train.get_dataset_shard(split).iter_batches(
@@ -178,18 +193,18 @@ class EvalSplitConfig(DataConfig):
     """Train split into equal row counts (DDP and the all-to-alls need equal step counts; at
     most workers - 1 rows per epoch are dropped); valid/test split without dropping any row.
 
-    `ordered=True` (cfg.shuffle off) keeps the train split's block order through the split:
-    Ray Data then deals the blocks out deterministically, each to the worker with the fewest
-    rows so far, so with equal blocks of B rows worker w gets blocks w, w + W, ... and step t's
-    global batch (B rows per worker) is rows [t*W*B, (t+1)*W*B) in file order, which is what
-    one process reading the files in order with batch W*B trains on."""
+    `ordered=True` (cfg.shuffle off) hands every worker the whole train split in file order
+    instead; `RayEnv` then takes each worker's share of every global batch. Ray Data's split
+    deals blocks to workers by its own rule (it promises no order), so only this makes a
+    step's global batch the rows of a known range, as one process reading in order sees them.
+    """
 
     def __init__(self, ordered: bool = False) -> None:
         options = None
         if ordered:
             options = {"train": self.default_ingest_options()}
             options["train"].preserve_order = True
-        super().__init__(execution_options=options)
+        super().__init__(datasets_to_split=[] if ordered else "all", execution_options=options)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         out = super().configure({k: v for k, v in datasets.items() if k == "train"}, world_size,
@@ -261,7 +276,7 @@ def _read_split(dataset: PreparedDataset, split: str, cfg: TrainConfig) -> ray.d
     files = dataset.files(split)
     ds = ray.data.read_parquet([str(f) for f in files],
                                shuffle="files" if split == "train" and cfg.shuffle else None)
-    ds.context.execution_options.preserve_order = not cfg.shuffle  # file order when cached
+    ds.context.execution_options.preserve_order = not cfg.shuffle  # file order (EvalSplitConfig)
     # Each dataset carries its own copy of the DataContext (taken when it was created, and passed
     # on to its materialized copy) into the split coordinators: no progress bars there (three
     # datasets per epoch would bury the training log), and the caller's context is left alone.
