@@ -14,7 +14,9 @@ Per worker (`RayEnv`):
     index (`din_ray.data.in_memory`), so no Ray Data job runs for it. A larger split streams
     through `get_dataset_shard(split).iter_batches(batch_format="pyarrow")`. Either way the
     train split is divided into equal row counts (so every worker runs the same number of steps,
-    which DDP and the embedding all-to-alls need); valid/test are split without dropping a row
+    which DDP and the embedding all-to-alls need; with `shuffle=False` step t of all workers
+    together trains on the rows one process reading the split in order takes at step t);
+    valid/test are split without dropping a row
     and evaluated in lockstep (an exhausted worker feeds empty batches until every worker is
     done), so the metrics over the gathered predictions are exactly the single-process values;
   * dense layers: `ray.train.torch.prepare_model` (DDP);
@@ -100,12 +102,26 @@ class RayEnv(WorkerEnv):
             numpy = in_memory.iter_batches(self.schema, columns, rows, self.cfg.batch_size)
             return self._lockstep(self._maybe_fail(numpy, epoch), pad=False)
         shard = ray.train.get_dataset_shard("train")
-        batches = shard.iter_batches(
-            batch_size=self.cfg.batch_size, batch_format="pyarrow",
-            local_shuffle_buffer_size=8 * self.cfg.batch_size if self.cfg.shuffle else None,
-            local_shuffle_seed=(self.cfg.seed * 10_007 + epoch) * 1_009 + self.rank)
+        if self.cfg.shuffle:
+            batches = shard.iter_batches(
+                batch_size=self.cfg.batch_size, batch_format="pyarrow",
+                local_shuffle_buffer_size=8 * self.cfg.batch_size,
+                local_shuffle_seed=(self.cfg.seed * 10_007 + epoch) * 1_009 + self.rank)
+        else:
+            batches = self._share_of_global_batches(shard)
         numpy = (to_numpy(self.schema, b) for b in batches)
         return self._lockstep(self._maybe_fail(numpy, epoch), pad=False)
+
+    def _share_of_global_batches(self, shard) -> Iterator[pa.Table]:
+        """Unshuffled training: every worker reads the whole split in file order (see
+        EvalSplitConfig) in global batches of batch_size * workers rows and trains on its
+        contiguous share of each (a last short batch cut to a multiple of the worker count), so
+        step t trains on the rows one process reading the files in order takes at step t."""
+        for batch in shard.iter_batches(batch_size=self.cfg.batch_size * self.world_size,
+                                        batch_format="pyarrow"):
+            share = batch.num_rows // self.world_size
+            if share:
+                yield batch.slice(self.rank * share, share)
 
     def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
         if split in self.columns:
@@ -221,19 +237,17 @@ class EvalSplitConfig(DataConfig):
     """Train split into equal row counts (DDP and the all-to-alls need equal step counts; at
     most workers - 1 rows per epoch are dropped); valid/test split without dropping any row.
 
-    `ordered=True` (every run: the order is the seeded one of `_read_split`, or the files'
-    own with cfg.shuffle off) keeps the train split's block order through the split:
-    Ray Data then deals the blocks out deterministically, each to the worker with the fewest
-    rows so far, so with equal blocks of B rows worker w gets blocks w, w + W, ... and step t's
-    global batch (B rows per worker) is rows [t*W*B, (t+1)*W*B) in file order, which is what
-    one process reading the files in order with batch W*B trains on."""
+    The train split's blocks keep their (seeded, see `_read_split`) order through the split.
+    `ordered=True` (cfg.shuffle off) hands every worker the whole train split in file order
+    instead; `RayEnv` then takes each worker's share of every global batch. Ray Data's split
+    deals blocks to workers by its own rule (it promises no order), so only this makes a
+    step's global batch the rows of a known range, as one process reading in order sees them.
+    """
 
     def __init__(self, ordered: bool = False) -> None:
-        options = None
-        if ordered:
-            options = {"train": self.default_ingest_options()}
-            options["train"].preserve_order = True
-        super().__init__(execution_options=options)
+        options = {"train": self.default_ingest_options()}
+        options["train"].preserve_order = True
+        super().__init__(datasets_to_split=[] if ordered else "all", execution_options=options)
 
     def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
         out = super().configure({k: v for k, v in datasets.items() if k == "train"}, world_size,
@@ -352,7 +366,7 @@ def _trainer(cfg: TrainConfig, datasets: dict, in_memory_splits: dict[str, ray.O
                                                checkpoint_score_order="max"),
             callbacks=callbacks),
         datasets=datasets or None,
-        dataset_config=EvalSplitConfig(ordered=True),
+        dataset_config=EvalSplitConfig(ordered=not cfg.shuffle),
     )
 
 

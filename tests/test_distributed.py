@@ -1,7 +1,8 @@
 """Ray Train end to end on a real local Ray: two workers with sharded tables, a worker killed
 mid-epoch and the run recovering from the last checkpoint, resuming a finished run, evaluation
-over gathered predictions equal to single-process, and bad configurations failing before any
-worker starts."""
+over gathered predictions equal to single-process, two workers equal to the local loop on the
+same global batches (every row once per epoch), the best checkpoint kept under tied metrics, and
+bad configurations failing before any worker starts."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import ray
+import torch
 from builders import write_tiny_dataset
 
 from din_ray import checkpoint as ckpt
 from din_ray.cli import main as cli_main
-from din_ray.data.format import DataError
+from din_ray.data.format import DataError, PreparedDataset
 from din_ray.distributed import FAIL_KEY, check_config, run_ray
 from din_ray.schema import SchemaError
-from din_ray.train import TrainConfig, evaluate_checkpoint
+from din_ray.train import TrainConfig, evaluate_checkpoint, run_local
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +160,53 @@ def test_workers_killed_in_evaluation_and_in_checkpoint_writing_recover(ray_clus
                                              for s in t["shards"]}
     history = json.loads(final.dense_state()["history"])
     assert [h["epoch"] for h in history] == [1, 2][:result["best_epoch"]]
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Dense parameters and whole embedding tables of a checkpoint."""
+    c = ckpt.Checkpoint.open(checkpoint)
+    out = dict(c.dense_state()["model"])
+    for name, spec in c.table_specs().items():
+        out[name] = c.table_rows(name, 0, spec.num_rows)["weight"]
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_two_ray_workers_see_every_row_once_and_equal_the_local_loop(ray_cluster, data,
+                                                                     tmp_path):
+    # The same global batches: no shuffling, so step t of 2 workers x 64 rows is rows
+    # [128 t, 128 t + 128) of the split in file order, the local loop's batch t at batch 128.
+    common = dict(activation="prelu", shuffle=False, lr=0.01, epochs=2)
+    ray_run = run_ray(small_config(data, tmp_path / "ray", batch_size=64, **common))
+    local = run_local(small_config(data, tmp_path / "local", workers=1, batch_size=128,
+                                   **common))
+
+    rows = PreparedDataset.open(data).num_rows("train")
+    assert [h["train_samples"] for h in ray_run["history"]] == [rows, rows]
+    assert [h["train_samples"] for h in local["history"]] == [rows, rows]
+    for mine, ref in zip(ray_run["history"], local["history"], strict=True):
+        for key in ("train_loss", "valid_logloss", "valid_gauc", "test_logloss", "test_auc"):
+            assert mine[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), (mine["epoch"], key)
+    assert ray_run["history"][0]["train_loss"] != ray_run["history"][1]["train_loss"]
+
+    trained = _weights(tmp_path / "ray" / "ray" / "train" / "epoch-0002")
+    expected = _weights(tmp_path / "local" / "checkpoints" / "epoch-0002")
+    assert trained.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-6, msg=name)
+    first = _weights(tmp_path / "ray" / "ray" / "train" / "epoch-0001")
+    assert not torch.equal(first["item_id"], trained["item_id"])  # epoch 2 moved the rows
+
+
+@pytest.mark.timeout(600)
+def test_tied_validation_keeps_the_checkpoint_of_the_epoch_metrics_name(ray_cluster, data,
+                                                                        tmp_path):
+    # A learning rate far below float32 resolution: no weight moves, so all three epochs have
+    # the same validation GAUC. The best is the earliest (epoch 1), and Ray's retention, which
+    # breaks ties towards later epochs, must not have deleted it.
+    result = run_ray(small_config(data, tmp_path / "run", epochs=3, lr=1e-20))
+    gaucs = {h["valid_gauc"] for h in result["history"]}
+    assert len(gaucs) == 1 and result["best_epoch"] == 1
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    kept = ckpt.Checkpoint.open(tmp_path / "run" / "checkpoint")
+    assert written["best_epoch"] == kept.metrics["epoch"] == 1
