@@ -78,6 +78,9 @@ class TrainConfig:
     ad_bias: bool = True
     dropout: float = 0.0
     smoothing: float = 20.0
+    attention_activation: str = ""  # the attention unit's activation; "" = activation
+    dice_momentum: float = 0.01
+    zero_logit: bool = True  # the MLP's logit layer starts at zero: the logit is the ad bias
     # "popularity": ad bias rows start at the candidate's smoothed training click rate; "zero".
     bias_init: str = "popularity"
     # Evaluate (and checkpoint) the model before training as epoch 0, a candidate for the best.
