@@ -29,6 +29,17 @@ from din_ray.metrics import evaluate_predictions
 from din_ray.schema import PAD_ID
 
 
+class PReLU(nn.Module):
+    """Eq. (8), one slope per channel of the last dimension. x (..., C) -> (..., C)"""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((channels,), 0.25))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.where(x > 0, x, self.alpha * x)
+
+
 class Dice(nn.Module):
     """Eq. (9) with BatchNorm's own running statistics. x (N, C) -> (N, C)"""
 
@@ -56,8 +67,8 @@ class ReferenceDIN(nn.Module):
         self.behaviours = [f for f in schema.features if f.is_sequence]
         self.singles = [f for f in schema.features if not f.is_sequence]
         key_dim = dim * len(self.behaviours)
-        self.attention = nn.Sequential(nn.Linear(4 * key_dim, 80), nn.PReLU(80),
-                                       nn.Linear(80, 40), nn.PReLU(40), nn.Linear(40, 1))
+        self.attention = nn.Sequential(nn.Linear(4 * key_dim, 80), PReLU(80),
+                                       nn.Linear(80, 40), PReLU(40), nn.Linear(40, 1))
         mlp_in = dim * len(self.singles) + key_dim
         self.mlp = nn.Sequential(nn.Linear(mlp_in, 200), Dice(200, dice_momentum),
                                  nn.Linear(200, 80), Dice(80, dice_momentum), nn.Linear(80, 1))
