@@ -202,3 +202,12 @@ def test_model_config_knobs_reach_the_layers():
         ModelConfig(dice_momentum=0.0)
     with pytest.raises(ValueError, match="attention_activation"):
         ModelConfig(attention_activation="relu")
+
+
+def test_checkpoints_saved_before_attention_activation_rebuild_as_trained():
+    """A config without the field (saved before it existed) had Dice in the attention unit when
+    `activation` was Dice; a new config puts PReLU there."""
+    assert ModelConfig.from_dict({"activation": "dice"}).attention_activation == "dice"
+    assert ModelConfig.from_dict({"activation": "dice"}).dice_momentum == 0.01
+    assert ModelConfig(activation="dice").attention_activation == "prelu"
+    assert ModelConfig(activation="prelu", attention_activation="").attention_activation == "prelu"
