@@ -165,10 +165,10 @@ class PNN(_Fields):
         self.register_buffer("pair_cols", cols, persistent=False)
         in_dim = self.mlp.linears[0].in_features + len(rows)
         self.mlp = MLP(in_dim, config.mlp_hidden, config.activation, out=1,
-                       dropout=config.dropout)
-        # As in every model with an MLP: the logit starts as the ad bias alone.
-        nn.init.zeros_(self.mlp.out.weight)
-        nn.init.zeros_(self.mlp.out.bias)
+                       dropout=config.dropout, dice_momentum=config.dice_momentum)
+        if config.zero_logit:  # as in every model with an MLP: the logit starts as the ad bias
+            nn.init.zeros_(self.mlp.out.weight)
+            nn.init.zeros_(self.mlp.out.bias)
 
     def forward(self, emb: dict[str, Tensor], batch: Batch) -> Tensor:
         fields = self.fields(emb, batch)  # (B, F, d)

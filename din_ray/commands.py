@@ -20,6 +20,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="prepared data directory (din-ray prepare ...)")
     p.add_argument("--model", default=d.model, choices=model_names())
     p.add_argument("--activation", default=d.activation, choices=ACTIVATIONS)
+    p.add_argument("--attention-activation", default=d.attention_activation,
+                   choices=("", *ACTIVATIONS), help="the attention unit's ('' = --activation)")
+    p.add_argument("--dice-momentum", type=float, default=d.dice_momentum,
+                   help="Dice's moving-average weight after its first 1/momentum batches")
+    p.add_argument("--zero-logit", type=int, choices=(0, 1), default=int(d.zero_logit),
+                   help="1: the MLP's logit layer starts at zero (the logit is the ad bias)")
+    p.add_argument("--init-std", type=float, default=d.init_std,
+                   help="standard deviation of the initial embedding rows")
     p.add_argument("--reg", default=d.reg, choices=REGULARIZERS,
                    help="regularizer (paper §6.5; see din_ray.regularization)")
     p.add_argument("--filter-top-k", type=int, default=d.filter_top_k,
@@ -71,7 +79,9 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         attention_softmax=args.softmax, pooling=args.pooling, ad_bias=not args.no_ad_bias,
         dropout=args.dropout, seed=args.seed, threads=args.threads, sparse_lr=args.sparse_lr,
         bias_init=args.bias_init, eval_at_start=args.eval_at_start, precision=args.precision,
-        init_from=str(args.init_from or ""))
+        init_from=str(args.init_from or ""), attention_activation=args.attention_activation,
+        dice_momentum=args.dice_momentum, zero_logit=bool(args.zero_logit),
+        init_std=args.init_std)
     if getattr(args, "output", None):
         values["output"] = args.output
     if getattr(args, "workers", None):

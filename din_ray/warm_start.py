@@ -29,7 +29,7 @@ from din_ray.schema import Schema
 log = logging.getLogger(__name__)
 
 # Model fields that change how the weights are trained, not what they are.
-TRAINING_ONLY = ("dropout", "smoothing")
+TRAINING_ONLY = ("dropout", "smoothing", "dice_momentum")
 
 
 def check_architecture(c: Checkpoint, schema: Schema, model_config: ModelConfig,

@@ -184,3 +184,30 @@ def test_config_errors_name_the_field():
         build_model(tiny_schema(), ModelConfig(model="nope"))
     assert isinstance(build_model(tiny_schema(), ModelConfig(model="din")), DIN)
     assert isinstance(build_model(tiny_schema(), ModelConfig(model="base")), BaseModel)
+
+
+def test_model_config_knobs_reach_the_layers():
+    """dice_momentum, attention_activation and zero_logit are honoured by DIN, not just
+    recorded: each of them changes the built modules."""
+    m, _ = build("din", "dice", dice_momentum=0.1, attention_activation="prelu",
+                 zero_logit=False)
+    dices = [mod for mod in m.modules() if isinstance(mod, Dice)]
+    assert dices and all(d.momentum == 0.1 for d in dices)
+    assert not any(isinstance(mod, Dice) for mod in m.attention.modules())
+    assert any(isinstance(mod, PReLU) for mod in m.attention.modules())
+    assert m.mlp.out.weight.abs().sum() > 0
+    default, _ = build("din", "dice")
+    assert default.mlp.out.weight.abs().sum() == 0
+    with pytest.raises(ValueError, match="dice_momentum"):
+        ModelConfig(dice_momentum=0.0)
+    with pytest.raises(ValueError, match="attention_activation"):
+        ModelConfig(attention_activation="relu")
+
+
+def test_checkpoints_saved_before_attention_activation_rebuild_as_trained():
+    """A config without the field (saved before it existed) had Dice in the attention unit when
+    `activation` was Dice; a new config puts PReLU there."""
+    assert ModelConfig.from_dict({"activation": "dice"}).attention_activation == "dice"
+    assert ModelConfig.from_dict({"activation": "dice"}).dice_momentum == 0.01
+    assert ModelConfig(activation="dice").attention_activation == "prelu"
+    assert ModelConfig(activation="prelu", attention_activation="").attention_activation == "prelu"
