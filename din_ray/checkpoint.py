@@ -200,28 +200,6 @@ def write_manifest(directory: str | Path, *, schema: Schema, config: dict, metri
     _atomic_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
-def save_local(directory: str | Path, *, tables: EmbeddingTables,
-               optimizer: RowWiseOptimizer | None, **manifest_args) -> Path:
-    """Single-process checkpoint written to a temporary sibling, then renamed into place."""
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}-{time.time_ns()}")
-    try:
-        digests = write_worker_files(tmp, tables, optimizer)
-        write_manifest(tmp, specs=tables.specs, world_size=tables.world_size,
-                       shard_digests=digests, **manifest_args)
-        if directory.exists():
-            trash = directory.with_name(f".{directory.name}.old-{time.time_ns()}")
-            directory.rename(trash)
-            publish(tmp, directory)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            publish(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
-
-
 def _check_inside(root: Path, entry: str, name) -> None:
     """Refuse a manifest file name that would read from outside the checkpoint directory: an
     absolute path, a '..' component, or a symlink (anywhere on the way) that leads out."""

@@ -117,9 +117,6 @@ class TouchedRows:
     ids: Tensor
     rows: Tensor
 
-    def local_ids(self, start: int) -> Tensor:
-        return self.ids - start
-
 
 class EmbeddingTables(torch.nn.Module):
     """All embedding tables of a model, holding this worker's row block of each.
