@@ -440,11 +440,23 @@ def click_counts(feature: str, label: str, batches, env: WorkerEnv,
     return env.all_reduce_sum(clicks), env.all_reduce_sum(shows)
 
 
+def candidate_popularity(candidate, label: str, env: WorkerEnv, smoothing: float
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """The smoothed training click rate of every id of the `candidate` feature, as a logit,
+    from one pass over the training split (summed over workers): the popularity baseline's
+    table and the ad bias rows' warm start.
+
+    Returns: logits (rows, 1), clicks (rows,), impressions (rows,).
+    """
+    clicks, shows = click_counts(candidate.name, label, env.train_batches(0), env,
+                                 candidate.vocab_size)
+    return Popularity.table_from_counts(clicks, shows, smoothing), clicks, shows
+
+
 def _fit_popularity(model: Popularity, tables: EmbeddingTables, env: WorkerEnv) -> float:
     """Fill the popularity table from click/impression counts over the training split."""
-    clicks, shows = click_counts(model.candidate.name, model.schema.label, env.train_batches(0),
-                                 env, model.candidate.vocab_size)
-    logits = Popularity.table_from_counts(clicks, shows, model.config.smoothing)  # (V, 1)
+    logits, clicks, shows = candidate_popularity(model.candidate, model.schema.label, env,
+                                                 model.config.smoothing)  # (V, 1)
     tables.set_rows(next(iter(model.table_specs())), logits.float())
     # Training log loss of the fitted rates, from the counts alone.
     p = torch.sigmoid(logits.squeeze(-1).double())
@@ -465,9 +477,8 @@ def bias_prior(model: CTRModel, env: WorkerEnv, cfg: TrainConfig) -> dict[str, T
     name = f"{candidate.table}.bias"
     if name not in model.table_specs():
         return {}
-    clicks, shows = click_counts(candidate.name, model.schema.label, env.train_batches(0), env,
-                                 candidate.vocab_size)
-    return {name: Popularity.table_from_counts(clicks, shows, cfg.smoothing).float()}
+    logits, _, _ = candidate_popularity(candidate, model.schema.label, env, cfg.smoothing)
+    return {name: logits.float()}
 
 
 def embedding_regularizer(cfg: TrainConfig, model: CTRModel, dataset: PreparedDataset,
