@@ -29,9 +29,9 @@ import argparse
 import json
 from pathlib import Path
 
+import din_ray.train.loop as train_module
 import torch
 
-import din_ray.train as train_module
 from din_ray import checkpoint as ckpt
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.model import Dice

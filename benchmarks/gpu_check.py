@@ -114,7 +114,7 @@ def run_ray_losses(work: Path, sizes: Sizes, dry_run: bool, tol: float) -> dict:
     """First `loss_steps` losses of a 1-worker Ray Train run on the GPU and on the CPU."""
     import ray
 
-    from din_ray.local_ray import connect
+    from din_ray.ray_session import connect
 
     data = synthetic(work, sizes.loss_rows)
     losses = {}

@@ -50,7 +50,7 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
     import ray
 
     from din_ray.distributed import run_ray
-    from din_ray.local_ray import start_local_ray
+    from din_ray.ray_session import start_local_ray
     from din_ray.train import TrainConfig
     from din_ray.tune import TuneSettings, run_tune
 

@@ -180,7 +180,7 @@ def _predict_ray(cfg: PredictConfig, checkpoint: str, files: list[Path], tmp: Pa
     sees, like the data)."""
     import ray
 
-    from din_ray.local_ray import connect
+    from din_ray.ray_session import connect
 
     connected = connect(cfg.address, num_cpus=max(4, int(cfg.actors * cfg.cpus_per_actor) + 2))
     try:

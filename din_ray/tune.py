@@ -27,7 +27,7 @@ best_checkpoint/ (a copy of the winner's best epoch; what `din-ray serve OUTPUT`
 
 The known trap: a trial that ASHA stops must release its Train run's placement group, or later
 trials wait forever. On Ray 2.60 that cleanup goes through the dashboard, so a local Ray is
-started with it on and with its address known to every Ray process (`din_ray.local_ray`).
+started with it on and with its address known to every Ray process (`din_ray.ray_session`).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 
 from din_ray import checkpoint as ckpt
-from din_ray.local_ray import connect
+from din_ray.ray_session import connect
 from din_ray.train import TrainConfig
 from din_ray.tune_space import SearchSpace, load_space
 
