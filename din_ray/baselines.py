@@ -1,6 +1,6 @@
 """The paper's competitors (§6.2): LR, Wide&Deep, PNN and DeepFM.
 
-Each uses the same schema, the same embedding tables (`din_ray.embedding`) and the same training
+Each uses the same schema, the same embedding tables (`din_ray.embeddings.tables`) and the same training
 loop as DIN and BaseModel, and is selected by name (registered on import; `build_model` imports
 this module on first use):
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from din_ray.embedding import EmbeddingTables, RowWiseOptimizer, row_block
+from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer, row_block
 from din_ray.model import CTRModel, ModelConfig, TableSpec, build_model
 from din_ray.schema import Schema
 

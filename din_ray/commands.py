@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from din_ray.embeddings.regularization import REG_FORMS, REGULARIZERS
 from din_ray.model import ACTIVATIONS, model_names
-from din_ray.regularization import REG_FORMS, REGULARIZERS
 from din_ray.train import PRECISIONS, TrainConfig, evaluate_checkpoint, run_local
 
 
@@ -29,7 +29,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-std", type=float, default=d.init_std,
                    help="standard deviation of the initial embedding rows")
     p.add_argument("--reg", default=d.reg, choices=REGULARIZERS,
-                   help="regularizer (paper §6.5; see din_ray.regularization)")
+                   help="regularizer (paper §6.5; see din_ray.embeddings.regularization)")
     p.add_argument("--filter-top-k", type=int, default=d.filter_top_k,
                    help="--reg filter: ids kept per table, the most frequent")
     p.add_argument("--id-dropout", type=float, default=d.id_dropout,

@@ -20,7 +20,7 @@ Per worker (`RayEnv`):
     and evaluated in lockstep (an exhausted worker feeds empty batches until every worker is
     done), so the metrics over the gathered predictions are exactly the single-process values;
   * dense layers: `ray.train.torch.prepare_model` (DDP);
-  * embeddings: `din_ray.sharding.ShardedEmbeddingTables` on a process group of their own;
+  * embeddings: `din_ray.embeddings.sharding.ShardedEmbeddingTables` on a process group of their own;
   * checkpoints: every worker writes its row blocks, rank 0 the dense state and the manifest
     (last), into one local directory per worker; `ray.train.report(..., checkpoint=...)` uploads
     and merges them into one checkpoint `epoch-NNNN` under `storage_path/run_name`.
@@ -55,11 +55,11 @@ from ray.train.torch import TorchTrainer
 from din_ray import checkpoint as ckpt
 from din_ray.data import in_memory
 from din_ray.data.format import SPLITS, DataError, PreparedDataset, to_numpy
-from din_ray.embedding import EmbeddingTables
+from din_ray.embeddings.sharding import ShardedEmbeddingTables, embedding_group, plan_tables
+from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model import CTRModel, build_model
 from din_ray.ray_session import connect
 from din_ray.schema import Schema
-from din_ray.sharding import ShardedEmbeddingTables, embedding_group, plan_tables
 from din_ray.train import TrainConfig, WorkerEnv, finalize_output, summarize, train_loop
 
 log = logging.getLogger(__name__)

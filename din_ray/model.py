@@ -1,7 +1,7 @@
 """DIN (Zhou et al., KDD 2018), BaseModel and the popularity baseline.
 
 A CTR model here is split in two, torchrec-style:
-  * the sparse part: embedding tables, owned by `din_ray.embedding.EmbeddingTables` so they can be
+  * the sparse part: embedding tables, owned by `din_ray.embeddings.tables.EmbeddingTables` so they can be
     row-wise sharded across workers and updated row by row (MBA touches only the rows in a batch);
   * the dense part: this module's `CTRModel` subclasses. A model declares which tables it needs
     (`table_specs`) and which ids to look up (`sparse_inputs`); `forward` receives the looked-up

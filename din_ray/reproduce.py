@@ -37,8 +37,8 @@ import torch
 from din_ray import checkpoint as ckpt
 from din_ray import plots
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
+from din_ray.embeddings.regularization import REGULARIZERS
 from din_ray.metrics import rela_impr
-from din_ray.regularization import REGULARIZERS
 from din_ray.schema import NUM_RESERVED_IDS, PAD_ID
 from din_ray.train import TrainConfig, run_local, summarize, to_torch
 

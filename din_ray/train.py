@@ -35,10 +35,7 @@ from torch import Tensor, nn
 from din_ray import checkpoint as ckpt
 from din_ray.allocator import keep_freed_memory
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
-from din_ray.embedding import EmbeddingTables, RowWiseOptimizer
-from din_ray.metrics import evaluate_predictions
-from din_ray.model import CTRModel, ModelConfig, Popularity, build_model
-from din_ray.regularization import (
+from din_ray.embeddings.regularization import (
     GRADIENT_REGULARIZERS,
     REG_FORMS,
     REGULARIZERS,
@@ -47,6 +44,9 @@ from din_ray.regularization import (
     RowPenalty,
     build_regularizer,
 )
+from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
+from din_ray.metrics import evaluate_predictions
+from din_ray.model import CTRModel, ModelConfig, Popularity, build_model
 from din_ray.schema import PAD_ID, Schema
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class TrainConfig:
     # may have grown since (prepare --vocab-from). "" = a fresh start.
     init_from: str = ""
     # optimisation
-    reg: str = "mba"  # one of din_ray.regularization.REGULARIZERS
+    reg: str = "mba"  # one of din_ray.embeddings.regularization.REGULARIZERS
     lam: float = 0.01  # for a global batch of regularization.LAMBDA_BATCH (256) samples
     # How the embedding optimizer applies mba/difacto/l2: "decoupled" (after the update, as
     # AdamW; under Adam λ keeps its meaning) or "coupled" (added to the gradient, Eq. 7 as
@@ -489,7 +489,7 @@ def embedding_regularizer(cfg: TrainConfig, model: CTRModel, dataset: PreparedDa
     n_j per table: the prepared `counts.npz` for the feature tables, counted from the training
     split (summed over workers) for the others: bias and first-order tables (n_j = samples
     whose lookups of that table hold j, e.g. whose candidate is j), hashed crosses. λ is scaled
-    for the global batch, `cfg.batch_size` × workers (`din_ray.regularization.LAMBDA_BATCH`).
+    for the global batch, `cfg.batch_size` × workers (`din_ray.embeddings.regularization.LAMBDA_BATCH`).
     """
     if cfg.reg not in GRADIENT_REGULARIZERS or cfg.lam == 0:
         return None

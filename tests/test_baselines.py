@@ -5,7 +5,7 @@ import torch
 from builders import tiny_schema
 
 from din_ray.baselines import CROSS_ROWS, WideDeep
-from din_ray.embedding import EmbeddingTables
+from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model import MLP, ModelConfig, build_model, model_names
 from din_ray.schema import PAD_ID
 

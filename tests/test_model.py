@@ -4,7 +4,7 @@ import pytest
 import torch
 from builders import tiny_schema
 
-from din_ray.embedding import EmbeddingTables
+from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model import DIN, BaseModel, Dice, ModelConfig, PReLU, TargetAttention, build_model
 from din_ray.schema import PAD_ID
 

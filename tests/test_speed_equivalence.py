@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 
-from din_ray.embedding import EmbeddingTables, unique_ids
+from din_ray.embeddings.tables import EmbeddingTables, unique_ids
 from din_ray.model import MLP, Dice, PReLU, TableSpec, TargetAttention, gather_rows
 from din_ray.schema import PAD_ID
 

@@ -18,7 +18,7 @@ from din_ray.checkpoint import (
 )
 from din_ray.cli import main as cli_main
 from din_ray.data.format import DataError
-from din_ray.embedding import EmbeddingTables
+from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.train import TrainConfig, evaluate_checkpoint, run_local
 
 

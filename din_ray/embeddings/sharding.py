@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from din_ray.embedding import (
+from din_ray.embeddings.tables import (
     EmbeddingTables,
     IdRangeError,
     TouchedRows,

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from din_ray.embedding import (
+from din_ray.embeddings.regularization import MiniBatchAware, build_regularizer
+from din_ray.embeddings.tables import (
     EmbeddingTables,
     IdRangeError,
     RowWiseOptimizer,
@@ -13,7 +14,6 @@ from din_ray.embedding import (
     row_block,
 )
 from din_ray.model import TableSpec
-from din_ray.regularization import MiniBatchAware, build_regularizer
 from din_ray.schema import PAD_ID
 
 SPEC = TableSpec("item_id", 10, 3)

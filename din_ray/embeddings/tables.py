@@ -2,7 +2,7 @@
 
 Each table is split into contiguous row blocks, one per worker (`row_block`); a worker stores only
 its block. A lookup deduplicates the ids of every request that uses a table, fetches those rows
-once (from the owners, when sharded; see `din_ray.sharding`), and scatters them back to the
+once (from the owners, when sharded; see `din_ray.embeddings.sharding`), and scatters them back to the
 requests' shapes. In training the fetched rows are a fresh leaf tensor, so after `backward()` its
 `.grad` holds exactly one gradient row per touched id: the optimizer then updates only those rows,
 and the regularizer (MBA, Eq. 7) sees exactly the mini-batch's touched set. Nothing here costs
@@ -234,7 +234,7 @@ class RowWiseOptimizer:
     """Adam or SGD applied only to the rows a step touched (lazy Adam, as torch.optim.SparseAdam).
 
     State per table: first and second moments shaped like the worker's block; a global step
-    count for bias correction. A regularizer (`din_ray.regularization.RowPenalty`, e.g. MBA,
+    count for bias correction. A regularizer (`din_ray.embeddings.regularization.RowPenalty`, e.g. MBA,
     Eq. 7) gives the penalty gradient p of the touched rows, applied in `reg_form`:
 
         "coupled"    g <- g + p before the update (Eq. 7 as written; under Adam p is then
