@@ -34,7 +34,7 @@ import torch
 
 from din_ray.embeddings.regularization import MiniBatchAware, WholeTableL2
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model import TableSpec
+from din_ray.model.din import TableSpec
 
 RESULTS = Path(__file__).parent / "results" / "mba_cost.json"
 

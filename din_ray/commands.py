@@ -6,7 +6,7 @@ import argparse
 import json
 
 from din_ray.embeddings.regularization import REG_FORMS, REGULARIZERS
-from din_ray.model import ACTIVATIONS, model_names
+from din_ray.model.din import ACTIVATIONS, model_names
 from din_ray.train import PRECISIONS, TrainConfig, evaluate_checkpoint, run_local
 
 

@@ -26,7 +26,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from din_ray.embeddings.regularization import MiniBatchAware
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model import ModelConfig, build_model
+from din_ray.model.din import ModelConfig, build_model
 from din_ray.serving import ParsedRequest, Scorer
 from din_ray.train import TrainConfig, run_local, to_torch, train_step
 

@@ -51,7 +51,7 @@ from din_ray.embeddings.tables import (
     init_rows,
     row_block,
 )
-from din_ray.model import TableSpec
+from din_ray.model.din import TableSpec
 from din_ray.schema import PAD_ID
 
 log = logging.getLogger(__name__)

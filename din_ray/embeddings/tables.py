@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from din_ray.model import SparseRequests, TableSpec, gather_rows
+from din_ray.model.din import SparseRequests, TableSpec, gather_rows
 from din_ray.schema import PAD_ID
 
 # Rows are initialised in fixed chunks, each from its own seed, so a row's initial value depends

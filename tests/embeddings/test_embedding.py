@@ -13,7 +13,7 @@ from din_ray.embeddings.tables import (
     init_rows,
     row_block,
 )
-from din_ray.model import TableSpec
+from din_ray.model.din import TableSpec
 from din_ray.schema import PAD_ID
 
 SPEC = TableSpec("item_id", 10, 3)

@@ -13,7 +13,7 @@ from din_ray.checkpoint import load_model
 from din_ray.data.format import PreparedDataset
 from din_ray.embeddings.sharding import REPLICATED, SHARDED, ShardedEmbeddingTables, plan_tables
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model import TableSpec
+from din_ray.model.din import TableSpec
 from din_ray.train import forward as model_forward
 from din_ray.train import to_torch
 

@@ -8,11 +8,11 @@ this module on first use):
 
     model         logit
     lr            b + Σ_f w_f[id_f]                 one weight per id and feature; histories summed
-    base          BaseModel (din_ray.model)         Embedding&MLP, sum pooling
+    base          BaseModel (din_ray.model.din)         Embedding&MLP, sum pooling
     wide_deep     BaseModel + Σ_j u[hash(h_j, c)]   wide part: the history × candidate cross ids
     pnn           MLP([fields, <f_i, f_k> ∀ i<k])   product layer: field-pair inner products
     deepfm        BaseModel + FM(fields) + Σ_f w_f  FM as the wide part, with first-order terms
-    din           DIN (din_ray.model)
+    din           DIN (din_ray.model.din)
 
 "Fields" are one d-vector per feature: the candidate's item and category (and any profile or
 context feature) embeddings, and each behaviour sequence pooled like BaseModel does (sum by
@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from din_ray.model import (
+from din_ray.model.din import (
     MLP,
     BaseModel,
     Batch,

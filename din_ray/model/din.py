@@ -28,7 +28,7 @@ from din_ray.schema import PAD_ID, Schema
 Batch = dict[str, Tensor]
 SparseRequests = dict[str, tuple[str, Tensor]]  # lookup key -> (table name, ids of any shape)
 
-MODELS = ("din", "base", "popularity")  # plus din_ray.baselines: see model_names()
+MODELS = ("din", "base", "popularity")  # plus din_ray.model.baselines: see model_names()
 ACTIVATIONS = ("dice", "prelu")
 
 
@@ -50,7 +50,7 @@ class ModelConfig:
     """Architecture choices. Defaults follow the paper (§4.3, §6.1) unless noted.
 
     Args:
-        model: "din" | "base" | "popularity" (more in `din_ray.baselines`).
+        model: "din" | "base" | "popularity" (more in `din_ray.model.baselines`).
         activation: "dice" (Eq. 9) or "prelu" (Eq. 8), used in the attention unit and the MLP.
         attention_hidden: local activation unit widths (paper figure 2: 80 -> 40 -> 1).
         mlp_hidden: MLP widths before the logit (paper: 200 -> 80 -> 1 output here, a logit rather
@@ -610,14 +610,14 @@ _REGISTRY: dict[str, type[CTRModel]] = {"din": DIN, "base": BaseModel, "populari
 
 
 def register_model(name: str, cls: type[CTRModel]) -> None:
-    """Make a model selectable by name (`din_ray.baselines` registers the paper's competitors)."""
+    """Make a model selectable by name (`din_ray.model.baselines` registers the paper's competitors)."""
     _REGISTRY[name] = cls
 
 
 def _register_builtin_baselines() -> None:
-    """Import `din_ray.baselines` (LR, Wide&Deep, PNN, DeepFM), which registers itself. Done on
+    """Import `din_ray.model.baselines` (LR, Wide&Deep, PNN, DeepFM), which registers itself. Done on
     first use rather than at import time: baselines imports this module."""
-    import din_ray.baselines  # noqa: F401
+    import din_ray.model.baselines  # noqa: F401
 
 
 def model_names() -> tuple[str, ...]:
