@@ -5,12 +5,12 @@
 
 Sections (all by default; `--sections` picks some):
 
-  tests       the GPU-marked tests (`pytest -m gpu tests/test_device.py`), in a subprocess;
-  ray_losses  a 1-worker `TorchTrainer` run (`din_ray.distributed.run_ray`) with use_gpu=True on
+  tests       the GPU-marked tests (`pytest -m gpu tests/train/test_device.py`), in a subprocess;
+  ray_losses  a 1-worker `TorchTrainer` run (`din_ray.train.distributed.run_ray`) with use_gpu=True on
               a small synthetic set, and the same run on a CPU worker: their first 50 per-step
               losses (fp32) must agree within --loss-tol (TF32 matmuls and GPU reduction order
               make them differ in the last digits, not more);
-  throughput  training samples/s of the device-aware step (`din_ray.train.train_step`: host
+  throughput  training samples/s of the device-aware step (`din_ray.train.loop.train_step`: host
               batch -> pinned copy -> lookup, DIN, dense Adam, row-wise Adam) at batch 8k, 32k
               and 64k, fp32 and bf16, at the benchmark's architecture (history 50, embedding 16
               per field, attention 80-40, MLP 200-80; `benchmarks.common.Arch`), with the peak
@@ -46,7 +46,7 @@ from benchmarks.common import Arch, load_batches  # noqa: E402
 from din_ray.data.format import PreparedDataset  # noqa: E402
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer  # noqa: E402
 from din_ray.model.din import ModelConfig, build_model  # noqa: E402
-from din_ray.train import (  # noqa: E402
+from din_ray.train.loop import (  # noqa: E402
     STEP_LOSSES_KEY,
     TrainConfig,
     enable_tf32,
@@ -136,7 +136,7 @@ def run_ray_losses(work: Path, sizes: Sizes, dry_run: bool, tol: float) -> dict:
 
 def _ray_run(work: Path, data: PreparedDataset, sizes: Sizes, name: str, use_gpu: bool) -> dict:
     """One epoch on one Ray Train worker; its per-step losses from STEP_LOSSES_KEY's file."""
-    from din_ray.distributed import run_ray
+    from din_ray.train.distributed import run_ray
 
     log_file = work / f"losses-{name}.jsonl"
     log_file.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ Same data and architecture in both: synthetic data (`din_ray.data.synthetic`, hi
   data        rows/s of din-ray's Parquet reader (`iter_numpy_batches`) and of Ray Data
               (`read_parquet(...).iter_batches`, pyarrow batches then `to_numpy`, as the
               distributed workers read), against the trainer's samples/s.
-  scaling     `din_ray.distributed.run_ray` (Ray Train, sharded embeddings) with 1 and 2
+  scaling     `din_ray.train.distributed.run_ray` (Ray Train, sharded embeddings) with 1 and 2
               workers for one epoch, alternately, samples/s from the epoch metrics.
 
 The machine is shared: absolute numbers move with the load, so ratios are taken from rounds run
@@ -284,8 +284,8 @@ def scaling(ds, args) -> dict:
 
 
 def _scaling_rounds(ds, args) -> list[dict]:
-    from din_ray.distributed import run_ray
-    from din_ray.train import TrainConfig
+    from din_ray.train.distributed import run_ray
+    from din_ray.train.loop import TrainConfig
 
     runs = []
     for r in range(args.scaling_repeats):

@@ -7,7 +7,7 @@ import json
 
 from din_ray.embeddings.regularization import REG_FORMS, REGULARIZERS
 from din_ray.model.din import ACTIVATIONS, model_names
-from din_ray.train import PRECISIONS, TrainConfig, evaluate_checkpoint, run_local
+from din_ray.train.loop import PRECISIONS, TrainConfig, evaluate_checkpoint, run_local
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -106,7 +106,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.local:
         result = run_local(cfg)
     else:
-        from din_ray.distributed import run_ray  # imports Ray: only when it is used
+        from din_ray.train.distributed import run_ray  # imports Ray: only when it is used
 
         result = run_ray(cfg)
     print(json.dumps({k: result[k] for k in ("best_epoch", "gauc", "auc", "logloss")}))

@@ -81,7 +81,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test",
              batch_size: int = 8192) -> Evaluation:
     """Score `checkpoint` on `split` of `data`, a dataset whose vocabularies may extend the
     checkpoint's: ids beyond the checkpoint's tables are OOV to it."""
-    from din_ray.train import WorkerEnv, evaluate_split  # the loop's own evaluation
+    from din_ray.train.loop import WorkerEnv, evaluate_split  # the loop's own evaluation
 
     model, tables, c = load_model(checkpoint)
     dataset = PreparedDataset.open(data)
@@ -214,7 +214,7 @@ def run_day(cfg: DayConfig) -> dict:
     """Prepare, train from the champion, evaluate both, gate, promote; returns the ledger
     record (also appended to OUTPUT/ledger.jsonl)."""
     from din_ray.data.logs import prepare_logs
-    from din_ray.train import TrainConfig, run_local
+    from din_ray.train.loop import TrainConfig, run_local
 
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -235,7 +235,7 @@ def run_day(cfg: DayConfig) -> dict:
     train_cfg = TrainConfig(**{**cfg.train, "data": str(data), "output": str(run),
                                "init_from": init_from})
     if train_cfg.workers > 1:
-        from din_ray.distributed import run_ray
+        from din_ray.train.distributed import run_ray
 
         run_ray(train_cfg)
     else:

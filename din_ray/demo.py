@@ -49,9 +49,9 @@ def step(n: int, text: str) -> float:
 def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
     import ray
 
-    from din_ray.distributed import run_ray
     from din_ray.ray_session import start_local_ray
-    from din_ray.train import TrainConfig
+    from din_ray.train.distributed import run_ray
+    from din_ray.train.loop import TrainConfig
     from din_ray.tune import TuneSettings, run_tune
 
     output = output.resolve()

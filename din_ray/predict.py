@@ -31,7 +31,7 @@ import torch
 
 from din_ray import checkpoint as ckpt
 from din_ray.data.format import SPLITS, DataError, PreparedDataset, to_numpy
-from din_ray.train import BatchRegularizer, TrainConfig, forward, to_torch
+from din_ray.train.loop import BatchRegularizer, TrainConfig, forward, to_torch
 
 log = logging.getLogger(__name__)
 

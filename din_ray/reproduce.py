@@ -2,7 +2,7 @@
 
     din-ray reproduce --data out/ml-small --output runs/reproduce --seeds 3 --epochs 4
 
-Every run goes through `din_ray.train.run_local`, the path of `din-ray train`, into
+Every run goes through `din_ray.train.loop.run_local`, the path of `din-ray train`, into
 OUTPUT/runs/<model>-<reg>-seed<k>/ (a finished run is reused when the command is repeated, an
 interrupted one resumes from its checkpoint). The grid follows the paper's two tables:
 
@@ -40,7 +40,7 @@ from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.embeddings.regularization import REGULARIZERS
 from din_ray.metrics import rela_impr
 from din_ray.schema import NUM_RESERVED_IDS, PAD_ID
-from din_ray.train import TrainConfig, run_local, summarize, to_torch
+from din_ray.train.loop import TrainConfig, run_local, summarize, to_torch
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,14 @@ trial is a distributed Ray Train run.
 
 How it fits together (Ray 2.60, Train V2):
   * each trial is a Tune *function* trainable (`_trial`) that builds the run's `TorchTrainer`
-    with `din_ray.distributed.build_trainer` and fits it; `TuneReportCallback` in the Train
+    with `din_ray.train.distributed.build_trainer` and fits it; `TuneReportCallback` in the Train
     RunConfig forwards each epoch's report (rank 0's metrics plus `checkpoint_path`) to Tune, so
     ASHA sees validation GAUC per epoch (`time_attr="epoch"`, grace period 1 epoch);
   * the trial function itself reserves only `TRIAL_CPUS` CPU: the Train workers request theirs
     (`workers_per_trial x cpus_per_worker`) in a placement group of their own, so the number of
     concurrent trials is set from the cluster's CPUs (`concurrent_trials`) unless given;
   * the splits below `cache_below_mb` are read once, by this driver, into Ray's object store
-    (`din_ray.distributed.put_small_splits`); every trial's workers slice the same arrays, so
+    (`din_ray.train.distributed.put_small_splits`); every trial's workers slice the same arrays, so
     a trial starts without reading any data;
   * every trial's Train run lives under STORAGE/<name>-runs/trial-<trial id>, keeping its best
     (by validation GAUC) and latest epoch checkpoints;
@@ -45,7 +45,7 @@ import pandas as pd
 
 from din_ray import checkpoint as ckpt
 from din_ray.ray_session import connect
-from din_ray.train import TrainConfig
+from din_ray.train.loop import TrainConfig
 from din_ray.tune_space import SearchSpace, load_space
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def _trial(config: dict, base: dict, runs_storage: str, in_memory_splits: dict) 
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from din_ray.distributed import build_trainer, check_config
+    from din_ray.train.distributed import build_trainer, check_config
 
     trial_id = tune.get_context().get_trial_id()
     values = {**base, **{k: _plain(v) for k, v in config.items()},
@@ -197,7 +197,7 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from din_ray.distributed import check_config, check_gpus, put_small_splits
+    from din_ray.train.distributed import check_config, check_gpus, put_small_splits
 
     space, base, out = _prepare(settings, base)
     dataset = check_config(base)  # the data and the fixed fields, before any Ray work

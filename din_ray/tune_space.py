@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from din_ray.train import TrainConfig
+from din_ray.train.loop import TrainConfig
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
 METRICS = ("valid_gauc", "valid_auc", "valid_logloss")

@@ -16,7 +16,7 @@ from builders import write_tiny_dataset
 from din_ray.checkpoint import load_model
 from din_ray.data.format import PreparedDataset
 from din_ray.schema import OOV_ID, PAD_ID
-from din_ray.train import TrainConfig, forward, run_local
+from din_ray.train.loop import TrainConfig, forward, run_local
 
 
 def start_local_ray(num_cpus: int = 4, attempts: int = 3) -> str:

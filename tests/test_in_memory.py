@@ -1,5 +1,5 @@
 """The in-memory delivery of small splits: each worker's rows, and batches equal to the Parquet
-reader's (no Ray; the Ray path runs them in tests/test_distributed.py)."""
+reader's (no Ray; the Ray path runs them in tests/train/test_distributed.py)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from din_ray.train import TrainConfig
+from din_ray.train.loop import TrainConfig
 from din_ray.tune import concurrent_trials, default_point
 from din_ray.tune_space import SpaceError, load_space, parse_space
 

@@ -19,7 +19,7 @@ from din_ray.embeddings.regularization import (
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
 from din_ray.model.din import ModelConfig, TableSpec, build_model
 from din_ray.schema import OOV_ID, PAD_ID
-from din_ray.train import (
+from din_ray.train.loop import (
     BatchRegularizer,
     LocalEnv,
     TrainConfig,

@@ -4,7 +4,7 @@ part of the history related to the candidate (the synthetic generator's planted 
 import pytest
 
 from din_ray.data.synthetic import prepare_synthetic
-from din_ray.train import TrainConfig, run_local
+from din_ray.train.loop import TrainConfig, run_local
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from din_ray.checkpoint import Checkpoint, CheckpointError
 from din_ray.data.format import DatasetWriter, PreparedDataset
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer, init_rows
 from din_ray.model.din import build_model
-from din_ray.train import TrainConfig, run_local
-from din_ray.warm_start import init_from_checkpoint
+from din_ray.train.loop import TrainConfig, run_local
+from din_ray.train.warm_start import init_from_checkpoint
 
 SMALL = dict(epochs=1, batch_size=64, embedding_dim=8, attention_hidden=(16, 8),
              mlp_hidden=(16, 8), threads=1, seed=1, sparse_lr=0.05)

@@ -60,7 +60,7 @@ from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model.din import CTRModel, build_model
 from din_ray.ray_session import connect
 from din_ray.schema import Schema
-from din_ray.train import TrainConfig, WorkerEnv, finalize_output, summarize, train_loop
+from din_ray.train.loop import TrainConfig, WorkerEnv, finalize_output, summarize, train_loop
 
 log = logging.getLogger(__name__)
 

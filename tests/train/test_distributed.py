@@ -24,9 +24,9 @@ from builders import write_tiny_dataset
 from din_ray import checkpoint as ckpt
 from din_ray.cli import main as cli_main
 from din_ray.data.format import DataError, PreparedDataset
-from din_ray.distributed import FAIL_KEY, check_config, run_ray
 from din_ray.schema import SchemaError
-from din_ray.train import TrainConfig, evaluate_checkpoint, run_local
+from din_ray.train.distributed import FAIL_KEY, check_config, run_ray
+from din_ray.train.loop import TrainConfig, evaluate_checkpoint, run_local
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ validation GAUC has not improved for `cfg.patience` epochs, and resumes from the
 latest checkpoint if there is one.
 
 The environment (`WorkerEnv`) is what differs between running here in one process
-(`LocalEnv`, `run_local`) and under Ray Train (`din_ray.distributed`): where batches come from,
+(`LocalEnv`, `run_local`) and under Ray Train (`din_ray.train.distributed`): where batches come from,
 how tables are sharded, how dense gradients are synchronised and where checkpoints go.
 
     din-ray train --data runs/ml --model din --epochs 5 --output runs/din
@@ -90,7 +90,7 @@ class TrainConfig:
     # 0.0005 validation GAUC on the planted synthetic set and cost 0.009 on ml-latest-small,
     # whose DIN then overfits after one epoch (docs/results.md, "Defaults vs a plain DIN").
     init_std: float = 0.01
-    # A checkpoint to start from (din_ray.warm_start): weights, rows and optimizer state; tables
+    # A checkpoint to start from (din_ray.train.warm_start): weights, rows and optimizer state; tables
     # may have grown since (prepare --vocab-from). "" = a fresh start.
     init_from: str = ""
     # optimisation
@@ -119,7 +119,7 @@ class TrainConfig:
     # execution
     workers: int = 1
     threads: int = 0  # torch intra-op threads per worker; 0 keeps torch's default
-    # distributed (Ray Train; see din_ray.distributed)
+    # distributed (Ray Train; see din_ray.train.distributed)
     storage_path: str = ""  # Ray Train storage: local dir or s3:// / gs:// URI; "" = OUTPUT/ray
     run_name: str = "train"  # same storage_path + run_name resumes the run
     address: str = ""  # Ray cluster to join; "" = $RAY_ADDRESS, else start a local Ray
@@ -545,7 +545,7 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
         for name, rows in prior.items():
             tables.set_rows(name, rows)  # rows new to init_from keep it
         if cfg.init_from:
-            from din_ray.warm_start import init_from_checkpoint
+            from din_ray.train.warm_start import init_from_checkpoint
 
             init_from_checkpoint(cfg.init_from, model, tables, dense_opt, sparse_opt,
                                  cfg.model_config(), schema)
