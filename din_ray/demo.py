@@ -52,7 +52,7 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
     from din_ray.ray_session import start_local_ray
     from din_ray.train.distributed import run_ray
     from din_ray.train.loop import TrainConfig
-    from din_ray.tune import TuneSettings, run_tune
+    from din_ray.tune.run import TuneSettings, run_tune
 
     output = output.resolve()
     t = step(1, f"prepare bundled ml-latest-small -> {output / 'data'}")

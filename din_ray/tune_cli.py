@@ -1,4 +1,4 @@
-"""`din-ray tune`: hyperparameter search with Ray Tune + Optuna (see din_ray.tune).
+"""`din-ray tune`: hyperparameter search with Ray Tune + Optuna (see din_ray.tune.run).
 
     din-ray tune --data runs/ml --output runs/tune --trials 12 --epochs 3
     din-ray serve --checkpoint runs/tune       # serves the best trial's best epoch
@@ -11,7 +11,7 @@ import json
 import sys
 
 from din_ray.commands import add_train_arguments, config_from_args
-from din_ray.tune import NoResultError, TuneSettings, run_tune, summarize_tune
+from din_ray.tune.run import NoResultError, TuneSettings, run_tune, summarize_tune
 
 
 def _tune(args: argparse.Namespace) -> int:

@@ -298,7 +298,7 @@ def _connect(cfg: TrainConfig) -> bool:
 
 def build_trainer(cfg: TrainConfig, dataset: PreparedDataset, callbacks: list | None = None,
                   in_memory_splits: dict[str, ray.ObjectRef] | None = None) -> TorchTrainer:
-    """The TorchTrainer of one run; `callbacks` go into its RunConfig (din_ray.tune passes
+    """The TorchTrainer of one run; `callbacks` go into its RunConfig (din_ray.tune.run passes
     `TuneReportCallback()` so Tune sees every epoch's report). `in_memory_splits` (from
     `put_small_splits`; a Tune search passes the one it made for all its trials) are the splits
     delivered whole; None reads them here. The rest stream through Ray Data."""

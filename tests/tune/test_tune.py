@@ -26,15 +26,15 @@ from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.ray_session import start_local_ray
 from din_ray.serving import resolve_checkpoint
 from din_ray.train.loop import TrainConfig, forward, run_local, to_torch
-from din_ray.tune import TuneSettings, run_tune, write_outputs
-from din_ray.tune_space import load_space
+from din_ray.tune.run import TuneSettings, run_tune, write_outputs
+from din_ray.tune.space import load_space
 
 ray = pytest.importorskip("ray")
 
 # Each search takes 4-7 min on 2 quiet cores; allow a loaded CI machine more than the default.
 pytestmark = pytest.mark.timeout(1800)
 
-SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "default.yaml"
+SPACE = Path(__file__).resolve().parents[2] / "tune_spaces" / "default.yaml"
 
 
 @pytest.fixture(scope="module")

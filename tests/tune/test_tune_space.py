@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 
 from din_ray.train.loop import TrainConfig
-from din_ray.tune import concurrent_trials, default_point
-from din_ray.tune_space import SpaceError, load_space, parse_space
+from din_ray.tune.run import concurrent_trials, default_point
+from din_ray.tune.space import SpaceError, load_space, parse_space
 
-SPACES = Path(__file__).resolve().parents[1] / "tune_spaces"
+SPACES = Path(__file__).resolve().parents[2] / "tune_spaces"
 
 
 def test_default_space_is_the_papers_search():

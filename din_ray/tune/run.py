@@ -46,7 +46,7 @@ import pandas as pd
 from din_ray import checkpoint as ckpt
 from din_ray.ray_session import connect
 from din_ray.train.loop import TrainConfig
-from din_ray.tune_space import SearchSpace, load_space
+from din_ray.tune.space import SearchSpace, load_space
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class TuneSettings:
 
     Args:
         output: directory for trials.csv, best.json, best_checkpoint/, tune.png, settings.json.
-        space: search space YAML (see din_ray.tune_space).
+        space: search space YAML (see din_ray.tune.space).
         trials: number of configurations tried.
         workers_per_trial: Ray Train workers of each trial.
         max_concurrent: trials run at once; 0 = as many as the cluster's CPUs hold.
