@@ -200,7 +200,7 @@ def run_throughput(work: Path, sizes: Sizes, device: torch.device, arch: Arch) -
 def run_serving(work: Path, sizes: Sizes, device: torch.device, arch: Arch) -> dict:
     """Latency of parse + score of one 200-candidate request, model on `device`."""
     from benchmarks.serve_latency import make_bodies
-    from din_ray.serving import ServedModel
+    from din_ray.serve.scoring import ServedModel
 
     # The CPU worker's checkpoint of ray_losses (TrainConfig's defaults are the benchmark
     # architecture with Dice) when that section ran; checkpoints are device-independent.

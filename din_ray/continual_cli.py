@@ -33,7 +33,7 @@ def _continual(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from din_ray.export import export_checkpoint
+    from din_ray.serve.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.output, overwrite=args.overwrite)
     print(f"exported {args.checkpoint} -> {out} (load with: python {out / 'load.py'})")

@@ -4,7 +4,7 @@
     din-ray serve --checkpoint runs/tune             # tune output (best.json names the best)
     curl -s 127.0.0.1:8000/v1/model
 
-Starts (or joins, with --address) a Ray cluster, deploys `serve/app.py`'s application and keeps
+Starts (or joins, with --address) a Ray cluster, deploys `din_ray/serve/app.py`'s application and keeps
 it up until Ctrl-C or SIGTERM, then shuts Serve down. Binds 127.0.0.1 unless told otherwise;
 any other address needs an API token (`--token-file`, or the DIN_RAY_SERVE_TOKEN environment
 variable) that clients send as `Authorization: Bearer <token>`, or an explicit `--insecure`:
@@ -24,21 +24,12 @@ import sys
 import time
 from pathlib import Path
 
-from din_ray.serving import resolve_checkpoint
+from din_ray.serve.scoring import resolve_checkpoint
 
 
 def load_app_module():
-    """`serve.app`, from the repository next to this package when it is not on the path
-    (din-ray is installed in development mode; `serve/` is not part of the package)."""
-    try:
-        return importlib.import_module("serve.app")
-    except ModuleNotFoundError:
-        root = Path(__file__).resolve().parents[1]
-        if not (root / "serve" / "app.py").exists():
-            raise FileNotFoundError(f"{root / 'serve' / 'app.py'}: the Serve app is not there; "
-                                    "run din-ray from a source checkout") from None
-        sys.path.insert(0, str(root))
-        return importlib.import_module("serve.app")
+    """`din_ray.serve.app`, imported when first needed (it imports Ray Serve and FastAPI)."""
+    return importlib.import_module("din_ray.serve.app")
 
 
 TOKEN_ENV = "DIN_RAY_SERVE_TOKEN"
@@ -82,7 +73,7 @@ def access_token(host: str, token_file: str | None, insecure: bool,
 
 def build_app(args: dict):
     """Serve import target that works wherever din-ray is installed
-    (`import_path: din_ray.serve_cli:build_app`): serve/app.py's `build_app`."""
+    (`import_path: din_ray.serve_cli:build_app`): din_ray/serve/app.py's `build_app`."""
     return load_app_module().build_app(args)
 
 

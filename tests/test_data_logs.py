@@ -23,7 +23,7 @@ from din_ray.data.log_spec import SpecError, load_spec, parse_spec
 from din_ray.data.logs import TimeHistogram, prepare_logs
 from din_ray.data.synthetic_logs import write_synthetic_logs
 from din_ray.schema import OOV_ID, PAD_ID
-from din_ray.serving import RequestError, load_vocabularies
+from din_ray.serve.scoring import RequestError, load_vocabularies
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from din_ray.data.format import PreparedDataset
 from din_ray.data.log_spec import load_spec
 from din_ray.data.taobao import PRICE_BINS, taobao_spec
 from din_ray.schema import OOV_ID, PAD_ID
-from din_ray.serving import load_vocabularies
+from din_ray.serve.scoring import load_vocabularies
 
 RAW_SAMPLE = """
 user,time_stamp,adgroup_id,pid,nonclk,clk

@@ -24,7 +24,7 @@ from builders import write_tiny_dataset
 from din_ray.checkpoint import load_model
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.ray_session import start_local_ray
-from din_ray.serving import resolve_checkpoint
+from din_ray.serve.scoring import resolve_checkpoint
 from din_ray.train.loop import TrainConfig, forward, run_local, to_torch
 from din_ray.tune.run import TuneSettings, run_tune, write_outputs
 from din_ray.tune.space import load_space

@@ -1,6 +1,6 @@
 """Serving core, free of any web framework: request validation, raw-id mapping, scoring.
 
-`serve/app.py` wraps this in a Ray Serve deployment; everything here runs (and is tested) without
+`din_ray/serve/app.py` wraps this in a Ray Serve deployment; everything here runs (and is tested) without
 Ray. One request ranks the candidate ads of ONE user:
 
     POST /v1/ctr

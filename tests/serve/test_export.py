@@ -12,7 +12,7 @@ import pytest
 from serve_helpers import payloads, train_tiny
 
 from din_ray.cli import main as cli_main
-from din_ray.serving import ServedModel
+from din_ray.serve.scoring import ServedModel
 
 SCRIPT = """
 import json, sys
@@ -56,7 +56,7 @@ def test_exported_program_scores_equal_serving(exported, tmp_path):
 def test_export_refuses_existing_output(exported):
     _, run, out = exported
     with pytest.raises(FileExistsError):
-        from din_ray.export import export_checkpoint
+        from din_ray.serve.export import export_checkpoint
 
         export_checkpoint(run, out)
     assert (out / "program.pt2").exists() and (out / "load.py").exists()

@@ -407,7 +407,7 @@ def test_swap_to_a_promoted_checkpoint_under_load_fails_no_request(server):
     """A steady stream of requests while the app switches checkpoints (user_config.checkpoint,
     an in-place update): every request succeeds, answered by the old or the new version, and
     afterwards /v1/model and the scores are the new checkpoint's."""
-    from din_ray.serving import checkpoint_version
+    from din_ray.serve.scoring import checkpoint_version
 
     new_run = train_tiny(server["root"], "din", name="din-day2", seed=2)
     old = _model_info(server)["model"]["version"]

@@ -22,7 +22,7 @@ from din_ray.embeddings.regularization import IdFilter
 from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model.din import Dice, ModelConfig, build_model, model_names
 from din_ray.schema import OOV_ID, Feature, Schema
-from din_ray.serving import (
+from din_ray.serve.scoring import (
     BinnedIds,
     HashedIds,
     ParsedRequest,

@@ -2,12 +2,12 @@
 
     din-ray serve --checkpoint runs/din                      # embedded, binds 127.0.0.1:8000
     serve run serve/config.yaml                              # set its checkpoint path first
-    serve run serve.app:build_app checkpoint=runs/din max_batch_size=512
+    serve run din_ray.serve.app:build_app checkpoint=runs/din max_batch_size=512
 
     curl -s 127.0.0.1:8000/v1/ctr -d '{"history": {"item_id": [1, 50], "cate_id": ["Comedy",
         "Drama"]}, "candidates": [{"item_id": 296, "cate_id": "Comedy"}], "explain": true}'
 
-Endpoints: POST /v1/ctr (request format in `din_ray.serving`), GET /v1/model, GET /v1/stats
+Endpoints: POST /v1/ctr (request format in `din_ray.serve.scoring`), GET /v1/model, GET /v1/stats
 (this replica's batching counters), GET /healthz.
 
 Access. Given `token_sha256` (the hex SHA-256 of an API token; `din-ray serve` derives it from
@@ -54,7 +54,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
-from din_ray.serving import (
+from din_ray.serve.scoring import (
     ParsedRequest,
     RequestError,
     RequestLimits,
@@ -64,8 +64,6 @@ from din_ray.serving import (
 )
 
 log = logging.getLogger(__name__)
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 api = FastAPI(title="din-ray", description="DIN click-through-rate scoring")
 
@@ -320,13 +318,12 @@ class CTRServer:
 
 
 def _actor_options(gpus: float = 0) -> dict:
-    """One CPU (and `gpus` GPUs) per replica, and this repository on the replica's import path:
-    replicas unpickle `CTRServer` by reference to `serve.app`, which is not an installed package
-    (a `working_dir` runtime_env, as in serve/config.yaml, serves the same purpose on a remote
-    cluster)."""
-    path = [p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p]
-    options = {"num_cpus": 1,
-               "runtime_env": {"env_vars": {"PYTHONPATH": os.pathsep.join(path)}}}
+    """One CPU (and `gpus` GPUs) per replica. Replicas unpickle `CTRServer` by reference to
+    `din_ray.serve.app`; a PYTHONPATH set for this process (a source checkout not installed) is
+    passed on so they import the same code."""
+    options = {"num_cpus": 1}
+    if os.environ.get("PYTHONPATH"):
+        options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}}
     if gpus > 0:
         options["num_gpus"] = gpus
     return options
@@ -338,7 +335,7 @@ BUILD_ARGS = ("checkpoint", "max_batch_size", "batch_wait_ms", "max_candidates",
 
 
 def build_app(args: dict) -> Application:
-    """`serve run serve.app:build_app checkpoint=DIR [max_batch_size=N] [batch_wait_ms=MS]
+    """`serve run din_ray.serve.app:build_app checkpoint=DIR [max_batch_size=N] [batch_wait_ms=MS]
     [max_candidates=N] [max_body_bytes=N] [threads=N] [max_ongoing_requests=N]
     [num_replicas=N] [gpus_per_replica=N] [token_sha256=HEX]` (values arrive as strings from the
     command line or as YAML scalars from `serve/config.yaml`'s `args`)."""
