@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from din_ray.reproduce import ENTRIES, REG_ORDER, ReproduceConfig, reproduce
+from din_ray.paper.reproduce import ENTRIES, REG_ORDER, ReproduceConfig, reproduce
 
 
 def _names(text: str) -> tuple[str, ...]:

@@ -35,10 +35,10 @@ import pyarrow.parquet as pq
 import torch
 
 from din_ray import checkpoint as ckpt
-from din_ray import plots
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.embeddings.regularization import REGULARIZERS
 from din_ray.metrics import rela_impr
+from din_ray.paper import figures as plots
 from din_ray.schema import NUM_RESERVED_IDS, PAD_ID
 from din_ray.train.loop import TrainConfig, run_local, summarize, to_torch
 
