@@ -28,8 +28,8 @@ import sys
 
 from din_ray.checkpoint import CheckpointError
 from din_ray.cli import build_parser
+from din_ray.cli.serve import app_config, load_app_module
 from din_ray.serve.scoring import resolve_checkpoint
-from din_ray.serve_cli import app_config, load_app_module
 
 
 def main(argv: list[str] | None = None) -> int:

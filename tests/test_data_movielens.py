@@ -384,7 +384,7 @@ def test_bundled_ml_latest_small(tmp_path):
 def run_prepare(argv: list[str]) -> int:
     import argparse
 
-    from din_ray.data import commands
+    from din_ray.cli import prepare as commands
 
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers(dest="command", required=True))
@@ -408,7 +408,7 @@ def test_cli_prepare_movielens(tmp_path, capsys):
 def test_cli_default_input_is_bundled(tmp_path):
     import argparse
 
-    from din_ray.data import commands
+    from din_ray.cli import prepare as commands
 
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers(dest="command"))

@@ -132,7 +132,7 @@ def test_bad_arguments(tmp_path, kwargs):
 def test_cli_prepare_synthetic(tmp_path, capsys):
     import argparse
 
-    from din_ray.data import commands
+    from din_ray.cli import prepare as commands
 
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers(dest="command", required=True))

@@ -388,7 +388,7 @@ def app_config(args: dict, *, host: str = "127.0.0.1", port: int = 8000,
         "http_options": {"host": host, "port": port},
         "applications": [{
             # An installed module, so the controller can import it whatever its sys.path.
-            "name": "din", "route_prefix": "/", "import_path": "din_ray.serve_cli:build_app",
+            "name": "din", "route_prefix": "/", "import_path": "din_ray.cli.serve:build_app",
             "args": {k: v for k, v in args.items() if v is not None},
             "logging_config": {"enable_access_log": access_log},
             "deployments": [overrides],

@@ -37,7 +37,7 @@ from din_ray.schema import PAD_ID
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from din_ray.serve_cli import load_app_module  # noqa: E402
+from din_ray.cli.serve import load_app_module  # noqa: E402
 
 app = load_app_module()
 
@@ -270,12 +270,12 @@ def test_config_yaml_and_cli_config_are_valid_serve_configs(tmp_path):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from din_ray import serve_cli
+    from din_ray.cli import serve as serve_cli
 
     raw = yaml.safe_load((app.REPO_ROOT / "serve" / "config.yaml").read_text())
     config = ServeDeploySchema.model_validate(raw)
     (din,) = config.applications
-    assert din.import_path == "din_ray.serve_cli:build_app"
+    assert din.import_path == "din_ray.cli.serve:build_app"
     assert serve_cli.build_app  # the import target exists
     (deployment,) = din.deployments
     assert deployment.max_ongoing_requests >= deployment.user_config["max_batch_size"]
@@ -359,7 +359,7 @@ def test_fuzzed_bodies_never_get_a_5xx_and_the_replica_survives(server):
 def test_binding_beyond_loopback_needs_a_token_or_insecure(tmp_path):
     import argparse
 
-    from din_ray import serve_cli
+    from din_ray.cli import serve as serve_cli
 
     parser = argparse.ArgumentParser()
     serve_cli.register(parser.add_subparsers())

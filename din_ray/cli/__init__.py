@@ -13,14 +13,14 @@ import sys
 
 # Modules that contribute subcommands, in the order `--help` lists them.
 COMMAND_MODULES = (
-    "din_ray.data.commands",
-    "din_ray.commands",
-    "din_ray.predict_cli",
-    "din_ray.reproduce_cli",
-    "din_ray.tune_cli",
-    "din_ray.serve_cli",
-    "din_ray.continual_cli",
-    "din_ray.demo",
+    "din_ray.cli.prepare",
+    "din_ray.cli.train",
+    "din_ray.cli.predict",
+    "din_ray.cli.reproduce",
+    "din_ray.cli.tune",
+    "din_ray.cli.serve",
+    "din_ray.cli.continual",
+    "din_ray.cli.demo",
 )
 
 

@@ -73,7 +73,7 @@ def access_token(host: str, token_file: str | None, insecure: bool,
 
 def build_app(args: dict):
     """Serve import target that works wherever din-ray is installed
-    (`import_path: din_ray.serve_cli:build_app`): din_ray/serve/app.py's `build_app`."""
+    (`import_path: din_ray.cli.serve:build_app`): din_ray/serve/app.py's `build_app`."""
     return load_app_module().build_app(args)
 
 

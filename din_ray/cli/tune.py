@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from din_ray.commands import add_train_arguments, config_from_args
+from din_ray.cli.train import add_train_arguments, config_from_args
 from din_ray.tune.run import NoResultError, TuneSettings, run_tune, summarize_tune
 
 

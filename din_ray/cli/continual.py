@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def _continual(args: argparse.Namespace) -> int:
-    from din_ray.commands import config_from_args
+    from din_ray.cli.train import config_from_args
     from din_ray.continual import DayConfig, run_day
 
     train = config_from_args(args, output="unused", workers=args.workers).to_dict()
@@ -52,7 +52,7 @@ def _synthetic_days(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from din_ray.commands import add_train_arguments
+    from din_ray.cli.train import add_train_arguments
 
     p = sub.add_parser("continual", help="one day of continual training: prepare --vocab-from, "
                                          "train --init-from the champion, gate, promote")
