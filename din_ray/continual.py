@@ -213,7 +213,7 @@ class DayConfig:
 def run_day(cfg: DayConfig) -> dict:
     """Prepare, train from the champion, evaluate both, gate, promote; returns the ledger
     record (also appended to OUTPUT/ledger.jsonl)."""
-    from din_ray.data.logs import prepare_logs
+    from din_ray.data.logs.pipeline import prepare_logs
     from din_ray.train.loop import TrainConfig, run_local
 
     output = Path(cfg.output)

@@ -41,7 +41,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _synthetic_days(args: argparse.Namespace) -> int:
-    from din_ray.data.synthetic_logs import write_synthetic_days
+    from din_ray.data.logs.synthetic import write_synthetic_days
 
     specs = write_synthetic_days(args.output, args.days, args.impressions, drift=args.drift,
                                  items=args.items, categories=args.categories, users=args.users,

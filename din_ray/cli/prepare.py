@@ -147,7 +147,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
 
 def _add_log(sources: argparse._SubParsersAction) -> None:
     p = sources.add_parser("log", help="impression + behaviour logs described by a YAML spec "
-                                       "(Ray Data pipeline; see din_ray.data.log_spec)")
+                                       "(Ray Data pipeline; see din_ray.data.logs.spec)")
     p.add_argument("--spec", type=Path, required=True, help="log spec YAML (examples/*.yaml)")
     p.add_argument("--output", type=Path, required=True, help="prepared dataset directory")
     _add_ray(p)
@@ -170,7 +170,7 @@ def _log_summary(report) -> int:
 
 
 def _run_log(args: argparse.Namespace) -> int:
-    from din_ray.data.logs import prepare_logs
+    from din_ray.data.logs.pipeline import prepare_logs
 
     return _log_summary(prepare_logs(args.spec, args.output, overwrite=args.overwrite,
                                      address=args.address, num_cpus=args.num_cpus,
@@ -196,7 +196,7 @@ def _add_taobao(sources: argparse._SubParsersAction) -> None:
 
 
 def _run_taobao(args: argparse.Namespace) -> int:
-    from din_ray.data.taobao import prepare_taobao
+    from din_ray.data.logs.taobao import prepare_taobao
 
     return _log_summary(prepare_taobao(
         args.input, args.output, overwrite=args.overwrite, address=args.address,

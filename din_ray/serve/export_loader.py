@@ -14,7 +14,7 @@ pyarrow), so any Python with torch runs it:
 
 Requests are the serving format (`din_ray.serve.scoring`): raw ids (strings or integers, compared as
 strings) for tables with a vocabulary, unknown ones OOV; dense integer ids for tables without one.
-Hashed and binned log features are refused here (their encoding lives in din_ray.data.hashing).
+Hashed and binned log features are refused here (their encoding lives in din_ray.data.ids).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class ExportedModel:
         table = feature["table"]
         if table in self.refused:
             raise ValueError(f"{where}: table {table!r} is hashed or binned; encode it with "
-                             "din_ray.data.hashing")
+                             "din_ray.data.ids")
         if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise ValueError(f"{where}: expected a string or integer id, got {value!r}")
         vocab = self.vocabs.get(table)

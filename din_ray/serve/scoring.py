@@ -54,7 +54,7 @@ from torch import Tensor
 
 from din_ray.allocator import keep_freed_memory
 from din_ray.checkpoint import ID_FILTER, MANIFEST, Checkpoint, CheckpointError, load_model
-from din_ray.data.hashing import bin_index, hashed_ids
+from din_ray.data.ids import bin_index, hashed_ids
 from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model.din import CTRModel
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, PAD_ID, Feature, Schema
@@ -164,7 +164,7 @@ class Vocabulary:
 
 
 class HashedIds(Vocabulary):
-    """Raw id -> `hash(raw) % buckets + NUM_RESERVED_IDS`, the function `din_ray.data.logs` used
+    """Raw id -> `hash(raw) % buckets + NUM_RESERVED_IDS`, the function `din_ray.data.logs.pipeline` used
     for a table prepared with `hash_buckets` (int ids hashed as int64, others as strings)."""
 
     def __init__(self, table: str, num_rows: int, buckets: int, id_type: str) -> None:
@@ -189,7 +189,7 @@ class HashedIds(Vocabulary):
 
 class BinnedIds(Vocabulary):
     """A raw number -> the id of its bin: bin i (edges[i-1] <= x < edges[i]) is id
-    i + NUM_RESERVED_IDS, as `din_ray.data.logs` bucketized the feature."""
+    i + NUM_RESERVED_IDS, as `din_ray.data.logs.pipeline` bucketized the feature."""
 
     def __init__(self, table: str, num_rows: int, edges: Sequence[float]) -> None:
         super().__init__(table, num_rows, None)

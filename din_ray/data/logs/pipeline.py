@@ -2,7 +2,7 @@
 
     din-ray prepare log --spec examples/log_spec.yaml --output out/logs
 
-The spec (`din_ray.data.log_spec`) names the logs, the side tables and the features. Three Ray Data
+The spec (`din_ray.data.logs.spec`) names the logs, the side tables and the features. Three Ray Data
 stages run over work units, each `ray.data.from_items(units).map_batches(fn)` whose tasks stream
 files in and out themselves, so no stage holds more than one unit or one bucket per process:
 
@@ -58,8 +58,8 @@ from din_ray.data.format import (
     count_ids,
     to_arrow,
 )
-from din_ray.data.hashing import bin_index, hash_strings, hashed_ids, mix64
-from din_ray.data.log_spec import FeatureSpec, LogSpec, Source, load_spec
+from din_ray.data.ids import bin_index, hash_strings, hashed_ids, mix64
+from din_ray.data.logs.spec import FeatureSpec, LogSpec, Source, load_spec
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, Feature, Schema
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Impression + behaviour logs prepared with Ray Data (din_ray.data.logs) on a real local Ray:
+"""Impression + behaviour logs prepared with Ray Data (din_ray.data.logs.pipeline) on a real local Ray:
 no future (or same-instant) behaviour in any history, histories equal to a brute-force reference
 over several buckets and units, vocabularies from the training period only, time splits,
 malformed rows counted and reported with file/line/field/value, the threshold failing the job
@@ -19,9 +19,9 @@ import ray
 import yaml
 
 from din_ray.data.format import DataError, PreparedDataset
-from din_ray.data.log_spec import SpecError, load_spec, parse_spec
-from din_ray.data.logs import TimeHistogram, prepare_logs
-from din_ray.data.synthetic_logs import write_synthetic_logs
+from din_ray.data.logs.pipeline import TimeHistogram, prepare_logs
+from din_ray.data.logs.spec import SpecError, load_spec, parse_spec
+from din_ray.data.logs.synthetic import write_synthetic_logs
 from din_ray.schema import OOV_ID, PAD_ID
 from din_ray.serve.scoring import RequestError, load_vocabularies
 
@@ -412,7 +412,7 @@ def test_spec_errors_name_the_key(patch, key):
 
 
 def test_example_spec_loads():
-    spec = load_spec(Path(__file__).parents[1] / "examples" / "log_spec.yaml")
+    spec = load_spec(Path(__file__).parents[2] / "examples" / "log_spec.yaml")
     assert spec.feature("hist_cate_id").aligned_with == "cate_id"
 
 

@@ -1,6 +1,6 @@
 """Synthetic raw logs in the generic impression + behaviour layout, for tests and benchmarks.
 
-    python -c "from din_ray.data.synthetic_logs import write_synthetic_logs as w; w('raw', 10**6)"
+    python -c "from din_ray.data.logs.synthetic import write_synthetic_logs as w; w('raw', 10**6)"
     din-ray prepare log --spec raw/log_spec.yaml --output out/logs
 
     din-ray synthetic-days --output raw --days 5 --drift 0.2 --impressions 20000
@@ -12,7 +12,7 @@ Writes, under DIR:
     behaviors/part-*.parquet     user, time_stamp, btag, cate, brand
     ad_feature.parquet           adgroup_id, cate_id, brand, price
     user_profile.parquet         userid, age_level, gender, shopping_level
-    log_spec.yaml                the spec that prepares them (`din_ray.data.log_spec`)
+    log_spec.yaml                the spec that prepares them (`din_ray.data.logs.spec`)
 
 The world follows DIN's premises (paper §3): every user has 2-5 interest categories, 90 % of their
 behaviours fall in them (btag pv/cart/fav/buy), and a candidate ad is clicked with probability

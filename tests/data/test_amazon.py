@@ -20,7 +20,7 @@ from din_ray.schema import OOV_ID, PAD_ID
 
 SAMPLES = Path("/work/shared/data/amazon-electronics")
 if not SAMPLES.exists():  # the shared samples may live beside the repository instead
-    SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-electronics"
+    SAMPLES = Path(__file__).resolve().parents[3] / "shared" / "data" / "amazon-electronics"
 REVIEWS_GZ = SAMPLES / "paddlerec-din" / "reviews_Electronics_5.json.gz"
 PROCESSED = SAMPLES / "paddlerec-din" / "sample_data.txt"
 

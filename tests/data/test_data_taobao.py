@@ -15,8 +15,8 @@ import ray
 
 from din_ray.cli import main as cli_main
 from din_ray.data.format import PreparedDataset
-from din_ray.data.log_spec import load_spec
-from din_ray.data.taobao import PRICE_BINS, taobao_spec
+from din_ray.data.logs.spec import load_spec
+from din_ray.data.logs.taobao import PRICE_BINS, taobao_spec
 from din_ray.schema import OOV_ID, PAD_ID
 from din_ray.serve.scoring import load_vocabularies
 
@@ -135,7 +135,7 @@ def test_rows_join_features_and_keep_only_earlier_behaviours(prepared):
 
 def test_preset_equals_the_example_yaml(tmp_path):
     root = write_taobao(tmp_path / "data" / "taobao")
-    example = Path(__file__).parents[1] / "examples" / "taobao.yaml"
+    example = Path(__file__).parents[2] / "examples" / "taobao.yaml"
     shutil.copy(example, tmp_path / "examples.yaml")
     (tmp_path / "ex").mkdir()
     shutil.copy(example, tmp_path / "ex" / "taobao.yaml")

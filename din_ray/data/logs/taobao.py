@@ -1,5 +1,5 @@
 """Preset for the public Taobao display-ad click log (Ali_Display_Ad_Click, the DIN paper's
-Alibaba-style public data) on top of the generic log pipeline (`din_ray.data.logs`).
+Alibaba-style public data) on top of the generic log pipeline (`din_ray.data.logs.pipeline`).
 
     din-ray prepare taobao --input data/taobao --output out/taobao
 
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from din_ray.data.log_spec import LogSpec, parse_spec
-from din_ray.data.logs import LogReport, prepare_logs
+from din_ray.data.logs.pipeline import LogReport, prepare_logs
+from din_ray.data.logs.spec import LogSpec, parse_spec
 
 FILES = ("raw_sample", "ad_feature", "user_profile", "behavior_log")
 PROFILE_COLUMNS = ("cms_segid", "cms_group_id", "final_gender_code", "age_level",
@@ -105,7 +105,7 @@ def prepare_taobao(input_dir: str | Path, output_dir: str | Path, *, overwrite: 
                    vocab_from: str | Path | None = None, count_decay: float | None = None,
                    **options) -> LogReport:
     """Prepare the Taobao click log for DIN with the Ray Data pipeline (see
-    `din_ray.data.logs.prepare_logs`, which also explains `vocab_from` and `count_decay`)."""
+    `din_ray.data.logs.pipeline.prepare_logs`, which also explains `vocab_from` and `count_decay`)."""
     return prepare_logs(taobao_spec(input_dir, **options), output_dir, overwrite=overwrite,
                         address=address, num_cpus=num_cpus, vocab_from=vocab_from,
                         count_decay=count_decay)

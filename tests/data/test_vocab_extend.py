@@ -9,8 +9,8 @@ import yaml
 from builders import random_columns, tiny_schema
 
 from din_ray.data.format import DatasetWriter, PreparedDataset
-from din_ray.data.logs import prepare_logs
-from din_ray.data.synthetic_logs import write_synthetic_days
+from din_ray.data.logs.pipeline import prepare_logs
+from din_ray.data.logs.synthetic import write_synthetic_days
 from din_ray.data.vocab_extend import extend_ids, prepare_onto
 from din_ray.schema import SchemaError
 
