@@ -20,7 +20,6 @@ import importlib
 import ipaddress
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
