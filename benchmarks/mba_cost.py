@@ -33,8 +33,7 @@ import numpy as np
 import torch
 
 from din_ray.embeddings.regularization import MiniBatchAware, WholeTableL2
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model.din import TableSpec
+from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer, TableSpec
 
 RESULTS = Path(__file__).parent / "results" / "mba_cost.json"
 

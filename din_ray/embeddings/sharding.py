@@ -45,13 +45,13 @@ from torch import Tensor
 from din_ray.embeddings.tables import (
     EmbeddingTables,
     IdRangeError,
+    TableSpec,
     TouchedRows,
     _buffer,
     first_out_of_range,
     init_rows,
     row_block,
 )
-from din_ray.model.din import TableSpec
 from din_ray.schema import PAD_ID
 
 log = logging.getLogger(__name__)

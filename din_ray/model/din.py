@@ -23,26 +23,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from din_ray.embeddings.tables import SparseRequests, TableSpec, gather_rows
 from din_ray.schema import PAD_ID, Schema
 
 Batch = dict[str, Tensor]
-SparseRequests = dict[str, tuple[str, Tensor]]  # lookup key -> (table name, ids of any shape)
 
 MODELS = ("din", "base", "popularity")  # plus din_ray.model.baselines: see model_names()
 ACTIVATIONS = ("dice", "prelu")
-
-
-@dataclass(frozen=True)
-class TableSpec:
-    """An embedding table: `num_rows` ids of width `dim`; row PAD_ID is kept at zero.
-
-    `zero_init` starts every row at zero (per-id bias terms) instead of small random values.
-    """
-
-    name: str
-    num_rows: int
-    dim: int
-    zero_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,38 +102,6 @@ class ModelConfig:
         # Saved before these fields existed: the unit used `activation`, Dice momentum 0.01.
         raw = {"attention_activation": "", "dice_momentum": 0.01, **raw}
         return cls(**{k: v for k, v in raw.items() if k in names})
-
-
-# --- row gather ---------------------------------------------------------------------------------
-class _GatherRows(torch.autograd.Function):
-    """`src.index_select(0, index)` whose backward sums the gradient rows with one vectorised
-    scatter_add. (On CPU the backward of index_select, index_add_, loops over the indices one
-    slice at a time, and that of `src[index]` goes through a slower accumulating index_put; with
-    B·L ≈ 50k history slots per batch either one costs more than the whole model.)"""
-
-    @staticmethod
-    def forward(ctx, src: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(index)
-        ctx.rows = src.shape[0]
-        return src.index_select(0, index)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (index,) = ctx.saved_tensors
-        grad = grad.contiguous()
-        out = grad.new_zeros(ctx.rows, *grad.shape[1:])
-        flat = out.view(ctx.rows, -1)
-        flat.scatter_add_(0, index.unsqueeze(1).expand(-1, flat.shape[1]),
-                          grad.view(grad.shape[0], -1))
-        return out, None
-
-
-def gather_rows(src: Tensor, index: Tensor) -> Tensor:
-    """Rows `index` (N,) of `src` (R, ...) -> (N, ...), differentiable in `src`; any index may
-    repeat (its gradient rows are summed)."""
-    if not (src.requires_grad and torch.is_grad_enabled()):
-        return src.index_select(0, index)
-    return _GatherRows.apply(src, index)
 
 
 # --- activations --------------------------------------------------------------------------------

@@ -9,11 +9,11 @@ from din_ray.embeddings.tables import (
     EmbeddingTables,
     IdRangeError,
     RowWiseOptimizer,
+    TableSpec,
     chunk_seed,
     init_rows,
     row_block,
 )
-from din_ray.model.din import TableSpec
 from din_ray.schema import PAD_ID
 
 SPEC = TableSpec("item_id", 10, 3)

@@ -16,8 +16,8 @@ from din_ray.embeddings.regularization import (
     WholeTableL2,
     build_regularizer,
 )
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model.din import ModelConfig, TableSpec, build_model
+from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer, TableSpec
+from din_ray.model.din import ModelConfig, build_model
 from din_ray.schema import OOV_ID, PAD_ID
 from din_ray.train.loop import (
     BatchRegularizer,
