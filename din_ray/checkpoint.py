@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer, TableSpec, row_block
+from din_ray.embeddings.optim import RowWiseOptimizer
+from din_ray.embeddings.tables import EmbeddingTables, TableSpec, row_block
 from din_ray.model.din import CTRModel, ModelConfig, build_model
 from din_ray.schema import Schema
 

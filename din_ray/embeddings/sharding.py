@@ -30,8 +30,8 @@ with DDP's gradient all-reduces on the default group. Every worker must call `lo
 often with the same tables (an empty id list is fine); the training and evaluation loops keep the
 workers in lockstep for that.
 
-This module imports torch only (never Ray): `din_ray.train.distributed` wires it into Ray Train, and the
-tests run it with torch.multiprocessing + gloo.
+This module imports torch only (never Ray): `din_ray.train.distributed` wires it into Ray
+Train, and the tests run it with torch.multiprocessing + gloo.
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import MiniBatchAware, build_regularizer
 from din_ray.embeddings.tables import (
     EmbeddingTables,
     IdRangeError,
-    RowWiseOptimizer,
     TableSpec,
     chunk_seed,
     init_rows,

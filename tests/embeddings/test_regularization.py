@@ -7,6 +7,7 @@ import torch
 from builders import random_columns, tiny_schema, write_tiny_dataset
 
 from din_ray.data.format import PreparedDataset
+from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import (
     LAMBDA_BATCH,
     DiFacto,
@@ -16,7 +17,7 @@ from din_ray.embeddings.regularization import (
     WholeTableL2,
     build_regularizer,
 )
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer, TableSpec
+from din_ray.embeddings.tables import EmbeddingTables, TableSpec
 from din_ray.model.din import ModelConfig, build_model
 from din_ray.schema import OOV_ID, PAD_ID
 from din_ray.train.loop import (
