@@ -168,7 +168,7 @@ def _reference_forms():
     gathered (C·L, D) rows) for a side-by-side figure; returns the function that swaps back."""
     import torch
 
-    from din_ray import model as m
+    from din_ray.model import layers as m
 
     saved = m.Dice._folded, m.TargetAttention.shared
 

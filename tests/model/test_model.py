@@ -5,7 +5,8 @@ import torch
 from builders import tiny_schema
 
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.din import DIN, BaseModel, Dice, ModelConfig, PReLU, TargetAttention, build_model
+from din_ray.model.din import DIN, BaseModel, ModelConfig, build_model
+from din_ray.model.layers import Dice, PReLU, TargetAttention
 from din_ray.schema import PAD_ID
 
 # Two users, history length 4: user 0 has 3 behaviours, user 1 has 1 (PAD = 0 after them).

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from din_ray.embeddings.tables import EmbeddingTables, TableSpec, gather_rows, unique_ids
-from din_ray.model.din import MLP, Dice, PReLU, TargetAttention
+from din_ray.model.layers import MLP, Dice, PReLU, TargetAttention
 from din_ray.schema import PAD_ID
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
