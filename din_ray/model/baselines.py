@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from din_ray.embeddings.tables import SparseRequests, TableSpec
-from din_ray.model.din import BaseModel, Batch, CTRModel, ModelConfig, register_model
+from din_ray.model.base import Batch, CTRModel, ModelConfig
+from din_ray.model.din import BaseModel, register_model
 from din_ray.model.layers import MLP
 from din_ray.schema import PAD_ID, Schema
 

@@ -17,127 +17,13 @@ H hidden width.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-
 import torch
 from torch import Tensor, nn
 
 from din_ray.embeddings.tables import SparseRequests, TableSpec
-from din_ray.model.layers import ACTIVATIONS, MLP, TargetAttention, pool_history
-from din_ray.schema import PAD_ID, Schema
-
-Batch = dict[str, Tensor]
-
-MODELS = ("din", "base", "popularity")  # plus din_ray.model.baselines: see model_names()
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture choices. Defaults follow the paper (§4.3, §6.1) unless noted.
-
-    Args:
-        model: "din" | "base" | "popularity" (more in `din_ray.model.baselines`).
-        activation: "dice" (Eq. 9) or "prelu" (Eq. 8), used in the attention unit and the MLP.
-        attention_hidden: local activation unit widths (paper figure 2: 80 -> 40 -> 1).
-        mlp_hidden: MLP widths before the logit (paper: 200 -> 80 -> 1 output here, a logit rather
-            than the paper's 2-way softmax, which is equivalent).
-        attention_softmax: normalise activation weights with softmax. Off by default: the paper
-            drops it to keep the intensity of interest (§4.3).
-        pooling: BaseModel's history pooling, "sum" (paper) or "mean".
-        ad_bias: add a learned per-id bias for every ad feature to the logit (the original public
-            code has an item bias; it lets the model learn an item's click rate without spending
-            embedding capacity on it, which matters on small data).
-        dropout: dropout rate after each MLP hidden layer (0 = off).
-        smoothing: popularity baseline's prior strength (pseudo-impressions at the global rate).
-        attention_activation: the local activation unit's own activation; "" = `activation`.
-            PReLU by default, whatever `activation` is (see the field's comment).
-        dice_momentum: Dice's moving-average weight once past its first 1/momentum batches.
-        zero_logit: start the MLP's logit layer at zero, so the logit starts as the ad bias.
-    """
-
-    model: str = "din"
-    activation: str = "dice"
-    attention_hidden: tuple[int, ...] = (80, 40)
-    mlp_hidden: tuple[int, ...] = (200, 80)
-    attention_softmax: bool = False
-    pooling: str = "sum"
-    ad_bias: bool = True
-    dropout: float = 0.0
-    smoothing: float = 20.0
-    # PReLU in the local activation unit, `activation` in the MLP, as the plain reference DIN
-    # (benchmarks/reference_din.py): Dice in the unit as well cost 0.026 validation GAUC on the
-    # planted synthetic set (0.736 -> 0.762 with PReLU there; docs/results.md, "Defaults vs a
-    # plain DIN"). `attention_activation="dice"` restores Dice in both.
-    attention_activation: str = "prelu"
-    dice_momentum: float = 0.01
-    zero_logit: bool = True
-
-    def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.attention_activation not in ("", *ACTIVATIONS):
-            raise ValueError(f"attention_activation must be '' or one of {ACTIVATIONS}, got "
-                             f"{self.attention_activation!r}")
-        # "" = the MLP's; stored resolved, so equal models have equal configs.
-        object.__setattr__(self, "attention_activation",
-                           self.attention_activation or self.activation)
-        if not 0.0 < self.dice_momentum <= 1.0:
-            raise ValueError(f"dice_momentum must be in (0, 1], got {self.dice_momentum}")
-        if self.pooling not in ("sum", "mean"):
-            raise ValueError(f"pooling must be 'sum' or 'mean', got {self.pooling!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("attention_hidden", "mlp_hidden"):
-            widths = getattr(self, name)
-            object.__setattr__(self, name, tuple(int(w) for w in widths))
-            if not widths or min(widths) <= 0:
-                raise ValueError(f"{name} must be non-empty positive widths, got {widths}")
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> ModelConfig:
-        """The model fields of `raw` (a training config, as saved in a checkpoint or live);
-        its other keys are ignored."""
-        names = {f.name for f in fields(cls)}
-        # Saved before these fields existed: the unit used `activation`, Dice momentum 0.01.
-        raw = {"attention_activation": "", "dice_momentum": 0.01, **raw}
-        return cls(**{k: v for k, v in raw.items() if k in names})
-
-
-# --- models -------------------------------------------------------------------------------------
-class CTRModel(nn.Module):
-    """Dense part of a CTR model over the schema's feature groups.
-
-    Subclasses implement `forward(emb, batch) -> logits (B,)`. By default every schema feature is
-    looked up in its table and the output of `forward` is a logit.
-
-    `shares_user_side` declares serving's fast path: True when `score_candidates(emb, batch,
-    owner)` computes each user's side once and equals `forward` on the batch with the user side
-    repeated for every candidate. A class that redefines `forward` has it off unless it declares
-    it again itself, so no model inherits a fast path that skips part of its own `forward`.
-    """
-
-    shares_user_side: bool = False
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        super().__init_subclass__(**kwargs)
-        if "forward" in vars(cls) and "shares_user_side" not in vars(cls):
-            cls.shares_user_side = False
-
-    def __init__(self, schema: Schema, config: ModelConfig) -> None:
-        super().__init__()
-        self.schema = schema
-        self.config = config
-
-    def table_specs(self) -> dict[str, TableSpec]:
-        tables = self.schema.tables
-        return {name: TableSpec(name, rows, dim) for name, (rows, dim) in tables.items()}
-
-    def sparse_inputs(self, batch: Batch) -> SparseRequests:
-        return {f.name: (f.table, batch[f.name]) for f in self.schema.features}
-
-    def history_mask(self, batch: Batch) -> Tensor:
-        """(B, L) True where a history slot holds a behaviour; derived once, from PAD_ID."""
-        return batch[self.schema.behavior_features[0].name] != PAD_ID
+from din_ray.model.base import Batch, CTRModel, ModelConfig
+from din_ray.model.layers import MLP, TargetAttention, pool_history
+from din_ray.schema import Schema
 
 
 class _Interest(CTRModel):
