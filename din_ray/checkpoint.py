@@ -40,8 +40,7 @@ from torch import Tensor
 
 from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.tables import EmbeddingTables, TableSpec, row_block
-from din_ray.model.base import CTRModel, ModelConfig
-from din_ray.model.din import build_model
+from din_ray.model import CTRModel, ModelConfig, build_model
 from din_ray.schema import Schema
 
 FORMAT_VERSION = 1

@@ -21,7 +21,7 @@ from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import build_regularizer
 from din_ray.embeddings.sharding import ShardedEmbeddingTables, embedding_group
 from din_ray.embeddings.tables import EmbeddingTables, IdRangeError, TableSpec, row_block
-from din_ray.model.din import build_model
+from din_ray.model import build_model
 from din_ray.train.loop import (
     TrainConfig,
     WorkerEnv,

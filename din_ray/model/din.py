@@ -1,18 +1,21 @@
-"""DIN (Zhou et al., KDD 2018), BaseModel and the popularity baseline.
+"""DIN (Zhou et al., KDD 2018) and the BaseModel it is compared with (§4.2, §4.3), wired from
+`din_ray.model.layers`.
 
-A CTR model here is split in two, torchrec-style:
-  * the sparse part: embedding tables, owned by `din_ray.embeddings.tables.EmbeddingTables` so they can be
-    row-wise sharded across workers and updated row by row (MBA touches only the rows in a batch);
-  * the dense part: this module's `CTRModel` subclasses. A model declares which tables it needs
-    (`table_specs`) and which ids to look up (`sparse_inputs`); `forward` receives the looked-up
-    vectors and returns logits.
+Both embed the candidate ad (v_A, its item and category vectors concatenated), pool the user's
+behaviour history into one interest vector, and feed [interest, v_A, profile, context] to an MLP:
 
-    model = build_model(schema, ModelConfig(model="din"))
+    BaseModel   interest = Σ_j e_j                      (pool_history: blind to the candidate)
+    DIN         interest = Σ_j a(e_j, v_A)·e_j          (TargetAttention, Eq. 3)
+
+    model = DIN(schema, ModelConfig(model="din"))        # or din_ray.model.build_model
     tables = EmbeddingTables(model.table_specs())
     logits = model(tables.lookup(model.sparse_inputs(batch)), batch)   # (B,)
 
+For serving, `score_candidates` scores many candidates against few users with each user's side
+computed once (`CTRModel.shares_user_side`).
+
 Shapes: B batch, L history length, D concatenated behaviour width (item + category dims),
-H hidden width.
+U users and C candidates when scoring.
 """
 
 from __future__ import annotations
@@ -152,59 +155,3 @@ class BaseModel(_Interest):
                     owner: Tensor) -> tuple[Tensor, None]:
         total, _ = self.pool(query[:0], keys, mask)  # (U, D): candidate-blind, once per user
         return total.index_select(0, owner), None
-
-
-class Popularity(CTRModel):
-    """No-history baseline: the candidate's smoothed click rate on the training split.
-
-    Its one table holds logit((clicks_j + k·p) / (impressions_j + k)) per candidate id j, with p
-    the global click rate and k = `config.smoothing`; it is filled by counting, not by SGD
-    (see `din_ray.train.loop`). Unseen ids get the global rate.
-    """
-
-    def __init__(self, schema: Schema, config: ModelConfig) -> None:
-        super().__init__(schema, config)
-        self.candidate = schema.ad_features[0]
-
-    def table_specs(self) -> dict[str, TableSpec]:
-        name = f"{self.candidate.table}.ctr"
-        return {name: TableSpec(name, self.candidate.vocab_size, 1)}
-
-    def sparse_inputs(self, batch: Batch) -> SparseRequests:
-        return {"ctr": (f"{self.candidate.table}.ctr", batch[self.candidate.name])}
-
-    def forward(self, emb: dict[str, Tensor], batch: Batch) -> Tensor:
-        return emb["ctr"].squeeze(-1)
-
-    @staticmethod
-    def table_from_counts(clicks: Tensor, impressions: Tensor, smoothing: float) -> Tensor:
-        """(V,) click and impression counts -> (V, 1) smoothed click-rate logits."""
-        prior = clicks.sum() / impressions.sum().clamp(min=1)
-        rate = (clicks + smoothing * prior) / (impressions + smoothing)
-        return torch.logit(rate.clamp(1e-6, 1 - 1e-6)).unsqueeze(-1)
-
-
-_REGISTRY: dict[str, type[CTRModel]] = {"din": DIN, "base": BaseModel, "popularity": Popularity}
-
-
-def register_model(name: str, cls: type[CTRModel]) -> None:
-    """Make a model selectable by name (`din_ray.model.baselines` registers the paper's competitors)."""
-    _REGISTRY[name] = cls
-
-
-def _register_builtin_baselines() -> None:
-    """Import `din_ray.model.baselines` (LR, Wide&Deep, PNN, DeepFM), which registers itself. Done on
-    first use rather than at import time: baselines imports this module."""
-    import din_ray.model.baselines  # noqa: F401
-
-
-def model_names() -> tuple[str, ...]:
-    _register_builtin_baselines()
-    return tuple(_REGISTRY)
-
-
-def build_model(schema: Schema, config: ModelConfig) -> CTRModel:
-    _register_builtin_baselines()
-    if config.model not in _REGISTRY:
-        raise ValueError(f"model must be one of {model_names()}, got {config.model!r}")
-    return _REGISTRY[config.model](schema, config)

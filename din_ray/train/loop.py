@@ -47,8 +47,7 @@ from din_ray.embeddings.regularization import (
 )
 from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.metrics import evaluate_predictions
-from din_ray.model.base import CTRModel, ModelConfig
-from din_ray.model.din import Popularity, build_model
+from din_ray.model import CTRModel, ModelConfig, Popularity, build_model
 from din_ray.schema import PAD_ID, Schema
 
 log = logging.getLogger(__name__)

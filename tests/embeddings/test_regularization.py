@@ -18,8 +18,7 @@ from din_ray.embeddings.regularization import (
     build_regularizer,
 )
 from din_ray.embeddings.tables import EmbeddingTables, TableSpec
-from din_ray.model.base import ModelConfig
-from din_ray.model.din import build_model
+from din_ray.model import ModelConfig, build_model
 from din_ray.schema import OOV_ID, PAD_ID
 from din_ray.train.loop import (
     BatchRegularizer,

@@ -5,8 +5,7 @@ import torch
 from builders import tiny_schema
 
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.base import ModelConfig
-from din_ray.model.din import DIN, BaseModel, build_model
+from din_ray.model import DIN, BaseModel, ModelConfig, build_model
 from din_ray.model.layers import Dice, PReLU, TargetAttention
 from din_ray.schema import PAD_ID
 

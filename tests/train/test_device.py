@@ -27,8 +27,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import MiniBatchAware
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.base import ModelConfig
-from din_ray.model.din import build_model
+from din_ray.model import ModelConfig, build_model
 from din_ray.serve.scoring import ParsedRequest, Scorer
 from din_ray.train.loop import TrainConfig, run_local, to_torch, train_step
 
