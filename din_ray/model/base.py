@@ -19,6 +19,7 @@ Shapes: B batch, L history length.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 from torch import Tensor, nn
 
@@ -108,17 +109,32 @@ class CTRModel(nn.Module):
     Subclasses implement `forward(emb, batch) -> logits (B,)`. By default every schema feature is
     looked up in its table and the output of `forward` is a logit.
 
-    `shares_user_side` declares serving's fast path: True when `score_candidates(emb, batch,
-    owner)` computes each user's side once and equals `forward` on the batch with the user side
-    repeated for every candidate. A class that redefines `forward` has it off unless it declares
-    it again itself, so no model inherits a fast path that skips part of its own `forward`.
+    Capabilities are declared here, each with the default that is right for any model, as
+    torchrec's DLRM does; a subclass turns one on by declaring it itself:
+
+        shares_user_side   serving's fast path. True when `score_candidates(emb, batch, owner)`
+                           computes each user's side once and equals `forward` on the batch
+                           with the user side repeated for every candidate. Default False:
+                           serving then scores the repeated batch through `forward`.
+
+    A class that redefines `forward`, or a method `forward` relies on without the method the
+    fast path runs in its place (`fast_path_counterparts`), has the fast path off unless it
+    declares `shares_user_side` again itself: no model inherits a fast path that skips part of
+    its own `forward`.
     """
 
-    shares_user_side: bool = False
+    shares_user_side: ClassVar[bool] = False
+    # A method `forward` relies on -> the method `score_candidates` runs in its place. A model
+    # with a fast path lists the steps of its `forward` that the fast path replaces.
+    fast_path_counterparts: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        if "forward" in vars(cls) and "shares_user_side" not in vars(cls):
+        own = vars(cls)
+        if "shares_user_side" in own:
+            return
+        if "forward" in own or any(m in own and c not in own
+                                   for m, c in cls.fast_path_counterparts.items()):
             cls.shares_user_side = False
 
     def __init__(self, schema: Schema, config: ModelConfig) -> None:
@@ -136,3 +152,17 @@ class CTRModel(nn.Module):
     def history_mask(self, batch: Batch) -> Tensor:
         """(B, L) True where a history slot holds a behaviour; derived once, from PAD_ID."""
         return batch[self.schema.behavior_features[0].name] != PAD_ID
+
+    def score_candidates(self, emb: dict[str, Tensor], batch: Batch,
+                         owner: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Logits (C,) of C candidates against U users, each user's side computed once, and the
+        activation weights (C, L) (None when the model has none); see `shares_user_side`.
+
+        Args:
+            emb, batch: looked-up vectors and ids, as for `forward`, except that user-side
+                features have U rows and ad features C rows.
+            owner: (C,) long, the user row of each candidate.
+        Raises: NotImplementedError unless the model declares `shares_user_side`.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no shared-user-side scoring "
+                                  "(shares_user_side is False); score the repeated batch")

@@ -37,6 +37,8 @@ class _Interest(CTRModel):
     """
 
     shares_user_side = True  # score_candidates below is this class's forward, user side once
+    # forward pools through user_interest -> pool; score_candidates through pool_shared.
+    fast_path_counterparts = {"user_interest": "score_candidates", "pool": "pool_shared"}
 
     def __init__(self, schema: Schema, config: ModelConfig) -> None:
         super().__init__(schema, config)
@@ -113,8 +115,9 @@ class _Interest(CTRModel):
         Returns: logits (C,) and activation weights (C, L) (None when the model has none).
         """
         if not self.shares_user_side:
-            raise NotImplementedError(f"{type(self).__name__} redefines forward and has no "
-                                      "shared-user-side scoring; score the repeated batch")
+            raise NotImplementedError(f"{type(self).__name__} redefines forward or a step of it "
+                                      "and has no shared-user-side scoring; score the repeated "
+                                      "batch")
         keys = torch.cat([emb[f.name] for f in self.behavior], dim=-1)  # (U, L, D)
         query = torch.cat([emb[f.name] for f in self.aligned], dim=-1)  # (C, D)
         pooled, weights = self.pool_shared(query, keys, self.history_mask(batch), owner)
