@@ -247,6 +247,11 @@ class EmbeddingTables(torch.nn.Module):
     def _fetch(self, table: str, unique: Tensor) -> Tensor:
         """Rows for sorted unique global ids (U,) -> (U, dim). Single-worker version; the sharded
         subclass exchanges ids and rows with their owners."""
+        return self.read_local(table, unique)
+
+    def read_local(self, table: str, unique: Tensor) -> Tensor:
+        """Rows of sorted unique global ids (U,) that this worker holds -> (U, dim). In training
+        they are a fresh leaf recorded in `touched`, so backward fills one gradient row per id."""
         start, _ = self.blocks[table]
         rows = self.weight(table)[unique - start]
         if torch.is_grad_enabled() and self.training:
