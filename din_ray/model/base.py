@@ -27,7 +27,8 @@ from din_ray.embeddings.tables import SparseRequests, TableSpec
 from din_ray.model.layers import ACTIVATIONS
 from din_ray.schema import PAD_ID, Schema
 
-Batch = dict[str, Tensor]
+Batch = dict[str, Tensor]  # column name -> ids (B,) or (B, L), labels (B,)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -143,10 +144,13 @@ class CTRModel(nn.Module):
         self.config = config
 
     def table_specs(self) -> dict[str, TableSpec]:
+        """The embedding tables this model needs, by name: by default one per schema table."""
         tables = self.schema.tables
         return {name: TableSpec(name, rows, dim) for name, (rows, dim) in tables.items()}
 
     def sparse_inputs(self, batch: Batch) -> SparseRequests:
+        """What to look up for `batch`: key -> (table, ids (B,) or (B, L)); `forward` receives
+        the vectors under the same keys, (B, dim) or (B, L, dim). By default every feature."""
         return {f.name: (f.table, batch[f.name]) for f in self.schema.features}
 
     def history_mask(self, batch: Batch) -> Tensor:

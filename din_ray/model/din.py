@@ -60,6 +60,7 @@ class _Interest(CTRModel):
             nn.init.zeros_(self.mlp.out.bias)
 
     def table_specs(self) -> dict[str, TableSpec]:
+        """The schema's tables, plus a zero-initialised dim-1 `<table>.bias` per ad feature."""
         specs = super().table_specs()
         if self.config.ad_bias:
             for f in self.schema.ad_features:
@@ -68,6 +69,7 @@ class _Interest(CTRModel):
         return specs
 
     def sparse_inputs(self, batch: Batch) -> SparseRequests:
+        """Every feature, plus the ad features' ids again under `<feature>.bias`."""
         requests = super().sparse_inputs(batch)
         if self.config.ad_bias:
             for f in self.schema.ad_features:
@@ -75,6 +77,8 @@ class _Interest(CTRModel):
         return requests
 
     def pool(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The interest: query (B, D), keys (B, L, D), mask (B, L) -> pooled (B, D), activation
+        weights (B, L) or None. DIN and BaseModel differ only here."""
         raise NotImplementedError
 
     def user_interest(self, emb: dict[str, Tensor], batch: Batch) -> tuple[Tensor, Tensor | None]:
@@ -84,6 +88,7 @@ class _Interest(CTRModel):
         return self.pool(query, keys, self.history_mask(batch))
 
     def forward(self, emb: dict[str, Tensor], batch: Batch) -> Tensor:
+        """Logits (B,) from the looked-up vectors of `sparse_inputs(batch)`."""
         pooled, _ = self.user_interest(emb, batch)
         query = torch.cat([emb[f.name] for f in self.aligned], dim=-1)  # (B, D)
         parts = [pooled, query] + [emb[f.name] for f in self.singles]

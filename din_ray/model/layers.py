@@ -28,6 +28,8 @@ class PReLU(nn.Module):
     """PReLU (Eq. 8) with one slope per channel of the LAST dimension.
 
     (torch.nn.PReLU puts channels on dim 1, which is the history axis for (B, L, H) inputs.)
+
+    Shapes: x (..., C) -> (..., C); `mask` is accepted for Dice's signature and unused.
     """
 
     def __init__(self, num_features: int, init: float = 0.25) -> None:
