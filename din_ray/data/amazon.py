@@ -48,8 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from din_ray.data.format import DataError, DatasetWriter
-from din_ray.data.movielens import (
+from din_ray.data.common import (
     RESERVED_RAW,
     check_history_ties,
     check_split_fracs,
@@ -57,6 +56,7 @@ from din_ray.data.movielens import (
     item_category_schema,
     train_rows_per_file,
 )
+from din_ray.data.format import DataError, DatasetWriter
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, PAD_ID
 
 log = logging.getLogger(__name__)

@@ -37,13 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from din_ray.data.format import DatasetWriter
-from din_ray.data.movielens import (
+from din_ray.data.common import (
     RESERVED_RAW,
     check_split_fracs,
     item_category_schema,
     train_rows_per_file,
 )
+from din_ray.data.format import DatasetWriter
 from din_ray.schema import NUM_RESERVED_IDS, PAD_ID
 
 log = logging.getLogger(__name__)
