@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from din_ray.data.format import DatasetWriter, PreparedDataset, to_numpy
+from din_ray.data.format import DatasetWriter, PreparedDataset, refuse_existing, to_numpy
 from din_ray.schema import NUM_RESERVED_IDS, Schema, SchemaError
 
 log = logging.getLogger(__name__)
@@ -156,8 +156,7 @@ def prepare_onto(vocab_from: str | Path, output: str | Path,
     """
     _check_decay(count_decay)
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite)")
+    refuse_existing(output, overwrite)
     previous = open_previous(vocab_from, source)
     fresh_dir = output.with_name(f".{output.name}.fresh-{time.time_ns()}")
     try:

@@ -49,6 +49,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from din_ray.data import vocab_extend
+from din_ray.data.common import gather_history, history_slots, vocab_entries
 from din_ray.data.format import (
     SPLITS,
     DataError,
@@ -56,6 +57,7 @@ from din_ray.data.format import (
     PreparedDataset,
     check_ids,
     count_ids,
+    refuse_existing,
     to_arrow,
 )
 from din_ray.data.ids import bin_index, hash_strings, hashed_ids, mix64
@@ -864,18 +866,7 @@ class History:
     def slots(self, idx: np.ndarray, max_history: int) -> tuple[np.ndarray, np.ndarray]:
         """Where the histories of impressions `idx` (B,) come from: source positions in the
         sorted behaviours (B, L) and the mask of real slots (B, L), oldest first."""
-        k = self.length[idx]  # (B,)
-        slot = np.arange(max_history)  # (L,)
-        real = slot < k[:, None]  # (B, L)
-        src = np.where(real, self.end[idx][:, None] - k[:, None] + slot, 0)  # (B, L)
-        return src, real
-
-    @staticmethod
-    def gather(values: np.ndarray, src: np.ndarray, real: np.ndarray) -> np.ndarray:
-        """Sorted behaviour `values` (M,) at `src` (B, L) -> int32 (B, L), PAD where not real."""
-        if values.size == 0:
-            return np.zeros(src.shape, np.int32)
-        return np.where(real, values[src], 0).astype(np.int32)
+        return history_slots(self.end[idx], self.length[idx], max_history)
 
 
 class _SplitWriter:
@@ -951,7 +942,7 @@ def build_bucket(spec: LogSpec, schema: Schema, encoders: dict[str, Encoder], st
             cols.update({name: v[part] for name, v in scalars.items()})
             src, real = hist.slots(part, L)
             for f in behaviours:
-                cols[f.name] = hist.gather(beh_values[f.name], src, real)
+                cols[f.name] = gather_history(beh_values[f.name], src, real)
             if split == "train":
                 for t, c in count_ids(schema, cols).items():
                     counts[t] += c
@@ -1136,8 +1127,7 @@ def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrit
     if not isinstance(spec, LogSpec):
         spec = load_spec(spec)
     output = Path(output_dir)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite)")
+    refuse_existing(output, overwrite)
     previous = _check_previous(spec, vocab_from, count_decay)
     staging = staging_dir or str(output.with_name(
         f".{output.name}.staging-{os.getpid()}-{time.time_ns()}"))
@@ -1254,7 +1244,7 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
                 summary[k] += res[k]
         for t, e in encoders.items():
             if e.index is not None:
-                writer.add_vocab(t, ["<pad>", "<oov>"] + [str(v) for v in e.index])
+                writer.add_vocab(t, vocab_entries(e.index))
         if previous is not None:
             for t in writer.counts:
                 writer.counts[t] = vocab_extend.decayed_counts(writer.counts[t],
