@@ -36,7 +36,7 @@ import os
 import pickle
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +78,7 @@ from din_ray.data.logs.parse import (
     parse_impressions,
 )
 from din_ray.data.logs.spec import LogSpec, load_spec
+from din_ray.data.logs.split import TimeHistogram, cutoffs, split_codes
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, Feature, Schema
 
 log = logging.getLogger(__name__)
@@ -88,62 +89,11 @@ FLUSH_ROWS = 262_144
 BUILD_CHUNK_ROWS = 65_536
 # Output Parquet rows per file (a bucket writes several files when larger).
 ROWS_PER_FILE = 500_000
-# The impression-time histogram is coarsened (power-of-2 bins) to at most this many bins.
-TIME_BINS = 1 << 18
 
 
 # --- hashing ------------------------------------------------------------------------------------
 def bucket_of(users: np.ndarray, buckets: int) -> np.ndarray:
     return (mix64(users) % np.uint64(buckets)).astype(np.int64)
-
-
-# --- time histogram (split cutoffs) -------------------------------------------------------------
-@dataclass
-class TimeHistogram:
-    """Counts of timestamps in bins of width 2**shift (exact while shift == 0), coarsened so it
-    never holds more than TIME_BINS bins: quantile cutoffs with bounded memory."""
-
-    shift: int = 0
-    keys: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-
-    @classmethod
-    def of(cls, ts: np.ndarray) -> TimeHistogram:
-        keys, counts = np.unique(ts, return_counts=True)
-        return cls(0, keys, counts.astype(np.int64)).coarsened(TIME_BINS)
-
-    def coarsened(self, limit: int, shift: int | None = None) -> TimeHistogram:
-        h = self
-        target = self.shift if shift is None else max(shift, self.shift)
-        while True:
-            if target > h.shift:
-                keys, inv = np.unique(h.keys >> (target - h.shift), return_inverse=True)
-                h = TimeHistogram(target, keys, np.bincount(inv, weights=h.counts,
-                                                            minlength=len(keys)).astype(np.int64))
-            if len(h.keys) <= limit:
-                return h
-            target += 1
-
-    def merge(self, other: TimeHistogram) -> TimeHistogram:
-        shift = max(self.shift, other.shift)
-        a, b = self.coarsened(TIME_BINS, shift), other.coarsened(TIME_BINS, shift)
-        keys, inv = np.unique(np.concatenate([a.keys, b.keys]), return_inverse=True)
-        counts = np.bincount(inv, weights=np.concatenate([a.counts, b.counts]),
-                             minlength=len(keys)).astype(np.int64)
-        return TimeHistogram(shift, keys, counts).coarsened(TIME_BINS)
-
-    @property
-    def total(self) -> int:
-        return int(self.counts.sum())
-
-    def cut(self, fraction_before: float) -> int:
-        """The earliest bin start t with at least `fraction_before` of the timestamps < t."""
-        if self.total == 0:
-            return 0
-        before = np.cumsum(self.counts) - self.counts  # (K,) timestamps before each bin
-        hit = np.flatnonzero(before >= fraction_before * self.total - 1e-9)
-        key = self.keys[hit[0]] if hit.size else self.keys[-1] + 1
-        return int(key) << self.shift
 
 
 # --- stage 1: parse ------------------------------------------------------------------------------
@@ -333,9 +283,6 @@ def build_encoders(spec: LogSpec, counts: dict[str, pd.Series]) -> dict[str, Enc
 
 
 # --- stage 3: build -----------------------------------------------------------------------------
-def split_codes(ts: np.ndarray, valid_start: int, test_start: int) -> np.ndarray:
-    """0 train (ts < valid_start), 1 valid, 2 test (ts >= test_start). -> int8 (N,)"""
-    return np.where(ts < valid_start, 0, np.where(ts < test_start, 1, 2)).astype(np.int8)
 
 
 def sort_keys(imp_user: np.ndarray, imp_ts: np.ndarray, beh_user: np.ndarray,
@@ -567,15 +514,6 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         ray.shutdown()
 
 
-def _cutoffs(spec: LogSpec, hist: TimeHistogram) -> tuple[int, int]:
-    sp = spec.split
-    if not sp.by_fraction:
-        return int(sp.valid_start), int(sp.test_start)
-    test_start = hist.cut(1.0 - sp.test) if sp.test > 0 else int(np.iinfo(np.int64).max)
-    valid_start = hist.cut(1.0 - sp.test - sp.valid) if sp.valid > 0 else test_start
-    return valid_start, test_start
-
-
 def log_schema(spec: LogSpec, encoders: dict[str, Encoder]) -> Schema:
     """Prepared schema: behaviour features share their aligned ad feature's table."""
     feats = []
@@ -699,7 +637,7 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
     check_malformed(spec, files)
     if staged[IMPRESSIONS] == 0:
         raise DataError(f"no valid impression rows in {list(spec.impressions.source.paths)}")
-    valid_start, test_start = _cutoffs(spec, hist)
+    valid_start, test_start = cutoffs(spec, hist)
     seconds["parse"] = time.perf_counter() - t0
     log.info("parsed: %d impressions, %d behaviours staged; valid from ts %d, test from ts %d",
              staged[IMPRESSIONS], staged[BEHAVIORS], valid_start, test_start)
