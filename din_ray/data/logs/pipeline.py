@@ -58,7 +58,7 @@ from din_ray.data.format import (
     refuse_existing,
     to_arrow,
 )
-from din_ray.data.ids import hashed_ids, mix64
+from din_ray.data.ids import mix64
 from din_ray.data.logs.files import (
     BEHAVIORS,
     IMPRESSIONS,
@@ -70,16 +70,11 @@ from din_ray.data.logs.files import (
     read_unit,
 )
 from din_ray.data.logs.joins import load_join
-from din_ray.data.logs.parse import (
-    JoinTable,
-    as_array,
-    check_malformed,
-    parse_behaviors,
-    parse_impressions,
-)
+from din_ray.data.logs.parse import JoinTable, check_malformed, parse_behaviors, parse_impressions
 from din_ray.data.logs.spec import LogSpec, load_spec
 from din_ray.data.logs.split import TimeHistogram, cutoffs, split_codes
-from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, Feature, Schema
+from din_ray.data.logs.vocab import Encoder, build_encoders, log_schema, merge_counts, vocab_sources
+from din_ray.schema import Schema
 
 log = logging.getLogger(__name__)
 
@@ -188,21 +183,9 @@ def _read_bucket(staging: str, log_name: str, bucket: int,
     return pa.concat_tables(pq.read_table(p, columns=columns, filesystem=fs) for p in files)
 
 
-def _vocab_sources(spec: LogSpec) -> dict[str, list[tuple[str, str]]]:
-    """Vocabulary tables -> the (log, staged column) pairs whose values they count."""
-    out: dict[str, list[tuple[str, str]]] = {}
-    for f in spec.features:
-        owner = spec.feature(f.table)
-        if owner.hash_buckets is not None or owner.bins is not None:
-            continue
-        out.setdefault(f.table, []).append((BEHAVIORS if f.group == "behavior" else IMPRESSIONS,
-                                            f.name))
-    return out
-
-
 def _vocab_task(batch: dict, *, spec: LogSpec, staging: str, valid_start: int) -> Iterator[dict]:
     """Ray Data UDF: raw-id counts of one bucket over the training period (ts < valid_start)."""
-    sources = _vocab_sources(spec)
+    sources = vocab_sources(spec)
     for b in batch["bucket"]:
         b = int(b)
         logs = {}
@@ -220,66 +203,6 @@ def _vocab_task(batch: dict, *, spec: LogSpec, staging: str, valid_start: int) -
             vc = pc.value_counts(pc.drop_null(pa.chunked_array(chunks, chunks[0].type)))
             out[table] = (vc.field("values"), vc.field("counts").to_numpy().astype(np.int64))
         yield {"summary": np.array([pickle.dumps((b, out))], dtype=object)}
-
-
-@dataclass
-class Encoder:
-    """Raw ids of one table -> dense ids: a vocabulary (raw value at position i of `index` has
-    id i + NUM_RESERVED_IDS, unknown -> OOV), hashing into `buckets` buckets, or `bins` bin
-    indices (0 .. bins - 1, the id space fixed by the edges). Missing -> OOV.
-    """
-
-    table: str
-    type: str
-    index: pd.Index | None = None
-    buckets: int = 0
-    bins: int = 0
-
-    @property
-    def vocab_size(self) -> int:
-        if self.index is not None:
-            return NUM_RESERVED_IDS + len(self.index)
-        return NUM_RESERVED_IDS + (self.bins or self.buckets)
-
-    def encode(self, arr) -> np.ndarray:
-        """-> int32 (N,) dense ids."""
-        arr = as_array(arr)
-        missing = arr.is_null().to_numpy(zero_copy_only=False)
-        if self.type == "int":
-            v = arr.fill_null(0).to_numpy()
-        else:
-            v = arr.fill_null("").to_numpy(zero_copy_only=False)
-        if self.index is not None:
-            pos = self.index.get_indexer(v)
-            ids = np.where(pos >= 0, pos + NUM_RESERVED_IDS, OOV_ID)
-        elif self.bins:
-            ids = v.astype(np.int64) + NUM_RESERVED_IDS
-        else:
-            ids = hashed_ids(v, self.buckets, self.type)
-        ids[missing] = OOV_ID
-        return ids.astype(np.int32)
-
-
-def _merge_counts(parts: list[pd.Series]) -> pd.Series:
-    s = pd.concat(parts)
-    return s.groupby(level=0, sort=False).sum()
-
-
-def build_encoders(spec: LogSpec, counts: dict[str, pd.Series]) -> dict[str, Encoder]:
-    """One encoder per table: vocabularies keep raw ids counted >= min_count in the training
-    period, most frequent first (ties by raw value), so ids are stable across runs."""
-    out = {}
-    for name, owner in spec.table_owners.items():
-        if owner.bins is not None:  # bin i of len(bins) + 1 bins -> id i + 2
-            out[name] = Encoder(name, "int", bins=len(owner.bins) + 1)
-        elif owner.hash_buckets is not None:
-            out[name] = Encoder(name, owner.type, buckets=owner.hash_buckets)
-        else:
-            c = counts.get(name, pd.Series(dtype=np.int64))
-            c = c[c >= owner.min_count].sort_index(kind="stable")
-            c = c.sort_values(ascending=False, kind="stable")
-            out[name] = Encoder(name, owner.type, pd.Index(c.index))
-    return out
 
 
 # --- stage 3: build -----------------------------------------------------------------------------
@@ -514,25 +437,6 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         ray.shutdown()
 
 
-def log_schema(spec: LogSpec, encoders: dict[str, Encoder]) -> Schema:
-    """Prepared schema: behaviour features share their aligned ad feature's table."""
-    feats = []
-    for f in spec.features:
-        size = encoders[f.table].vocab_size
-        if f.group == "behavior":
-            feats.append(Feature(f.name, "behavior", f.table, size, spec.embedding_dim,
-                                 spec.max_history, f.aligned_with))
-        else:
-            feats.append(Feature(f.name, f.group, f.name, size, spec.embedding_dim))
-    # How raw ids of tables without a vocabulary file become dense ids: serving repeats it.
-    hashed = {t: e.buckets for t, e in encoders.items() if e.buckets}
-    hash_types = {t: e.type for t, e in encoders.items() if e.buckets}
-    bins = {f.name: list(f.bins) for f in spec.features if f.bins is not None}
-    return Schema(tuple(feats), name=spec.name,
-                  extra={"source": "logs", "hashed": hashed, "hash_types": hash_types,
-                         "bins": bins})
-
-
 def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrite: bool = False,
                  staging_dir: str | None = None, address: str | None = None,
                  num_cpus: int | None = None, executor: str = "ray",
@@ -643,7 +547,7 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
              staged[IMPRESSIONS], staged[BEHAVIORS], valid_start, test_start)
 
     t0 = time.perf_counter()
-    sources = _vocab_sources(spec)
+    sources = vocab_sources(spec)
     partial: dict[str, list[pd.Series]] = {t: [] for t in sources}
     merged: dict[str, pd.Series] = {}
     bucket_items = [{"bucket": b} for b in range(buckets)]
@@ -654,8 +558,8 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
             for table, (values, counts) in out.items():
                 partial[table].append(pd.Series(counts, index=values.to_pandas()))
                 if len(partial[table]) >= 16:  # bound the driver's memory
-                    partial[table] = [_merge_counts(partial[table])]
-        merged = {t: _merge_counts(p) for t, p in partial.items() if p}
+                    partial[table] = [merge_counts(partial[table])]
+        merged = {t: merge_counts(p) for t, p in partial.items() if p}
     encoders = build_encoders(spec, merged)
     if previous is not None:
         for t, e in encoders.items():
