@@ -39,270 +39,21 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from din_ray.data import vocab_extend
-from din_ray.data.common import gather_history, vocab_entries
-from din_ray.data.format import (
-    SPLITS,
-    DataError,
-    DatasetWriter,
-    PreparedDataset,
-    check_ids,
-    count_ids,
-    refuse_existing,
-    to_arrow,
-)
-from din_ray.data.ids import mix64
-from din_ray.data.logs.files import (
-    BEHAVIORS,
-    IMPRESSIONS,
-    FileStats,
-    Unit,
-    filesystem,
-    needed_columns,
-    plan_units,
-    read_unit,
-)
-from din_ray.data.logs.history import History
+from din_ray.data.common import vocab_entries
+from din_ray.data.format import DataError, DatasetWriter, PreparedDataset, refuse_existing
+from din_ray.data.logs.files import BEHAVIORS, IMPRESSIONS, FileStats, Unit, filesystem, plan_units
 from din_ray.data.logs.joins import load_join
-from din_ray.data.logs.parse import JoinTable, check_malformed, parse_behaviors, parse_impressions
+from din_ray.data.logs.parse import JoinTable, check_malformed
 from din_ray.data.logs.spec import LogSpec, load_spec
-from din_ray.data.logs.split import TimeHistogram, cutoffs, split_codes
+from din_ray.data.logs.split import TimeHistogram, cutoffs
+from din_ray.data.logs.stages import build_task, parse_task, vocab_task
 from din_ray.data.logs.vocab import Encoder, build_encoders, log_schema, merge_counts, vocab_sources
-from din_ray.schema import Schema
 
 log = logging.getLogger(__name__)
-
-# Rows buffered per parse task before they are flushed to the bucket files.
-FLUSH_ROWS = 262_144
-# Impressions whose (N, max_history) history matrices are built at once in the build stage.
-BUILD_CHUNK_ROWS = 65_536
-# Output Parquet rows per file (a bucket writes several files when larger).
-ROWS_PER_FILE = 500_000
-
-
-# --- hashing ------------------------------------------------------------------------------------
-def bucket_of(users: np.ndarray, buckets: int) -> np.ndarray:
-    return (mix64(users) % np.uint64(buckets)).astype(np.int64)
-
-
-# --- stage 1: parse ------------------------------------------------------------------------------
-class _BucketWriter:
-    """Buffers clean rows of one unit and appends them to one staging file per bucket."""
-
-    def __init__(self, root: str, log_name: str, unit: int, buckets: int) -> None:
-        self.root, self.log, self.unit, self.buckets = root, log_name, unit, buckets
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-        self.writers: dict[int, pq.ParquetWriter] = {}
-        self.rows = 0
-
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows:
-            self.buffer.append(table)
-            self.buffered += table.num_rows
-            if self.buffered >= FLUSH_ROWS:
-                self.flush()
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        t = pa.concat_tables(self.buffer)
-        self.buffer, self.buffered = [], 0
-        b = bucket_of(t.column("user").to_numpy(), self.buckets)
-        order = np.argsort(b, kind="stable")
-        t = t.take(pa.array(order))
-        bounds = np.searchsorted(b[order], np.arange(self.buckets + 1))
-        for k in range(self.buckets):
-            lo, hi = int(bounds[k]), int(bounds[k + 1])
-            if hi == lo:
-                continue
-            w = self.writers.get(k)
-            if w is None:
-                fs, inner = filesystem(_bucket_dir(self.root, self.log, k))
-                fs.create_dir(inner, recursive=True)
-                path = f"{inner}/u{self.unit:06d}.parquet"
-                w = self.writers[k] = pq.ParquetWriter(path, t.schema, filesystem=fs)
-            w.write_table(t.slice(lo, hi - lo))
-        self.rows += t.num_rows
-
-    def close(self) -> None:
-        self.flush()
-        for w in self.writers.values():
-            w.close()
-
-
-def _bucket_dir(root: str, log_name: str, bucket: int) -> str:
-    return f"{root}/{log_name}/b{bucket:05d}"
-
-
-def _parse_task(batch: dict, *, spec: LogSpec, joins: list[JoinTable], staging: str,
-                buckets: int) -> Iterator[dict]:
-    """Ray Data UDF: parse one unit (a row of `batch`), stage its rows, return its stats."""
-    for text in batch["unit"]:
-        unit = Unit(**json.loads(str(text)))
-        stats = FileStats(unit.path, unit.log)
-        writer = _BucketWriter(staging, unit.log, unit.index, buckets)
-        hist = TimeHistogram()
-        part = spec.impressions if unit.log == IMPRESSIONS else spec.behaviors
-        columns = needed_columns(spec, unit.log)
-        for table, rownum in read_unit(unit, columns, part.source, stats, spec.malformed.show):
-            stats.rows += table.num_rows
-            try:
-                if unit.log == IMPRESSIONS:
-                    clean, examples = parse_impressions(spec, joins, table, rownum, stats)
-                else:
-                    clean, examples = parse_behaviors(spec, table, rownum, stats)
-            except DataError as e:
-                raise DataError(f"{unit.path}: {e}") from None
-            if unit.log == IMPRESSIONS and clean.num_rows:
-                hist = hist.merge(TimeHistogram.of(clean.column("ts").to_numpy()))
-            if examples and len(stats.examples) < spec.malformed.show:
-                stats.examples = sorted(stats.examples + examples)[: spec.malformed.show]
-            writer.add(clean)
-        writer.close()
-        yield {"summary": np.array([pickle.dumps((unit.index, stats, hist, writer.rows))],
-                                   dtype=object)}
-
-
-# --- stage 2: vocabularies ----------------------------------------------------------------------
-def _read_bucket(staging: str, log_name: str, bucket: int,
-                 columns: list[str] | None = None) -> pa.Table | None:
-    fs, inner = filesystem(_bucket_dir(staging, log_name, bucket))
-    if fs.get_file_info(inner).type == pafs.FileType.NotFound:
-        return None
-    files = sorted(f.path for f in fs.get_file_info(pafs.FileSelector(inner))
-                   if f.path.endswith(".parquet"))
-    if not files:
-        return None
-    return pa.concat_tables(pq.read_table(p, columns=columns, filesystem=fs) for p in files)
-
-
-def _vocab_task(batch: dict, *, spec: LogSpec, staging: str, valid_start: int) -> Iterator[dict]:
-    """Ray Data UDF: raw-id counts of one bucket over the training period (ts < valid_start)."""
-    sources = vocab_sources(spec)
-    for b in batch["bucket"]:
-        b = int(b)
-        logs = {}
-        for log_name in (IMPRESSIONS, BEHAVIORS):
-            cols = sorted({c for pairs in sources.values() for lg, c in pairs if lg == log_name})
-            t = _read_bucket(staging, log_name, b, ["ts"] + cols) if cols else None
-            logs[log_name] = None if t is None else t.filter(pc.less(t.column("ts"),
-                                                                     valid_start))
-        out = {}
-        for table, pairs in sources.items():
-            arrays = [logs[lg].column(c) for lg, c in pairs if logs[lg] is not None]
-            chunks = [ch for a in arrays for ch in a.chunks]
-            if not chunks:
-                continue
-            vc = pc.value_counts(pc.drop_null(pa.chunked_array(chunks, chunks[0].type)))
-            out[table] = (vc.field("values"), vc.field("counts").to_numpy().astype(np.int64))
-        yield {"summary": np.array([pickle.dumps((b, out))], dtype=object)}
-
-
-# --- stage 3: build -----------------------------------------------------------------------------
-
-
-class _SplitWriter:
-    """Writes one bucket's rows of one split as part-<bucket>-<n>.parquet files."""
-
-    def __init__(self, root: str, split: str, bucket: int, schema: Schema) -> None:
-        self.dir = f"{root}/{split}"
-        self.bucket, self.schema = bucket, schema
-        self.writer: pq.ParquetWriter | None = None
-        self.files, self.in_file, self.rows = 0, 0, 0
-
-    def write(self, columns: dict[str, np.ndarray]) -> None:
-        table = to_arrow(self.schema, columns)
-        if table.num_rows == 0:
-            return
-        check_ids(self.schema, columns, f"{self.dir} (bucket {self.bucket})", self.rows)
-        if self.writer is None or self.in_file >= ROWS_PER_FILE:
-            self.close()
-            path = f"{self.dir}/part-{self.bucket:05d}-{self.files:03d}.parquet"
-            self.writer = pq.ParquetWriter(path, table.schema)
-            self.files += 1
-            self.in_file = 0
-        self.writer.write_table(table, row_group_size=65_536)
-        self.in_file += table.num_rows
-        self.rows += table.num_rows
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-def build_bucket(spec: LogSpec, schema: Schema, encoders: dict[str, Encoder], staging: str,
-                 out_root: str, bucket: int, valid_start: int, test_start: int) -> dict:
-    """Prepared rows of one bucket, written under out_root/<split>/. Returns rows per split and
-    the bucket's training id counts (sparse: table -> (ids, counts))."""
-    rows = dict.fromkeys(SPLITS, 0)
-    result = {"bucket": bucket, "rows": rows, "counts": {}, "impressions": 0, "behaviors": 0,
-              "history": 0}
-    imp = _read_bucket(staging, IMPRESSIONS, bucket)
-    if imp is None or imp.num_rows == 0:
-        return result
-    beh = _read_bucket(staging, BEHAVIORS, bucket)
-    L = spec.max_history
-    user = imp.column("user").to_numpy()
-    ts = imp.column("ts").to_numpy()
-    label = imp.column("label").to_numpy()
-    scalars = {f.name: encoders[f.table].encode(imp.column(f.name))
-               for f in spec.features if f.group != "behavior"}
-    behaviours = spec.group("behavior")
-    if beh is None:
-        beh_user = beh_ts = np.zeros(0, np.int64)
-        beh_values = {f.name: np.zeros(0, np.int32) for f in behaviours}
-    else:
-        beh_user, beh_ts = beh.column("user").to_numpy(), beh.column("ts").to_numpy()
-    hist = History.build(user, ts, beh_user, beh_ts, L)
-    if beh is not None:
-        beh_values = {f.name: encoders[f.table].encode(beh.column(f.name))[hist.order]
-                      for f in behaviours}
-    del imp, beh
-    code = split_codes(ts, valid_start, test_start)
-    by_time = hist.imp_order  # valid/test rows in (user, time) order
-    rng = np.random.default_rng([spec.seed, bucket])
-    counts = {t: np.zeros(n, np.int64) for t, (n, _) in schema.tables.items()}
-    for s, split in enumerate(SPLITS):
-        idx = by_time[code[by_time] == s]
-        if split == "train":  # shuffled, so that every train file is a random sample
-            idx = rng.permutation(idx)
-        writer = _SplitWriter(out_root, split, bucket, schema)
-        for lo in range(0, len(idx), BUILD_CHUNK_ROWS):
-            part = idx[lo:lo + BUILD_CHUNK_ROWS]
-            cols = {schema.label: label[part], schema.user_column: user[part]}
-            cols.update({name: v[part] for name, v in scalars.items()})
-            src, real = hist.slots(part, L)
-            for f in behaviours:
-                cols[f.name] = gather_history(beh_values[f.name], src, real)
-            if split == "train":
-                for t, c in count_ids(schema, cols).items():
-                    counts[t] += c
-            writer.write(cols)
-        writer.close()
-        rows[split] = writer.rows
-    result["counts"] = {t: (np.flatnonzero(c), c[c > 0]) for t, c in counts.items()}
-    result.update(impressions=len(ts), behaviors=len(beh_user), history=int(hist.length.sum()))
-    return result
-
-
-def _build_task(batch: dict, *, spec: LogSpec, schema: dict, encoders: dict[str, Encoder],
-                staging: str, out_root: str, valid_start: int, test_start: int
-                ) -> Iterator[dict]:
-    """Ray Data UDF: build one bucket (a row of `batch`)."""
-    sch = Schema.from_dict(schema)
-    for b in batch["bucket"]:
-        res = build_bucket(spec, sch, encoders, staging, out_root, int(b), valid_start,
-                           test_start)
-        yield {"summary": np.array([pickle.dumps(res)], dtype=object)}
 
 
 # --- driver -------------------------------------------------------------------------------------
@@ -477,7 +228,7 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
     staged = {IMPRESSIONS: 0, BEHAVIORS: 0}
     items = [{"unit": json.dumps(asdict(u))} for u in units]
     kwargs = {"spec": spec, "joins": joins, "staging": staging, "buckets": buckets}
-    for index, stats, h, written in _run_stage("parse", items, _parse_task, kwargs, executor):
+    for index, stats, h, written in _run_stage("parse", items, parse_task, kwargs, executor):
         mine = per_file.setdefault(stats.path, FileStats(stats.path, stats.log,
                                                           line_numbers=stats.line_numbers))
         mine.add(stats, spec.malformed.show)
@@ -499,7 +250,7 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
     bucket_items = [{"bucket": b} for b in range(buckets)]
     if sources:
         kwargs = {"spec": spec, "staging": staging, "valid_start": valid_start}
-        for _, out in _run_stage("vocab", bucket_items, _vocab_task, kwargs,
+        for _, out in _run_stage("vocab", bucket_items, vocab_task, kwargs,
                                      executor):
             for table, (values, counts) in out.items():
                 partial[table].append(pd.Series(counts, index=values.to_pandas()))
@@ -527,7 +278,7 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
         kwargs = {"spec": spec, "schema": schema.to_dict(), "encoders": encoders,
                   "staging": staging, "out_root": str(writer.tmp), "valid_start": valid_start,
                   "test_start": test_start}
-        for res in _run_stage("build", bucket_items, _build_task, kwargs, executor):
+        for res in _run_stage("build", bucket_items, build_task, kwargs, executor):
             for split, n in res["rows"].items():
                 writer.rows[split] += n
             for t, (ids, c) in res["counts"].items():
