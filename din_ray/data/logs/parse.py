@@ -134,7 +134,7 @@ def raw_column(table: pa.Table, column: str) -> pa.Array:
 
 
 def feature_values(spec: LogSpec, f: FeatureSpec, arr: pa.Array, checks: RowChecks,
-                    stats: FileStats) -> pa.Array:
+                   stats: FileStats) -> pa.Array:
     """Raw values of a feature column -> int64 or string Arrow array, null where missing."""
     owner = spec.feature(f.aligned_with) if f.group == "behavior" else f
     if owner.bins is not None:

@@ -33,9 +33,7 @@ import json
 import logging
 import math
 import os
-import pickle
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +43,7 @@ import pyarrow.fs as pafs
 from din_ray.data import vocab_extend
 from din_ray.data.common import vocab_entries
 from din_ray.data.format import DataError, DatasetWriter, PreparedDataset, refuse_existing
+from din_ray.data.logs.executor import ray_session, run_stage
 from din_ray.data.logs.files import BEHAVIORS, IMPRESSIONS, FileStats, Unit, filesystem, plan_units
 from din_ray.data.logs.joins import load_join
 from din_ray.data.logs.parse import JoinTable, check_malformed
@@ -75,63 +74,6 @@ class LogReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _run_stage(name: str, items: list[dict], fn, kwargs: dict, executor: str = "ray"
-               ) -> Iterator:
-    """`from_items(items).map_batches(fn)`, one task per item; yields the unpickled summaries.
-    executor="local" runs the same tasks one after the other in this process (no Ray)."""
-    if executor == "local":
-        for item in items:
-            for out in fn({k: [v] for k, v in item.items()}, **kwargs):
-                for blob in out["summary"]:
-                    yield pickle.loads(blob)
-        return
-    import ray
-
-    ds = ray.data.from_items(items, override_num_blocks=max(len(items), 1))
-    out = ds.map_batches(fn, batch_size=1, batch_format="numpy", fn_kwargs=kwargs, num_cpus=1)
-    log.info("%s: %d tasks", name, len(items))
-    try:
-        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
-            for blob in batch["summary"]:
-                yield pickle.loads(blob)
-    except Exception as e:
-        user = _input_error(e)
-        if user is None:
-            raise
-        raise user from e
-
-
-def _input_error(error: BaseException) -> Exception | None:
-    """The DataError / FileNotFoundError a task raised, unwrapped from Ray's task errors, so
-    callers (and the CLI) see one clear message naming the file."""
-    stack, seen = [error], set()
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        cause = getattr(e, "cause", None)
-        if type(e) in (DataError, FileNotFoundError):
-            return type(e)(*e.args)
-        stack.extend([e.__context__, e.__cause__, cause])
-    return None
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None):
-    """Use the running Ray, else join `address` (or start a local one) and shut it down after."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address=address or None, num_cpus=num_cpus if not address else None)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrite: bool = False,
@@ -228,7 +170,7 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
     staged = {IMPRESSIONS: 0, BEHAVIORS: 0}
     items = [{"unit": json.dumps(asdict(u))} for u in units]
     kwargs = {"spec": spec, "joins": joins, "staging": staging, "buckets": buckets}
-    for index, stats, h, written in _run_stage("parse", items, parse_task, kwargs, executor):
+    for index, stats, h, written in run_stage("parse", items, parse_task, kwargs, executor):
         mine = per_file.setdefault(stats.path, FileStats(stats.path, stats.log,
                                                           line_numbers=stats.line_numbers))
         mine.add(stats, spec.malformed.show)
@@ -250,7 +192,7 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
     bucket_items = [{"bucket": b} for b in range(buckets)]
     if sources:
         kwargs = {"spec": spec, "staging": staging, "valid_start": valid_start}
-        for _, out in _run_stage("vocab", bucket_items, vocab_task, kwargs,
+        for _, out in run_stage("vocab", bucket_items, vocab_task, kwargs,
                                      executor):
             for table, (values, counts) in out.items():
                 partial[table].append(pd.Series(counts, index=values.to_pandas()))
@@ -278,7 +220,7 @@ def _prepare(spec: LogSpec, output: Path, overwrite: bool, staging: str, joins: 
         kwargs = {"spec": spec, "schema": schema.to_dict(), "encoders": encoders,
                   "staging": staging, "out_root": str(writer.tmp), "valid_start": valid_start,
                   "test_start": test_start}
-        for res in _run_stage("build", bucket_items, build_task, kwargs, executor):
+        for res in run_stage("build", bucket_items, build_task, kwargs, executor):
             for split, n in res["rows"].items():
                 writer.rows[split] += n
             for t, (ids, c) in res["counts"].items():

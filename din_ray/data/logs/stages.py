@@ -109,7 +109,7 @@ def _bucket_dir(root: str, log_name: str, bucket: int) -> str:
 
 
 def parse_task(batch: dict, *, spec: LogSpec, joins: list[JoinTable], staging: str,
-                buckets: int) -> Iterator[dict]:
+               buckets: int) -> Iterator[dict]:
     """Ray Data UDF: parse one unit (a row of `batch`), stage its rows, return its stats."""
     for text in batch["unit"]:
         unit = Unit(**json.loads(str(text)))
@@ -259,8 +259,8 @@ def build_bucket(spec: LogSpec, schema: Schema, encoders: dict[str, Encoder], st
 
 
 def build_task(batch: dict, *, spec: LogSpec, schema: dict, encoders: dict[str, Encoder],
-                staging: str, out_root: str, valid_start: int, test_start: int
-                ) -> Iterator[dict]:
+               staging: str, out_root: str, valid_start: int, test_start: int
+               ) -> Iterator[dict]:
     """Ray Data UDF: build one bucket (a row of `batch`)."""
     sch = Schema.from_dict(schema)
     for b in batch["bucket"]:
