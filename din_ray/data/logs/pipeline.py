@@ -24,6 +24,18 @@ whatever the input size. The driver only ever holds per-file statistics, a time 
 vocabularies and the side tables. Staging and output directories must be visible to every node
 (a shared filesystem on a multi-node cluster, as for training); inputs may be local or any
 pyarrow filesystem URI (s3://...).
+
+This module is the driver (`prepare_logs`); the parts live beside it in `din_ray.data.logs`:
+
+    spec      the YAML spec: logs, side tables, features, split, limits
+    files     input files, work units, streaming a unit with row/line numbers
+    parse     field decoding and row validation (errors name file, row, field, value)
+    joins     side tables, read and indexed by key once by the driver
+    split     time cutoffs (TimeHistogram) and per-row split codes
+    vocab     vocabularies, encoders and the prepared schema
+    history   which behaviours come strictly before each impression, in one bucket
+    stages    the parse, vocab and build tasks (Ray Data UDFs)
+    executor  running a stage's tasks on Ray Data or in-process
 """
 
 from __future__ import annotations
@@ -55,7 +67,6 @@ from din_ray.data.logs.vocab import Encoder, build_encoders, log_schema, merge_c
 log = logging.getLogger(__name__)
 
 
-# --- driver -------------------------------------------------------------------------------------
 @dataclass
 class LogReport:
     """What `prepare_logs` did; also stored in the manifest's params."""
