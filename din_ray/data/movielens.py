@@ -177,6 +177,16 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
             yield reader.line_num, row
 
 
+def _latin1_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its line break) of every non-blank line of a `.dat`
+    or ml-100k file, decoded as Latin-1 (these releases are not UTF-8)."""
+    with open(path, encoding="latin-1", newline="") as f:
+        for lineno, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                yield lineno, line
+
+
 def _ratings_lines(path: Path, layout: Layout) -> Iterator[tuple[int, list[str]]]:
     """(1-based line number, the four rating fields) for every non-blank data line."""
     if layout.name == "csv":
@@ -186,16 +196,12 @@ def _ratings_lines(path: Path, layout: Layout) -> Iterator[tuple[int, list[str]]
             yield lineno, [row[i] for i in cols]
         return
     sep = "::" if layout.name == "dat" else "\t"
-    with open(path, encoding="latin-1", newline="") as f:
-        for lineno, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split(sep)
-            if len(fields) != 4:
-                raise DataError(f"{path} line {lineno}: expected 4 {sep!r}-separated fields "
-                                f"(user, movie, rating, timestamp), got {len(fields)}: {line!r}")
-            yield lineno, fields
+    for lineno, line in _latin1_lines(path):
+        fields = line.split(sep)
+        if len(fields) != 4:
+            raise DataError(f"{path} line {lineno}: expected 4 {sep!r}-separated fields "
+                            f"(user, movie, rating, timestamp), got {len(fields)}: {line!r}")
+        yield lineno, fields
 
 
 def _scan_ratings(path: Path, layout: Layout) -> None:
@@ -251,29 +257,25 @@ def read_movies(path: Path, layout: Layout) -> Movies:
             add(lineno, row[id_col], _first_genre(path, lineno, row[genre_col]))
     else:
         # Titles are never used, so Latin-1 (which decodes any byte) is safe for both releases.
-        with open(path, encoding="latin-1", newline="") as f:
-            for lineno, line in enumerate(f, start=1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                if layout.name == "dat":
-                    fields = line.split("::")
-                    if len(fields) < 3:
-                        raise DataError(f"{path} line {lineno}: expected movieId::title::genres, "
-                                        f"got {line!r}")
-                    add(lineno, fields[0], _first_genre(path, lineno, fields[-1]))
-                else:
-                    fields = line.split("|")
-                    if len(fields) < 5 + len(ML100K_GENRES):
-                        raise DataError(f"{path} line {lineno}: expected {5 + len(ML100K_GENRES)}"
-                                        f" '|'-separated fields, got {len(fields)}")
-                    flags = fields[-len(ML100K_GENRES):]
-                    bad = [v for v in flags if v not in ("0", "1")]
-                    if bad:
-                        raise DataError(f"{path} line {lineno}: genre flag {bad[0]!r} is not 0/1")
-                    first = next((g for g, v in zip(ML100K_GENRES, flags, strict=True)
-                                  if v == "1"), NO_GENRE)
-                    add(lineno, fields[0], first)
+        for lineno, line in _latin1_lines(path):
+            if layout.name == "dat":
+                fields = line.split("::")
+                if len(fields) < 3:
+                    raise DataError(f"{path} line {lineno}: expected movieId::title::genres, "
+                                    f"got {line!r}")
+                add(lineno, fields[0], _first_genre(path, lineno, fields[-1]))
+            else:
+                fields = line.split("|")
+                if len(fields) < 5 + len(ML100K_GENRES):
+                    raise DataError(f"{path} line {lineno}: expected {5 + len(ML100K_GENRES)}"
+                                    f" '|'-separated fields, got {len(fields)}")
+                flags = fields[-len(ML100K_GENRES):]
+                bad = [v for v in flags if v not in ("0", "1")]
+                if bad:
+                    raise DataError(f"{path} line {lineno}: genre flag {bad[0]!r} is not 0/1")
+                first = next((g for g, v in zip(ML100K_GENRES, flags, strict=True)
+                              if v == "1"), NO_GENRE)
+                add(lineno, fields[0], first)
     if not ids:
         raise DataError(f"{path}: empty file (no data rows)")
     names = sorted(set(genres))
