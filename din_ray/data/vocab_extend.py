@@ -131,7 +131,7 @@ def decayed_counts(new: np.ndarray, old: np.ndarray | None, decay: float | None)
     return np.rint(new + decay * padded).astype(np.int64)
 
 
-def _check_decay(count_decay: float | None) -> None:
+def check_decay(count_decay: float | None) -> None:
     if count_decay is not None and not 0 <= count_decay <= 1:
         raise ValueError(f"count_decay must be in [0, 1], got {count_decay}")
 
@@ -154,7 +154,7 @@ def prepare_onto(vocab_from: str | Path, output: str | Path,
     Nothing is written at `output` unless everything succeeds (the fresh copy lives in a hidden
     sibling and is deleted either way).
     """
-    _check_decay(count_decay)
+    check_decay(count_decay)
     output = Path(output)
     refuse_existing(output, overwrite)
     previous = open_previous(vocab_from, source)

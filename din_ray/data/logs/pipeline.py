@@ -160,7 +160,7 @@ def _check_previous(spec: LogSpec, vocab_from: str | Path | None,
         if count_decay is not None:
             raise ValueError("count_decay needs vocab_from (the earlier counts)")
         return None
-    vocab_extend._check_decay(count_decay)
+    vocab_extend.check_decay(count_decay)
     previous = vocab_extend.open_previous(vocab_from, "logs")
     # Vocabulary tables get one placeholder id: only the structure is compared here.
     encoders = {t: (Encoder(t, e.type, pd.Index(["?"])) if e.index is not None else e)
