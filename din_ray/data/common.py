@@ -1,10 +1,11 @@
 """What every in-memory source (MovieLens, Amazon, synthetic) shares: the item/category schema,
-the split and history-tie options and their checks, sorting behaviours by (user, time), where a
-history ends and which positions fill its (B, L) slots, the random split by user, train file
-sizes and the vocabulary files' placeholders of the reserved ids.
+the checks of the options they all take, sorting behaviours by (user, time), where a history
+ends and which positions fill its (B, L) slots, the random split by user, train file sizes and
+the vocabulary files' placeholders of the reserved ids.
 
 Each source module (`din_ray.data.movielens`, `amazon`, `synthetic`) holds only its own format
-and protocol and takes these from here.
+and protocol and takes these from here; the log pipeline (`din_ray.data.logs`) shares the
+history slots and the vocabulary entries.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ RESERVED_RAW = ("<pad>", "<oov>")
 
 # What a history does with behaviours at the sample's own timestamp: "exclude" (strictly earlier
 # only, as the log pipeline and a live request, which cannot see what happens in the same
-# second) or "keep" (in file order, the older behaviour of this module).
+# second) or "keep" (in file order, the older behaviour of the MovieLens and Amazon sources).
 HISTORY_TIES = ("exclude", "keep")
 
 
@@ -48,15 +49,36 @@ def item_category_schema(name: str, item_vocab_size: int, cate_vocab_size: int, 
     )
 
 
-def train_rows_per_file(n_train: int) -> int:
-    """Rows per train Parquet file: at least 8 files so Ray Data can shard them evenly, none
-    tiny, none huge."""
-    return max(10_000, min(math.ceil(n_train / 8), 1_000_000))
+def check_max_history(max_history: int) -> None:
+    if max_history <= 0:
+        raise ValueError(f"max_history must be > 0, got {max_history}")
+
+
+def check_split_fracs(valid_frac: float, test_frac: float) -> None:
+    for name, v in (("valid_frac", valid_frac), ("test_frac", test_frac)):
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {v}")
+    if valid_frac + test_frac >= 1.0:
+        raise ValueError(f"valid_frac + test_frac must be < 1 to leave training data, got "
+                         f"{valid_frac} + {test_frac}")
 
 
 def check_history_ties(history_ties: str) -> None:
     if history_ties not in HISTORY_TIES:
         raise ValueError(f"history_ties must be one of {HISTORY_TIES}, got {history_ties!r}")
+
+
+def order_by_user_time(user: np.ndarray, time: np.ndarray) -> np.ndarray:
+    """(N,) positions that sort behaviours by (user, time, file line)."""
+    # lexsort is stable and its last key is the primary one; the explicit line index makes
+    # the file-order tie-break independent of that guarantee.
+    return np.lexsort((np.arange(len(user)), time, user))
+
+
+def user_runs(user: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of one user in (N,) ids sorted by user -> first position (U,), length (U,)."""
+    first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])  # (U,) run starts
+    return first, np.diff(np.r_[first, len(user)])
 
 
 def history_ends(user: np.ndarray, time: np.ndarray, history_ties: str) -> np.ndarray:
@@ -74,30 +96,6 @@ def history_ends(user: np.ndarray, time: np.ndarray, history_ties: str) -> np.nd
         return np.arange(n, dtype=np.int64)
     run = np.flatnonzero(np.r_[True, (user[1:] != user[:-1]) | (time[1:] != time[:-1])])
     return np.repeat(run, np.diff(np.r_[run, n])).astype(np.int64)
-
-
-def check_max_history(max_history: int) -> None:
-    if max_history <= 0:
-        raise ValueError(f"max_history must be > 0, got {max_history}")
-
-
-def vocab_entries(raw_ids) -> list[str]:
-    """The raw ids of dense ids 2.. as `DatasetWriter.add_vocab` takes them: the reserved ids'
-    placeholders first."""
-    return list(RESERVED_RAW) + [str(r) for r in raw_ids]
-
-
-def order_by_user_time(user: np.ndarray, time: np.ndarray) -> np.ndarray:
-    """(N,) positions that sort behaviours by (user, time, file line)."""
-    # lexsort is stable and its last key is the primary one; the explicit line index makes
-    # the file-order tie-break independent of that guarantee.
-    return np.lexsort((np.arange(len(user)), time, user))
-
-
-def user_runs(user: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Runs of one user in (N,) ids sorted by user -> first position (U,), length (U,)."""
-    first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])  # (U,) run starts
-    return first, np.diff(np.r_[first, len(user)])
 
 
 def history_slots(end: np.ndarray, length: np.ndarray,
@@ -157,10 +155,13 @@ def split_users(n_users: int, valid_frac: float, test_frac: float,
     return code
 
 
-def check_split_fracs(valid_frac: float, test_frac: float) -> None:
-    for name, v in (("valid_frac", valid_frac), ("test_frac", test_frac)):
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {v}")
-    if valid_frac + test_frac >= 1.0:
-        raise ValueError(f"valid_frac + test_frac must be < 1 to leave training data, got "
-                         f"{valid_frac} + {test_frac}")
+def train_rows_per_file(n_train: int) -> int:
+    """Rows per train Parquet file: at least 8 files so Ray Data can shard them evenly, none
+    tiny, none huge."""
+    return max(10_000, min(math.ceil(n_train / 8), 1_000_000))
+
+
+def vocab_entries(raw_ids) -> list[str]:
+    """The raw ids of dense ids 2.. as `DatasetWriter.add_vocab` takes them: the reserved ids'
+    placeholders first."""
+    return list(RESERVED_RAW) + [str(r) for r in raw_ids]
