@@ -15,6 +15,7 @@ import hashlib
 import json
 import shutil
 import socket
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -272,7 +273,7 @@ def test_config_yaml_and_cli_config_are_valid_serve_configs(tmp_path):
 
     from din_ray.cli import serve as serve_cli
 
-    raw = yaml.safe_load((app.REPO_ROOT / "serve" / "config.yaml").read_text())
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve" / "config.yaml").read_text())
     config = ServeDeploySchema.model_validate(raw)
     (din,) = config.applications
     assert din.import_path == "din_ray.cli.serve:build_app"
