@@ -273,7 +273,8 @@ def test_config_yaml_and_cli_config_are_valid_serve_configs(tmp_path):
 
     from din_ray.cli import serve as serve_cli
 
-    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve" / "config.yaml").read_text())
+    repo = Path(__file__).resolve().parents[2]
+    raw = yaml.safe_load((repo / "serve" / "config.yaml").read_text())
     config = ServeDeploySchema.model_validate(raw)
     (din,) = config.applications
     assert din.import_path == "din_ray.cli.serve:build_app"
