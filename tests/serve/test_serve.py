@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import shutil
 import socket
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from serve_helpers import (
     offline_scores,
     payloads,
     raw_items,
-    start_local_ray,
     train_tiny,
 )
 
@@ -56,10 +54,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     run = train_tiny(root, "din")
-    temp = start_local_ray(num_cpus=4)
     port = _free_port()
     args = {"checkpoint": str(run), "max_candidates": 8, "max_body_bytes": 4000,
             "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
@@ -70,8 +67,6 @@ def server(tmp_path_factory):
                "port": port}
     finally:
         serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _post(server, payload, **kw) -> requests.Response:
