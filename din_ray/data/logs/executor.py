@@ -7,7 +7,6 @@ a task reaches the caller as itself, unwrapped from Ray's task errors.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import pickle
 from collections.abc import Iterator
@@ -57,18 +56,3 @@ def _input_error(error: BaseException) -> Exception | None:
             return type(e)(*e.args)
         stack.extend([e.__context__, e.__cause__, cause])
     return None
-
-
-@contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None):
-    """Use the running Ray, else join `address` (or start a local one) and shut it down after."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address=address or None, num_cpus=num_cpus if not address else None)
-    try:
-        yield
-    finally:
-        ray.shutdown()

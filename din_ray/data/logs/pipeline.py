@@ -52,10 +52,11 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.fs as pafs
 
+from din_ray import ray_session
 from din_ray.data import vocab_extend
 from din_ray.data.common import vocab_entries
 from din_ray.data.format import DataError, DatasetWriter, PreparedDataset, refuse_existing
-from din_ray.data.logs.executor import ray_session, run_stage
+from din_ray.data.logs.executor import run_stage
 from din_ray.data.logs.files import BEHAVIORS, IMPRESSIONS, FileStats, Unit, filesystem, plan_units
 from din_ray.data.logs.joins import load_join
 from din_ray.data.logs.parse import JoinTable, check_malformed
@@ -141,7 +142,7 @@ def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrit
     log.info("%d input units (~%d rows) -> %d buckets; staging in %s", len(units), est, buckets,
              staging)
     try:
-        session = (ray_session(address, num_cpus) if executor == "ray"
+        session = (ray_session.session(address, num_cpus, dashboard=False) if executor == "ray"
                    else contextlib.nullcontext())
         with session:
             return _prepare(spec, output, overwrite, staging, joins, join_stats, units, buckets,
