@@ -296,7 +296,8 @@ class TargetAttention(nn.Module):
         Shapes: query (C, D) candidates, keys (L, D), mask (L,) bool -> pooled (C, D),
         weights (C, L). Equals `forward(query, keys, mask)` with the history repeated per
         candidate, up to float rounding (tests/train/test_speed_equivalence.py)."""
-        C, (L, D), H = len(query), keys.shape, self.first.out_features
+        C, (L, D), H = query.shape[0], keys.shape, self.first.out_features  # shape, not len():
+        # a symbolic size stays symbolic (the fake-device test's data-dependent splits)
         w_e, w_v, w_d, w_p = self.first.weight.split(self.dim, dim=1)  # each (H, D)
         rhs = keys.new_empty(D + 1, L, H)  # [M; row], each part written once, in place
         torch.addcmul((w_v - w_d).T.unsqueeze(1), keys.T.unsqueeze(-1), w_p.T.unsqueeze(1),
