@@ -16,7 +16,7 @@ Raw files (`prepare_amazon`), as the original public DIN code builds its data se
     share of users (seeded) have their last training pair moved to the validation split, so
     early stopping sees the same kind of prediction as the test. "Before" is strictly
     earlier: reviews of the same day (`unixReviewTime` is day-granular) are left out of each
-    other's histories, as in the log pipeline (`din_ray.data.logs`); `history_ties="keep"`
+    other's histories, as in the log pipeline (`din_ray.data.logs.pipeline`); `history_ties="keep"`
     (`--history-ties keep`) keeps those earlier in the file, as the original code did.
 
 Processed files (`prepare_amazon_processed`): one sample per line
