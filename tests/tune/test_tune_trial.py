@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.timeout(1200)
 
-SPACE = Path(__file__).resolve().parents[1] / "tune_spaces" / "default.yaml"
+SPACE = Path(__file__).resolve().parents[2] / "tune_spaces" / "default.yaml"
 COMPARED = ("epoch", "train_loss", "train_samples", "valid_gauc", "valid_auc", "valid_logloss",
             "test_gauc", "test_auc", "test_logloss", "new_best")
 
@@ -41,7 +41,7 @@ def test_in_process_trial_trains_as_local_and_stopped_trials_free_their_cpus(
     base = TrainConfig(data=str(data), epochs=3, patience=0, embedding_dim=4,
                        attention_hidden=(8, 4), mlp_hidden=(16, 8), batch_size=64, threads=1)
     # One trial at a time on 1 CPU: a trial ASHA stops must give its CPU back, or the search
-    # never finishes; with no dashboard (see din_ray.local_ray) nothing else releases it.
+    # never finishes; with no dashboard (see din_ray.ray_session) nothing else releases it.
     settings = TuneSettings(output=str(tmp_path / "tune"), space=str(SPACE), trials=4,
                             workers_per_trial=1, max_concurrent=1, reduction_factor=2, seed=0,
                             num_cpus=1)
