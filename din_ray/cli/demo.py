@@ -63,10 +63,7 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
           f"  ({time.perf_counter() - t:.0f}s)")
 
     # One local Ray for every step; logical CPUs oversubscribed so Ray Data always has some.
-    # No dashboard: its processes cost seconds of CPU at start, and only a search whose
-    # multi-worker trials ASHA stops needs it (din_ray.ray_session); the demo's trials have one
-    # worker each and train in their own processes (din_ray.tune.trial).
-    start_local_ray(8, log_to_driver=False, dashboard=False)
+    start_local_ray(8, log_to_driver=False)
     try:
         t = step(2, f"train DIN with {workers} Ray Train workers -> {output / 'train'}")
         cfg = TrainConfig(data=str(data), output=str(output / "train"), model="din",
