@@ -14,8 +14,9 @@ trainable runs `train.train_loop` itself through `TrialEnv`:
     layout of the Train run it replaces, keeping the latest and the best epoch (`best_index`);
     every epoch's `tune.report` carries the metrics plus `checkpoint_path`, as
     `TuneReportCallback` forwarded them from a Train run;
-  * resume: a trial restarted under the same id (a resumed search) continues from its latest
-    complete epoch, found under that directory.
+  * resume: a trial restarted under the same id (a resumed search) reports its latest complete
+    epoch again (Tune may not have saved that report before the driver died) and continues
+    from it.
 
 With no Train run there is no Train placement group for an ASHA stop to leave behind, so a search
 of 1-worker trials needs no dashboard (`din_ray.tune`).
@@ -59,14 +60,23 @@ class TrialEnv(LocalEnv):
                 == pafs.FileType.File]
 
     def latest_checkpoint(self) -> Path | None:
+        """The latest complete epoch, whose report is sent (again) before training resumes: a
+        driver killed after the checkpoint was written and before Tune saved its report would
+        otherwise leave that epoch unreported (a repeated report is dropped by ASHA and by
+        `din_ray.tune.run._record`, which keeps the last of an epoch)."""
+        from ray import tune
+
         done = self._complete()
         if not done:
             return None
         if self.local:
-            return Path(self.path) / done[-1]
-        local = Path(tempfile.mkdtemp(prefix="din-ray-resume-"))  # remote storage: download
-        pafs.copy_files(f"{self.path}/{done[-1]}", str(local), source_filesystem=self.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+            local = Path(self.path) / done[-1]
+        else:
+            local = Path(tempfile.mkdtemp(prefix="din-ray-resume-"))  # remote storage: download
+            pafs.copy_files(f"{self.path}/{done[-1]}", str(local), source_filesystem=self.fs,
+                            destination_filesystem=pafs.LocalFileSystem())
+        metrics = json.loads((local / "metrics.json").read_text())
+        tune.report({**metrics, "checkpoint_path": f"{self.run_dir}/{done[-1]}"})
         return local
 
     def report(self, metrics: dict, write_checkpoint: Callable[[Path], None]) -> None:
