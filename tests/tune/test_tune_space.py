@@ -110,7 +110,9 @@ def test_missing_and_unparsable_files(tmp_path):
 
 
 def test_concurrency_follows_cluster_cpus():
-    assert concurrent_trials(8, workers=1, cpus_per_worker=1.0) == 3
+    # 1-worker trials run in the trial's process: no read tasks, no Train controller.
+    assert concurrent_trials(8, workers=1, cpus_per_worker=1.0) == 8
+    assert concurrent_trials(8, workers=1, cpus_per_worker=3.0) == 2
     assert concurrent_trials(8, workers=2, cpus_per_worker=1.0) == 2
     assert concurrent_trials(2, workers=2, cpus_per_worker=1.0) == 1
     assert concurrent_trials(16, workers=2, cpus_per_worker=0.5) == 7
