@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "ray_overhead.json"
-SPACE = "tune_spaces/default.yaml"  # lam, lr, activation: each trial is a --local command too
+SPACE = "default"  # lam, lr, activation: each trial is a --local command too
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
 from din_ray.cli import build_parser
-from din_ray.cli.serve import load_app_module
+from din_ray.serve.settings import BatchingConfig, ServeArgs
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster.yaml"
@@ -165,12 +165,12 @@ def test_rayservice_serve_config_is_a_serve_config():
     schema = ServeDeploySchema.model_validate(config)
     assert schema.http_options.host == "0.0.0.0"  # KubeRay's Service reaches the proxies
     (app,) = schema.applications
-    assert app.import_path == "din_ray.cli.serve:build_app"
-    serve_app = load_app_module()
-    assert set(app.args) <= set(serve_app.BUILD_ARGS), sorted(app.args)
+    assert app.import_path == "din_ray.serve.app:build_app"
+    ServeArgs.model_validate(app.args)  # what Serve does with the typed builder's args
     (deployment,) = config["applications"][0]["deployments"]
-    serve_app.BatchingConfig.from_dict(deployment["user_config"])
-    assert deployment["max_ongoing_requests"] >= deployment["user_config"]["max_batch_size"]
+    batching = BatchingConfig.from_dict(deployment.get("user_config"))
+    assert deployment.get("max_ongoing_requests", ServeArgs.model_fields[
+        "max_ongoing_requests"].default) >= batching.max_batch_size
 
 
 # --- one Ray everywhere -------------------------------------------------------------------------

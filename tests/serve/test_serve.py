@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import shutil
 import socket
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -37,9 +39,14 @@ from din_ray.schema import PAD_ID
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from din_ray.cli.serve import load_app_module  # noqa: E402
-
-app = load_app_module()
+from din_ray.serve import app  # noqa: E402
+from din_ray.serve import deploy as serve_deploy  # noqa: E402
+from din_ray.serve.settings import (  # noqa: E402
+    GPU_BATCH_WAIT_S,
+    GPU_MAX_BATCH_SIZE,
+    BatchingConfig,
+    ServeArgs,
+)
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -63,7 +70,7 @@ def server(tmp_path_factory):
     args = {"checkpoint": str(run), "max_candidates": 8, "max_body_bytes": 4000,
             "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
     try:
-        app.deploy(app.app_config(args, port=port, user_config={
+        serve_deploy.deploy(serve_deploy.app_config(args, port=port, user_config={
             "max_batch_size": 64, "batch_wait_timeout_s": 0.05}))
         yield {"url": f"http://127.0.0.1:{port}", "run": run, "root": root, "args": args,
                "port": port}
@@ -165,7 +172,7 @@ def test_concurrent_requests_are_merged_into_batches(server):
 
 def test_reconfigure_changes_batch_size_without_restart(server):
     before = _stats(server)
-    app.deploy(app.app_config(server["args"], port=server["port"], user_config={
+    serve_deploy.deploy(serve_deploy.app_config(server["args"], port=server["port"], user_config={
         "max_batch_size": 8, "batch_wait_timeout_s": 0.05}))
     after = _stats(server)
     assert after["max_batch_size"] == 8 and after["batch_wait_timeout_s"] == 0.05
@@ -178,7 +185,7 @@ def test_reconfigure_changes_batch_size_without_restart(server):
     # A request larger than the batch size is still served, alone and unsplit.
     big = payloads(server["root"] / "data", 1, candidates=8)[0]
     assert len(_post(server, big).json()["scores"]) == 8
-    app.deploy(app.app_config(server["args"], port=server["port"], user_config={
+    serve_deploy.deploy(serve_deploy.app_config(server["args"], port=server["port"], user_config={
         "max_batch_size": 1, "batch_wait_timeout_s": 0.0}))
     asyncio.run(_burst(server["url"], payloads(server["root"] / "data", 8, candidates=3)))
     stats = _stats(server)
@@ -229,13 +236,13 @@ def test_ray_data_predictions_equal_in_process(server, predicted, tmp_path):
 @pytest.fixture(scope="module")
 def deepfm_url(server, predicted) -> str:
     """A second application on the running Serve instance: DeepFM under /deepfm."""
-    config = app.app_config(server["args"], port=server["port"], user_config={
+    config = serve_deploy.app_config(server["args"], port=server["port"], user_config={
         "max_batch_size": 64, "batch_wait_timeout_s": 0.05})
     din_app = config["applications"][0]
     config["applications"].append({
         **din_app, "name": "deepfm", "route_prefix": "/deepfm",
         "args": {**din_app["args"], "checkpoint": str(predicted["deepfm"][0])}})
-    app.deploy(config)
+    serve_deploy.deploy(config)
     return f"{server['url']}/deepfm"
 
 
@@ -266,19 +273,24 @@ def test_served_ctrs_equal_offline_predictions(server, predicted, deepfm_url, mo
 
 def test_config_yaml_and_cli_config_are_valid_serve_configs(tmp_path):
     import argparse
+    from importlib import import_module
 
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
     from din_ray.cli import serve as serve_cli
+    from din_ray.resources import SERVE_CONFIG, resource_path
 
-    raw = yaml.safe_load((app.REPO_ROOT / "serve" / "config.yaml").read_text())
-    config = ServeDeploySchema.model_validate(raw)
+    packaged = resource_path(SERVE_CONFIG)
+    repo_copy = Path(__file__).resolve().parents[2] / "serve" / "config.yaml"
+    assert repo_copy.read_text() == packaged.read_text(), "serve/config.yaml: copy the packaged one"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(packaged.read_text()))
     (din,) = config.applications
-    assert din.import_path == "din_ray.cli.serve:build_app"
-    assert serve_cli.build_app  # the import target exists
+    assert din.import_path == "din_ray.serve.app:build_app"
+    module, name = din.import_path.split(":")
+    assert getattr(import_module(module), name) is app.build_app
+    ServeArgs.model_validate(din.args)  # what Serve does with a typed builder's args
     (deployment,) = din.deployments
-    assert deployment.max_ongoing_requests >= deployment.user_config["max_batch_size"]
     assert deployment.autoscaling_config["max_replicas"] > 1
 
     parser = argparse.ArgumentParser()
@@ -291,18 +303,37 @@ def test_config_yaml_and_cli_config_are_valid_serve_configs(tmp_path):
     assert deployment.user_config == {"max_batch_size": 2048, "batch_wait_timeout_s": 0.005}
     assert built.http_options.host == "127.0.0.1"
     assert built.applications[0].args["max_ongoing_requests"] == 2048
+    # The CLI's defaults are ServeArgs' (one place): unset flags leave them.
+    defaults = ServeArgs(checkpoint=str(tmp_path))
+    default_args = serve_cli.serve_args(parser.parse_args(["serve", "--checkpoint",
+                                                          str(tmp_path)]), tmp_path)
+    assert default_args == defaults
 
     # --gpus-per-replica: GPUs reserved per replica and the GPU batching defaults.
     args = parser.parse_args(["serve", "--checkpoint", str(tmp_path), "--gpus-per-replica", "1"])
     gpu_app = serve_cli.app_config(args, tmp_path)["applications"][0]
     assert gpu_app["args"]["gpus_per_replica"] == 1
     assert gpu_app["deployments"][0]["user_config"] == {
-        "max_batch_size": app.GPU_MAX_BATCH_SIZE, "batch_wait_timeout_s": app.GPU_BATCH_WAIT_S}
+        "max_batch_size": GPU_MAX_BATCH_SIZE, "batch_wait_timeout_s": GPU_BATCH_WAIT_S}
     assert app._actor_options(1)["num_gpus"] == 1 and "num_gpus" not in app._actor_options(0)
-    with pytest.raises(ValueError, match="unknown build_app arguments"):
+    with pytest.raises(ValueError, match="max_batch\n  Extra inputs are not permitted"):
         app.build_app({"checkpoint": str(tmp_path), "max_batch": 3})
     with pytest.raises(ValueError, match="unknown user_config keys"):
-        app.BatchingConfig.from_dict({"max_batch_size": 8, "wait": 1})
+        BatchingConfig.from_dict({"max_batch_size": 8, "wait": 1})
+    # Strings (`serve run ... key=value`) are converted by the typed builder's model.
+    assert ServeArgs.model_validate({"checkpoint": "x", "max_batch_size": "512",
+                                     "gpus_per_replica": "1"}).batching() == BatchingConfig(
+        max_batch_size=512, batch_wait_timeout_s=GPU_BATCH_WAIT_S)
+
+
+def test_no_private_serve_api():
+    """Deploying goes through Serve's documented interfaces (REST API, serve.status)."""
+    root = Path(__file__).resolve().parents[2]
+    sources = [p for d in ("din_ray", "jobs", "benchmarks") for p in (root / d).rglob("*.py")]
+    assert len(sources) > 20
+    private = [f"{p.relative_to(root)}" for p in sources
+               if re.search(r"^\s*(from|import) ray\S*\._private", p.read_text(), re.M)]
+    assert not private, private
 
 
 def test_every_endpoint_but_healthz_needs_the_token(server):
@@ -384,6 +415,7 @@ def test_binding_beyond_loopback_needs_a_token_or_insecure(tmp_path):
                                   environ={"DIN_RAY_SERVE_TOKEN": TOKEN}) == TOKEN
     with pytest.raises(ValueError, match="token_sha256 must be"):
         app.build_app({"checkpoint": str(tmp_path), "token_sha256": "abc"})
+    assert ServeArgs(checkpoint="x", token_sha256=digest.upper()).token_sha256 == digest
 
 
 async def _stream(url: str, bodies: list[dict], stop: asyncio.Event, limit: int,
@@ -414,14 +446,15 @@ def test_swap_to_a_promoted_checkpoint_under_load_fails_no_request(server):
     new = checkpoint_version(new_run / "checkpoint")
     assert new != old
     bodies = payloads(server["root"] / "data", 16, candidates=4, seed=11)
-    config = app.app_config(server["args"], port=server["port"], user_config={
+    config = serve_deploy.app_config(server["args"], port=server["port"], user_config={
         "max_batch_size": 64, "batch_wait_timeout_s": 0.01})
 
     async def swap_during_stream() -> list[tuple[int, str | None]]:
         stop = asyncio.Event()
         stream = asyncio.create_task(_stream(server["url"], bodies, stop, limit=1500))
         await asyncio.sleep(1.0)  # requests flowing before the swap
-        await asyncio.to_thread(app.deploy, app.with_checkpoint(config, new_run))
+        await asyncio.to_thread(serve_deploy.deploy,
+                                serve_deploy.with_checkpoint(config, new_run))
         await asyncio.sleep(1.0)  # and after it
         stop.set()
         return await stream
@@ -437,5 +470,5 @@ def test_swap_to_a_promoted_checkpoint_under_load_fails_no_request(server):
     offline, _ = offline_scores(new_run / "checkpoint", bodies[0])
     np.testing.assert_allclose(_post(server, bodies[0]).json()["scores"], offline, atol=1e-5)
     # Back to the built checkpoint, as the rest of the module expects.
-    app.deploy(config)
+    serve_deploy.deploy(config)
     assert _model_info(server)["model"]["version"] == old
