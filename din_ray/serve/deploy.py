@@ -150,13 +150,14 @@ def _put_json(url: str, body: dict) -> None:
 
 
 def _ray_auth_header() -> dict[str, str]:
-    """The bearer token of a cluster with Ray's token authentication (RAY_AUTH_MODE=token),
-    found where Ray's documentation says Ray looks: $RAY_AUTH_TOKEN, the file named by
-    $RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+    """The bearer token of Ray's token authentication, found where Ray's documentation says Ray
+    looks: $RAY_AUTH_TOKEN, the file named by $RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token. Sent
+    whenever there is one (unless RAY_AUTH_MODE=disabled): Ray turns authentication on for a
+    cluster started where a token file exists, even with RAY_AUTH_MODE unset."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return {}
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     if not token:
         path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-        token = path.read_text().strip() if path.exists() else ""
+        token = path.read_text().strip() if path.is_file() else ""
     return {"Authorization": f"Bearer {token}"} if token else {}
