@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from din_ray.ray_session import connect
     from din_ray.serve.deploy import deploy
 
-    ray.init(address=address, log_to_driver=args.verbose)
+    connect(address, log_to_driver=args.verbose)
     try:
         deploy(config)
     finally:

@@ -24,6 +24,7 @@ import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
+from din_ray.ray_session import dashboard_url
 from din_ray.serve.scoring import resolve_checkpoint
 from din_ray.serve.settings import BatchingConfig, ServeArgs
 
@@ -115,26 +116,6 @@ def deploy(config: dict, timeout_s: float = 300, dashboard: str | None = None) -
         if time.monotonic() > deadline:
             raise TimeoutError(f"Serve applications not running after {timeout_s}s: {states}")
         time.sleep(0.2)
-
-
-def dashboard_url() -> str:
-    """The dashboard of the Ray cluster this process is connected to (`ray.init`'s context).
-
-    Raises:
-        RuntimeError: not connected, or the cluster runs without a dashboard (which the
-            Serve REST API is part of).
-    """
-    import ray
-
-    if not ray.is_initialized():
-        raise RuntimeError("connect to a Ray cluster first (ray.init or din_ray.ray_session)")
-    # Connected already: ray.init returns this connection's context instead of starting Ray.
-    url = ray.init(ignore_reinit_error=True).dashboard_url
-    if not url:
-        raise RuntimeError("the connected Ray cluster runs without its dashboard, which serves "
-                           "the Serve REST API; start it with the dashboard (ray.init's "
-                           "include_dashboard, `ray start --include-dashboard true`)")
-    return url if "://" in url else f"http://{url}"
 
 
 def _put_json(url: str, body: dict) -> None:

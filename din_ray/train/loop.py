@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from din_ray import checkpoint as ckpt
+from din_ray import io as atomic
 from din_ray.allocator import keep_freed_memory
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.embeddings.regularization import (
@@ -262,11 +262,8 @@ class LocalEnv(WorkerEnv):
 
     def report(self, metrics: dict, write_checkpoint: Callable[[Path], None]) -> None:
         final = self.root / f"epoch-{metrics['epoch']:04d}"
-        tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_checkpoint(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        ckpt.publish(tmp, final)
+        with atomic.staged_dir(final) as tmp:
+            write_checkpoint(tmp)
         # Retain only the latest and the best epoch (the one `summarize` names).
         keep = {final.name, best_epoch_dir(self.root)}
         for p in self.root.glob("epoch-*"):
@@ -725,16 +722,11 @@ def finalize_output(cfg: TrainConfig, result: dict, best_checkpoint: Path | None
     out.mkdir(parents=True, exist_ok=True)
     if best_checkpoint is not None:
         final = out / "checkpoint"
-        tmp = out / f".checkpoint.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(best_checkpoint, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        ckpt.publish(tmp, final)
+        with atomic.staged_dir(final) as tmp:
+            shutil.copytree(best_checkpoint, tmp, dirs_exist_ok=True)
         result = {**result, "checkpoint": str(final)}
     result = {**result, "model": cfg.model, "config": cfg.to_dict()}
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(out / "metrics.json")
+    atomic.write_json(out / "metrics.json", result)
     return out / "metrics.json"
 
 
