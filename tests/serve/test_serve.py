@@ -456,3 +456,23 @@ def test_swap_to_a_promoted_checkpoint_under_load_fails_no_request(server):
     # Back to the built checkpoint, as the rest of the module expects.
     serve_deploy.deploy(config)
     assert _model_info(server)["model"]["version"] == old
+
+
+def test_deploys_send_rays_token_where_ray_looks_for_it(tmp_path, monkeypatch):
+    """The Serve REST API of a cluster with token authentication needs Ray's token: taken from
+    $RAY_AUTH_TOKEN, else $RAY_AUTH_TOKEN_PATH's file, else ~/.ray/auth_token; none when
+    RAY_AUTH_MODE=disabled or no token exists."""
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert serve_deploy._ray_auth_header() == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
+    assert serve_deploy._ray_auth_header() == {"Authorization": "Bearer home-token"}
+    (tmp_path / "file").write_text("path-token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "file"))
+    assert serve_deploy._ray_auth_header() == {"Authorization": "Bearer path-token"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
+    assert serve_deploy._ray_auth_header() == {"Authorization": "Bearer env-token"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert serve_deploy._ray_auth_header() == {}
