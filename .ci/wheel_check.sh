@@ -14,8 +14,12 @@ PYTHON=${PYTHON:-python3}
 WORK=$(mktemp -d /tmp/din-wheel.XXXXXX)
 SERVER_PID=""
 cleanup() {
+    status=$?
     if [[ -n $SERVER_PID ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
         kill -TERM "$SERVER_PID"; wait "$SERVER_PID" || true
+    fi
+    if [[ $status -ne 0 && -f $WORK/run/serve.log ]]; then
+        echo "--- din-ray serve's log:"; tail -n 40 "$WORK/run/serve.log"
     fi
     rm -rf "$WORK"
 }
@@ -34,9 +38,10 @@ WHEEL=$(ls "$WORK"/dist/din_ray-*.whl)
 
 stamp "fresh venv: CPU torch 2.13 first (a bare torch could pull a CUDA build), then the wheel"
 "$PYTHON" -m venv "$WORK/venv"
-PIP="$WORK/venv/bin/python -m pip"
-$PIP install -q torch==2.13.0
-$PIP install -q "$WHEEL"
+# --no-compile: no byte-compiling of every installed module (torch and Ray have thousands);
+# Python compiles what it imports anyway.
+"$WORK/venv/bin/python" -m pip install -q --no-compile torch==2.13.0
+"$WORK/venv/bin/python" -m pip install -q --no-compile "$WHEEL"
 BIN=$WORK/venv/bin
 
 mkdir "$WORK/run" && cd "$WORK/run"   # outside the checkout, with no PYTHONPATH
@@ -54,7 +59,8 @@ stamp "prepare movielens (bundled)"
 stamp "train --local"
 "$BIN/din-ray" train --local --data data --output train "${TINY[@]}"
 stamp "tune with the default space"
-"$BIN/din-ray" tune --data data --output tune --trials 2 --num-cpus 2 \
+# 4 logical CPUs: both trials (a trial slot and one Train worker each) run at once.
+"$BIN/din-ray" tune --data data --output tune --trials 2 --num-cpus 4 \
     "${TINY[@]}"
 test -f tune/best.json
 
@@ -96,7 +102,7 @@ print(f"POST /v1/ctr: {len(scores)} scores from {answer['model']}")
 PY
 stamp "shut down"
 kill -TERM "$SERVER_PID"
-wait "$SERVER_PID"
+wait "$SERVER_PID"   # its exit status: 0 when SIGTERM stopped it the orderly way
 SERVER_PID=""
-grep -q "stopping" serve.log
+grep -q "^stopping" serve.log
 stamp "ok"

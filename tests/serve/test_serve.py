@@ -476,3 +476,24 @@ def test_deploys_send_rays_token_where_ray_looks_for_it(tmp_path, monkeypatch):
     assert serve_deploy._ray_auth_header() == {"Authorization": "Bearer env-token"}
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     assert serve_deploy._ray_auth_header() == {}
+
+
+def test_finding_the_dashboard_keeps_the_callers_sigterm_handler(server):
+    """`din-ray serve` stops on SIGTERM through its own handler; asking ray.init for the
+    dashboard (a Ray connected by other code) must not put back Ray's, which exits at once."""
+    import signal
+
+    from din_ray import ray_session
+
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    remembered = dict(ray_session._dashboard)
+    try:
+        ray_session._dashboard.clear()  # as if other code had connected this process
+        assert ray_session.dashboard_url().startswith("http://127.0.0.1:")
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ray_session._dashboard.update(remembered)
