@@ -17,7 +17,11 @@ Endpoints: POST /v1/ctr (request format in `din_ray.serve.request`), GET /v1/mod
 Access. Given `token_sha256` (the hex SHA-256 of an API token; `din-ray serve` derives it from
 `--token-file` or DIN_RAY_SERVE_TOKEN and requires one to bind beyond loopback), every endpoint
 but /healthz answers 401 unless the request carries `Authorization: Bearer <token>`. Only the
-digest travels in the Serve config, which `serve status` and the dashboard show.
+digest travels in the Serve config, which `serve status` and the dashboard show. A config
+deployed with `serve deploy` or KubeRay (serve/config.yaml, k8s/rayservice.yaml) cannot hold a
+secret: there `build_app` takes the token from $DIN_RAY_SERVE_TOKEN of the process that builds
+the app (k8s/rayservice.yaml sets it from a Kubernetes Secret), and `require_token: true` makes a
+build without any token fail instead of serving openly.
 
 Batching. `@serve.batch` merges concurrent requests into one forward pass. `max_batch_size`
 counts CANDIDATES, not requests (`batch_cost`): the forward pass costs what its candidates cost,
@@ -59,6 +63,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
+from din_ray.serve.access import TOKEN_ENV, access_token
 from din_ray.serve.request import ParsedRequest, RequestError, RequestLimits
 from din_ray.serve.scoring import Scores, ServedModel, resolve_checkpoint
 from din_ray.serve.settings import BatchingConfig, ServeArgs
@@ -271,19 +276,40 @@ def _actor_options(gpus: float = 0) -> dict:
     return options
 
 
+def _token_digest(args: ServeArgs) -> str | None:
+    """The hex SHA-256 of the API token: `token_sha256` if given, else that of
+    $DIN_RAY_SERVE_TOKEN in this (the app-building) process; None for an open server, which
+    `require_token` refuses."""
+    digest = args.token_sha256
+    if not digest:
+        # Loopback host: access_token only reads and length-checks the variable here; whether
+        # a token is needed is `require_token`'s call (the bound host is not known to the app).
+        token = access_token("127.0.0.1", None, insecure=False)
+        digest = hashlib.sha256(token.encode()).hexdigest() if token else None
+    if not digest and args.require_token:
+        raise ValueError(f"require_token is set but there is no API token: set ${TOKEN_ENV} "
+                         "where the app is built (k8s/rayservice.yaml: the din-ray-serve-token "
+                         "Secret) or give token_sha256")
+    return digest
+
+
 def build_app(args: ServeArgs) -> Application:
     """The CTR application for `args` (Serve's typed application builder: `serve run` and
     config deploys pass a dict, which Serve validates into `ServeArgs` first).
 
     `serve run din_ray.serve.app:build_app checkpoint=DIR [max_batch_size=N] [batch_wait_ms=MS]
     [max_candidates=N] [max_body_bytes=N] [threads=N] [max_ongoing_requests=N]
-    [num_replicas=N] [gpus_per_replica=N] [token_sha256=HEX]`: see `ServeArgs`.
+    [num_replicas=N] [gpus_per_replica=N] [token_sha256=HEX] [require_token=true]`: see
+    `ServeArgs`. Without token_sha256 the token is $DIN_RAY_SERVE_TOKEN of this (the
+    app-building) process, if set (`_token_digest`).
 
     Raises:
         CheckpointError: `args.checkpoint` is no checkpoint, train output or tune output.
+        ValueError: `require_token` without any token.
     """
     if not isinstance(args, ServeArgs):  # called from Python with a plain dict
         args = ServeArgs.model_validate(args)
+    args = args.model_copy(update={"token_sha256": _token_digest(args)})
     # Resolved here, where the command was given, so that replicas get an absolute path and a
     # wrong one fails the deploy at once instead of crash-looping replicas.
     args = args.model_copy(update={"checkpoint":

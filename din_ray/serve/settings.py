@@ -102,7 +102,8 @@ class ServeArgs(BaseModel):
                                                          "the model on its GPU")
     token_sha256: str | None = Field(
         None, description="hex SHA-256 of the API token every endpoint but /healthz requires "
-        "(none: open)")
+        "(none: that of $DIN_RAY_SERVE_TOKEN where the app is built, if set; else open)")
+    require_token: bool = Field(False, description="refuse to build an open server (no token)")
 
     @field_validator("token_sha256")
     @classmethod
