@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "ray_overhead.json"
-SPACE = "tune_spaces/default.yaml"  # lam, lr, activation: each trial is a --local command too
+SPACE = "default"  # lam, lr, activation: each trial is a --local command too
 # `din-ray ARGS` with this interpreter and the PYTHONPATH given (the console script would take
 # whichever din_ray is installed).
 RUN_CLI = "import sys; from din_ray.cli import main; sys.argv[0] = 'din-ray'; sys.exit(main())"

@@ -1,7 +1,7 @@
 """Hyperparameter search on Ray Tune: Optuna's TPE proposes, ASHA stops the laggards, and every
 trial is a distributed Ray Train run.
 
-    din-ray tune --data runs/ml --output runs/tune --space tune_spaces/default.yaml \\
+    din-ray tune --data runs/ml --output runs/tune --space default \\
         --trials 12 --workers-per-trial 1 --epochs 3
 
 How it fits together (Ray 2.60, Train V2):
@@ -77,7 +77,7 @@ class TuneSettings:
 
     Args:
         output: directory for trials.csv, best.json, best_checkpoint/, tune.png, settings.json.
-        space: search space YAML (see din_ray.tune.space).
+        space: search space: a YAML file or a packaged space's name (`load_space`).
         trials: number of configurations tried.
         workers_per_trial: Ray Train workers of each trial.
         max_concurrent: trials run at once; 0 = as many as the cluster's CPUs hold.
@@ -95,7 +95,7 @@ class TuneSettings:
     """
 
     output: str
-    space: str = "tune_spaces/default.yaml"
+    space: str = "default"  # a packaged space's name (din_ray/resources/tune_spaces) or a path
     trials: int = 12
     workers_per_trial: int = 1
     max_concurrent: int = 0

@@ -28,7 +28,8 @@ from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import MiniBatchAware
 from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model import ModelConfig, build_model
-from din_ray.serve.scoring import ParsedRequest, Scorer
+from din_ray.serve.request import ParsedRequest
+from din_ray.serve.scoring import Scorer
 from din_ray.train.loop import TrainConfig, run_local, to_torch, train_step
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
