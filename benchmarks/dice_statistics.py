@@ -33,9 +33,10 @@ import din_ray.train.loop.loop as train_module
 import torch
 
 from din_ray import checkpoint as ckpt
+from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.model.din import Dice
-from din_ray.train.loop import TrainConfig, WorkerEnv, evaluate_split, forward, run_local, to_torch
+from din_ray.train.loop import WorkerEnv, evaluate_split, forward, run_local, to_torch
 
 RESULTS = Path(__file__).parent / "results" / "dice_statistics.json"
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_module.build_model = build_and_record
     try:
-        cfg = TrainConfig(data=args.data, output=args.output, epochs=args.epochs,
+        cfg = TrainConfig.create(data=args.data, output=args.output, epochs=args.epochs,
                           model=args.model, seed=args.seed, patience=0)
         run_local(cfg)
     finally:
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     again.attach(model)
     model.train()
     with torch.no_grad():
-        batches = iter_numpy_batches(dataset.files("train"), dataset.schema, cfg.batch_size,
+        batches = iter_numpy_batches(dataset.files("train"), dataset.schema, cfg.optim.batch_size,
                                      shuffle=True, seed=1)
         for i, batch in enumerate(batches):
             if i == args.reestimate_batches:

@@ -140,7 +140,7 @@ def _ray_run(work: Path, data: PreparedDataset, sizes: Sizes, name: str, use_gpu
 
     log_file = work / f"losses-{name}.jsonl"
     log_file.unlink(missing_ok=True)
-    cfg = TrainConfig(data=str(data.root), output=str(work / f"ray-{name}"), epochs=1,
+    cfg = TrainConfig.create(data=str(data.root), output=str(work / f"ray-{name}"), epochs=1,
                       batch_size=sizes.loss_batch, patience=0, use_gpu=use_gpu,
                       run_name=f"gpu-check-{name}", cpus_per_worker=1,
                       extra={STEP_LOSSES_KEY: str(log_file)})
@@ -206,7 +206,7 @@ def run_serving(work: Path, sizes: Sizes, device: torch.device, arch: Arch) -> d
     # architecture with Dice) when that section ran; checkpoints are device-independent.
     checkpoint = work / "ray-cpu" / "checkpoint"
     if not checkpoint.exists():
-        cfg = TrainConfig(data=str(synthetic(work, sizes.loss_rows).root),
+        cfg = TrainConfig.create(data=str(synthetic(work, sizes.loss_rows).root),
                           output=str(work / "serve-model"), epochs=1, batch_size=sizes.loss_batch,
                           embedding_dim=arch.embedding_dim, attention_hidden=arch.attention_hidden,
                           mlp_hidden=arch.mlp_hidden)

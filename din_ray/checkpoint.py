@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from din_ray.config import TrainConfig
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer, row_block
 from din_ray.model.din import CTRModel, ModelConfig, TableSpec, build_model
 from din_ray.schema import Schema
@@ -258,6 +259,15 @@ class Checkpoint:
         return cls(path, manifest, Schema.load(path / "schema.json"),
                    _read_json(path / "config.json"), _read_json(path / "metrics.json"))
 
+    def train_config(self) -> TrainConfig:
+        """The training config the checkpoint was written with, read under the one rule for
+        configs on disk (din_ray.config: unknown keys fail, missing ones take today's default)."""
+        return TrainConfig.from_dict(self.config, str(self.path / "config.json"))
+
+    def model_config(self) -> ModelConfig:
+        """The model's own config, stored under its own key ("model") in config.json."""
+        return self.train_config().model
+
     def dense_state(self) -> dict:
         return _torch_load(self.path / "dense.pt")
 
@@ -318,7 +328,7 @@ def load_model(path: str | Path) -> tuple[CTRModel, EmbeddingTables, Checkpoint]
     serving and the reports load. The model is rebuilt from the model fields of the saved
     training config, so nothing here depends on `train`."""
     c = Checkpoint.open(path)
-    model = build_model(c.schema, ModelConfig.from_dict(c.config))
+    model = build_model(c.schema, c.model_config())
     model.load_state_dict(c.dense_state()["model"])
     tables = EmbeddingTables(model.table_specs())
     c.restore_tables(tables)

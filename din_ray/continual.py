@@ -213,8 +213,9 @@ class DayConfig:
 def run_day(cfg: DayConfig) -> dict:
     """Prepare, train from the champion, evaluate both, gate, promote; returns the ledger
     record (also appended to OUTPUT/ledger.jsonl)."""
+    from din_ray.config import TrainConfig
     from din_ray.data.logs.pipeline import prepare_logs
-    from din_ray.train.loop import TrainConfig, run_local
+    from din_ray.train.loop import run_local
 
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -232,9 +233,9 @@ def run_day(cfg: DayConfig) -> dict:
     init_from = "" if cfg.from_scratch or current is None else current.checkpoint
     run = output / "runs" / cfg.day
     shutil.rmtree(run, ignore_errors=True)  # a rerun of the day starts it over
-    train_cfg = TrainConfig(**{**cfg.train, "data": str(data), "output": str(run),
+    train_cfg = TrainConfig.create(**{**cfg.train, "data": str(data), "output": str(run),
                                "init_from": init_from})
-    if train_cfg.workers > 1:
+    if train_cfg.execution.workers > 1:
         from din_ray.train.distributed import run_ray
 
         run_ray(train_cfg)

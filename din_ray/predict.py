@@ -31,7 +31,7 @@ import torch
 
 from din_ray import checkpoint as ckpt
 from din_ray.data.format import SPLITS, DataError, PreparedDataset, to_numpy
-from din_ray.train.loop import BatchRegularizer, TrainConfig, forward, to_torch
+from din_ray.train.loop import BatchRegularizer, forward, to_torch
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Scorer:
         if dataset.schema.with_embedding_dim(dim) != c.schema:
             raise ValueError(f"{data}: its schema does not match the checkpoint's ({checkpoint})")
         self.schema = c.schema
-        self.regularizer = BatchRegularizer(TrainConfig.from_dict(c.config), dataset)
+        self.regularizer = BatchRegularizer(c.train_config(), dataset)
         self.device = torch.device(device)
         self.model.to(self.device)
         self.tables.to(self.device)

@@ -14,9 +14,10 @@ import torch
 from builders import write_tiny_dataset
 
 from din_ray.checkpoint import load_model
+from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset
 from din_ray.schema import OOV_ID, PAD_ID
-from din_ray.train.loop import TrainConfig, forward, run_local
+from din_ray.train.loop import forward, run_local
 
 
 def start_local_ray(num_cpus: int = 4, attempts: int = 3) -> str:
@@ -44,7 +45,7 @@ def train_tiny(root: Path, model: str = "din", name: str | None = None, **overri
     if not data.exists():
         write_tiny_dataset(data, rows=600, seed=0)
     out = root / (name or model)
-    run_local(TrainConfig(**{**dict(data=str(data), output=str(out), model=model, epochs=1,
+    run_local(TrainConfig.create(**{**dict(data=str(data), output=str(out), model=model, epochs=1,
                                     batch_size=64, embedding_dim=8, attention_hidden=(16, 8),
                                     mlp_hidden=(16, 8), threads=1, seed=1), **overrides}))
     return out

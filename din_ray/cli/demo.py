@@ -49,9 +49,9 @@ def step(n: int, text: str) -> float:
 def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
     import ray
 
+    from din_ray.config import TrainConfig
     from din_ray.ray_session import start_local_ray
     from din_ray.train.distributed import run_ray
-    from din_ray.train.loop import TrainConfig
     from din_ray.tune.run import TuneSettings, run_tune
 
     output = output.resolve()
@@ -66,7 +66,7 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
     start_local_ray(8, log_to_driver=False)
     try:
         t = step(2, f"train DIN with {workers} Ray Train workers -> {output / 'train'}")
-        cfg = TrainConfig(data=str(data), output=str(output / "train"), model="din",
+        cfg = TrainConfig.create(data=str(data), output=str(output / "train"), model="din",
                           epochs=epochs, workers=workers, cpus_per_worker=1.0, threads=1)
         result = run_ray(cfg)
         print(f"    test GAUC {result['gauc']:.4f} (best epoch {result['best_epoch']}); "
@@ -76,7 +76,7 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
         best = run_tune(TuneSettings(output=str(output / "tune"), trials=trials,
                                      space=str(Path(din_ray.__file__).parents[1] / "tune_spaces"
                                                / "default.yaml")),
-                        TrainConfig(data=str(data), output=str(output / "tune"), epochs=1,
+                        TrainConfig.create(data=str(data), output=str(output / "tune"), epochs=1,
                                     threads=1))
         metrics = {k: best.get("metrics", {}).get(k, float("nan"))
                    for k in ("valid_gauc", "test_gauc")}

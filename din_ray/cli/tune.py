@@ -11,19 +11,24 @@ import json
 import sys
 
 from din_ray.cli.train import add_train_arguments, config_from_args
+from din_ray.config import LEARNING_KNOBS, add_arguments
 from din_ray.tune.run import NoResultError, TuneSettings, run_tune, summarize_tune
+
+# What a search fixes for every trial: the learning knobs and the workers' resources (where the
+# trials' runs are stored and which cluster they join are the search's own settings).
+TRIAL_KNOBS = (*LEARNING_KNOBS, "cpus_per_worker", "use_gpu")
 
 
 def _tune(args: argparse.Namespace) -> int:
     settings = TuneSettings(
         output=args.output, space=args.space, trials=args.trials,
         workers_per_trial=args.workers_per_trial, max_concurrent=args.max_concurrent,
-        seed=args.seed, grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+        sampler_seed=args.sampler_seed, grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
         startup_trials=args.startup_trials, default_trial=not args.no_default_trial,
         storage_path=args.storage_path, name=args.name, address=args.address,
         num_cpus=args.num_cpus)
-    base = config_from_args(args, workers=args.workers_per_trial,
-                            cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu)
+    base = config_from_args(args, TRIAL_KNOBS, workers=args.workers_per_trial)
     try:
         result = (summarize_tune if args.summarize else run_tune)(settings, base)
     except NoResultError as e:
@@ -46,10 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, default=d.trials, help="configurations to try")
     p.add_argument("--workers-per-trial", type=int, default=d.workers_per_trial,
                    help="Ray Train workers of each trial")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0,
-                   help="CPUs each training worker requests")
-    p.add_argument("--use-gpu", action="store_true",
-                   help="one GPU per training worker of every trial")
+    add_arguments(p, ("cpus_per_worker", "use_gpu"))
+    p.add_argument("--sampler-seed", type=int, default=d.sampler_seed,
+                   help="seed of Optuna's sampler (--seed is every trial's training seed)")
     p.add_argument("--max-concurrent", type=int, default=d.max_concurrent,
                    help="trials at once (0 = as many as the cluster's CPUs hold)")
     p.add_argument("--grace-period", type=int, default=d.grace_period,

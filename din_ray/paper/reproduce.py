@@ -35,12 +35,13 @@ import pyarrow.parquet as pq
 import torch
 
 from din_ray import checkpoint as ckpt
+from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.embeddings.regularization import REGULARIZERS
 from din_ray.metrics import rela_impr
 from din_ray.paper import figures as plots
 from din_ray.schema import NUM_RESERVED_IDS, PAD_ID
-from din_ray.train.loop import TrainConfig, run_local, summarize, to_torch
+from din_ray.train.loop import run_local, summarize, to_torch
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def train_config(cfg: ReproduceConfig, dataset: PreparedDataset, entry: str, reg
                   patience=cfg.patience, threads=1)
     if reg == "filter":
         values["filter_top_k"] = cfg.filter_top_k or default_filter_top_k(dataset)
-    return TrainConfig(**values)
+    return TrainConfig.create(**values)
 
 
 def default_filter_top_k(dataset: PreparedDataset) -> int:
@@ -176,14 +177,12 @@ def _load_result(run_dir: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-def _same_config(done: dict, want: dict) -> bool:
-    """A finished run is reused when its recorded config agrees on every field both know
-    (fields added to TrainConfig since it ran are not held against it)."""
-    def norm(v):  # JSON turned tuples into lists
-        return list(v) if isinstance(v, tuple) else v
-
-    return all(norm(done[k]) == norm(want[k]) for k in done.keys() & want.keys()
-               if k not in ("output", "data"))
+def _same_config(done: dict, want: TrainConfig, source: str) -> bool:
+    """A finished run (its metrics.json's config, `done`) is reused when it was trained with
+    `want`, where it lives aside. The recorded config is read under the one rule for configs on
+    disk: a field added to TrainConfig since it ran takes today's default."""
+    where = {"output": want.output, "data": want.data}
+    return TrainConfig.from_dict(done, source).replace(**where) == want
 
 
 def train_all(cfg: ReproduceConfig) -> list[dict]:
@@ -197,7 +196,8 @@ def train_all(cfg: ReproduceConfig) -> list[dict]:
     todo = []
     for i, (*_, tc) in enumerate(jobs):
         done = _load_result(Path(tc.output))
-        if done is not None and _same_config(done.get("config", {}), tc.to_dict()):
+        if done is not None and _same_config(done.get("config", {}), tc,
+                                             f"{tc.output}/metrics.json [config]"):
             records[i] = done
         else:
             todo.append(i)

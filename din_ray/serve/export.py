@@ -111,7 +111,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *,
                 mapping = dict(zip(t.column("raw").to_pylist(), t.column("id").to_pylist(),
                                    strict=True))
                 (tmp / "vocab" / f"{table}.json").write_text(json.dumps(mapping))
-        info = {"model": c.config.get("model"), "checkpoint": str(checkpoint.resolve()),
+        info = {"model": c.model_config().model, "checkpoint": str(checkpoint.resolve()),
                 "version": _version(checkpoint), "torch": torch.__version__,
                 "encoded_elsewhere": sorted(hashed)}
         (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -562,7 +562,7 @@ class ServedModel:
         keep_freed_memory()  # a request's activations reuse the last one's pages
         model, tables, ckpt = load_model(path)
         parser = RequestParser(ckpt.schema, load_vocabularies(path, ckpt.schema), limits)
-        name = str(ckpt.config.get("model", type(model).__name__))
+        name = ckpt.model_config().model
         served = cls(path, ckpt, parser, Scorer(model, tables, ckpt.schema, device), name,
                      checkpoint_version(path))
         log.info("serving %s version %s from %s on %s", name, served.version, path, device)

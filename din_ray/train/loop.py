@@ -1,10 +1,10 @@
 """The training loop, written once and run by every worker.
 
 `train_loop(cfg, env)` is the per-worker function: it builds the model and its embedding tables,
-trains for `cfg.epochs` epochs with per-epoch exponential learning-rate decay, evaluates the
+trains for `cfg.optim.epochs` epochs with per-epoch exponential learning-rate decay, evaluates the
 validation and test splits after every epoch (predictions gathered from all workers, so metrics
 equal the single-process values), reports each epoch with a checkpoint, stops early when the
-validation GAUC has not improved for `cfg.patience` epochs, and resumes from the environment's
+validation GAUC has not improved for `cfg.optim.patience` epochs, and resumes from the environment's
 latest checkpoint if there is one.
 
 The environment (`WorkerEnv`) is what differs between running here in one process
@@ -24,7 +24,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -34,11 +33,10 @@ from torch import Tensor, nn
 
 from din_ray import checkpoint as ckpt
 from din_ray.allocator import keep_freed_memory
+from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.embeddings.regularization import (
     GRADIENT_REGULARIZERS,
-    REG_FORMS,
-    REGULARIZERS,
     IdDropout,
     IdFilter,
     RowPenalty,
@@ -46,148 +44,14 @@ from din_ray.embeddings.regularization import (
 )
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
 from din_ray.metrics import evaluate_predictions
-from din_ray.model.din import CTRModel, ModelConfig, Popularity, build_model
+from din_ray.model.din import CTRModel, Popularity, build_model
 from din_ray.schema import PAD_ID, Schema
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16")
 # Benchmark instrumentation: cfg.extra[STEP_LOSSES_KEY] = a file path makes rank 0 append each
 # epoch's per-step losses there as one JSON line (benchmarks/gpu_check.py compares GPU and CPU).
 STEP_LOSSES_KEY = "step_losses_file"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs; crosses the Ray boundary as `asdict(cfg)`.
-
-    Defaults: Adam at 1e-3 with 0.9 decay per epoch follows the paper's Alibaba setup (§6.1);
-    embedding 16 per table and batch 256 suit the public datasets on a CPU.
-    """
-
-    data: str
-    output: str = "runs/train"
-    # model
-    model: str = "din"
-    activation: str = "dice"
-    embedding_dim: int = 16
-    attention_hidden: tuple[int, ...] = (80, 40)
-    mlp_hidden: tuple[int, ...] = (200, 80)
-    attention_softmax: bool = False
-    pooling: str = "sum"
-    ad_bias: bool = True
-    dropout: float = 0.0
-    smoothing: float = 20.0
-    # The attention unit's activation ("" = activation); PReLU: see ModelConfig.
-    attention_activation: str = "prelu"
-    dice_momentum: float = 0.01
-    zero_logit: bool = True  # the MLP's logit layer starts at zero: the logit is the ad bias
-    # "popularity": ad bias rows start at the candidate's smoothed training click rate; "zero".
-    bias_init: str = "popularity"
-    # Evaluate (and checkpoint) the model before training as epoch 0, a candidate for the best.
-    eval_at_start: bool = False
-    # 0.01, not the reference DIN's 0.05: with PReLU in the attention unit 0.05 gained only
-    # 0.0005 validation GAUC on the planted synthetic set and cost 0.009 on ml-latest-small,
-    # whose DIN then overfits after one epoch (docs/results.md, "Defaults vs a plain DIN").
-    init_std: float = 0.01
-    # A checkpoint to start from (din_ray.train.warm_start): weights, rows and optimizer state; tables
-    # may have grown since (prepare --vocab-from). "" = a fresh start.
-    init_from: str = ""
-    # optimisation
-    reg: str = "mba"  # one of din_ray.embeddings.regularization.REGULARIZERS
-    lam: float = 0.01  # for a global batch of regularization.LAMBDA_BATCH (256) samples
-    # How the embedding optimizer applies mba/difacto/l2: "decoupled" (after the update, as
-    # AdamW; under Adam λ keeps its meaning) or "coupled" (added to the gradient, Eq. 7 as
-    # written). Identical under SGD.
-    reg_form: str = "decoupled"
-    filter_top_k: int = 0  # reg="filter": ids kept per table (the most frequent)
-    id_dropout: float = 0.5  # reg="dropout": share of a sample's ids discarded (paper: 50 %)
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    # Embedding rows: a row moves about lr per touch under Adam and rare ids are touched a few
-    # times an epoch, so tables usually need a larger rate than dense layers. 0 = same as lr.
-    sparse_lr: float = 0.0
-    lr_decay: float = 0.9
-    batch_size: int = 256  # per worker: a step's global batch is batch_size * workers
-    eval_batch_size: int = 8192
-    # False: training reads the split in file order every epoch, so runs at different worker
-    # counts can be given the same global batches (the distributed equivalence test does).
-    shuffle: bool = True
-    epochs: int = 5
-    patience: int = 2  # stop after this many epochs without a better validation GAUC; 0 = never
-    seed: int = 0
-    # execution
-    workers: int = 1
-    threads: int = 0  # torch intra-op threads per worker; 0 keeps torch's default
-    # distributed (Ray Train; see din_ray.train.distributed)
-    storage_path: str = ""  # Ray Train storage: local dir or s3:// / gs:// URI; "" = OUTPUT/ray
-    run_name: str = "train"  # same storage_path + run_name resumes the run
-    address: str = ""  # Ray cluster to join; "" = $RAY_ADDRESS, else start a local Ray
-    max_failures: int = 1  # worker-group restarts (from the latest checkpoint) before giving up
-    use_gpu: bool = False  # one GPU per worker, NCCL for the embedding exchanges
-    device: str = ""  # run_local only: a torch device ("cuda:0"); "" = the CPU
-    # "bf16": the dense part (attention unit, MLP) under bf16 autocast; weights, optimizer state
-    # and embedding rows stay fp32. "fp32": everything fp32 (TF32 matmuls on CUDA either way).
-    precision: str = "fp32"
-    # Oversubscribed on small machines on purpose: Ray Data needs CPUs of its own to read.
-    cpus_per_worker: float = 1.0
-    replicate_below: int = 1024  # tables with fewer rows are replicated, larger ones row-sharded
-    # Splits whose Parquet files total less are read once by the driver into Ray's object store
-    # and sliced there by every worker, epoch (and Tune trial): a Ray Data pass costs seconds of
-    # start-up before its first batch. Larger splits stream through Ray Data (0 = always).
-    cache_below_mb: float = 256.0
-    extra: dict = field(default_factory=dict)  # free-form, recorded in the checkpoint
-
-    def __post_init__(self) -> None:
-        checks = {"epochs": self.epochs >= 1, "batch_size": self.batch_size >= 1,
-                  "eval_batch_size": self.eval_batch_size >= 1, "lr": self.lr > 0,
-                  "sparse_lr": self.sparse_lr >= 0,
-                  "lr_decay": 0 < self.lr_decay <= 1, "workers": self.workers >= 1,
-                  "embedding_dim": self.embedding_dim >= 1, "lam": self.lam >= 0,
-                  "patience": self.patience >= 0, "filter_top_k": self.filter_top_k >= 0,
-                  "id_dropout": 0 <= self.id_dropout < 1,
-                  "max_failures": self.max_failures >= -1,
-                  "cpus_per_worker": self.cpus_per_worker > 0,
-                  "replicate_below": self.replicate_below >= 0,
-                  "cache_below_mb": self.cache_below_mb >= 0}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.device and self.use_gpu:
-            raise ValueError(f"device={self.device!r} is for local runs; with use_gpu Ray "
-                             "places each worker on its own GPU")
-        if self.device:
-            torch.device(self.device)  # raises on a malformed name, e.g. "gpu"
-        if self.bias_init not in ("popularity", "zero"):
-            raise ValueError(f"bias_init must be 'popularity' or 'zero', got {self.bias_init!r}")
-        if self.reg not in REGULARIZERS:
-            raise ValueError(f"reg must be one of {REGULARIZERS}, got {self.reg!r}")
-        if self.reg_form not in REG_FORMS:
-            raise ValueError(f"reg_form must be one of {REG_FORMS}, got {self.reg_form!r}")
-        if self.reg == "filter" and self.filter_top_k < 1:
-            raise ValueError("reg='filter' needs filter_top_k >= 1 (ids kept per table), got "
-                             f"{self.filter_top_k}")
-        self.model_config()  # validates model fields
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig.from_dict(asdict(self))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, raw: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown training config keys {unknown}; known: {sorted(known)}")
-        raw = dict(raw)
-        for key in ("attention_hidden", "mlp_hidden"):
-            if key in raw:
-                raw[key] = tuple(raw[key])
-        return cls(**raw)
 
 
 # --- worker environment -------------------------------------------------------------------------
@@ -205,7 +69,8 @@ class WorkerEnv:
         raise NotImplementedError
 
     def make_tables(self, model: CTRModel, cfg: TrainConfig) -> EmbeddingTables:
-        tables = EmbeddingTables(model.table_specs(), seed=cfg.seed, init_std=cfg.init_std)
+        tables = EmbeddingTables(model.table_specs(), seed=cfg.optim.seed,
+                                 init_std=cfg.optim.init_std)
         return tables.to(self.device)
 
     def wrap_dense(self, model: nn.Module) -> nn.Module:
@@ -245,16 +110,16 @@ class LocalEnv(WorkerEnv):
     def __init__(self, cfg: TrainConfig, dataset: PreparedDataset) -> None:
         self.cfg, self.dataset = cfg, dataset
         self.root = Path(cfg.output) / "checkpoints"
-        self.device = torch.device(cfg.device or "cpu")
+        self.device = torch.device(cfg.execution.device or "cpu")
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         return iter_numpy_batches(self.dataset.files("train"), self.dataset.schema,
-                                  self.cfg.batch_size, shuffle=self.cfg.shuffle,
-                                  seed=self.cfg.seed * 10_007 + epoch)
+                                  self.cfg.optim.batch_size, shuffle=self.cfg.optim.shuffle,
+                                  seed=self.cfg.optim.seed * 10_007 + epoch)
 
     def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
         return iter_numpy_batches(self.dataset.files(split), self.dataset.schema,
-                                  self.cfg.eval_batch_size)
+                                  self.cfg.optim.eval_batch_size)
 
     def latest_checkpoint(self) -> Path | None:
         done = sorted(p for p in self.root.glob("epoch-*") if (p / ckpt.MANIFEST).exists())
@@ -367,7 +232,8 @@ def evaluate_split(model, tables, batches, schema, env, split: str = "",
 
 
 class BatchRegularizer:
-    """The data-level regularizers of `cfg.reg` applied to batches as they are loaded.
+    """The data-level regularizers of `cfg.regularization.reg` applied to batches as they are
+    loaded.
 
     `filter` remaps ids in every split (training and evaluation see the same ids); `dropout`
     discards ids of training batches only, from a generator seeded by (seed, epoch, rank) so a
@@ -377,13 +243,14 @@ class BatchRegularizer:
     def __init__(self, cfg: TrainConfig, dataset: PreparedDataset, rank: int = 0) -> None:
         self.cfg, self.rank = cfg, rank
         schema = dataset.schema
-        self.filter = (IdFilter(schema, dataset.counts(), cfg.filter_top_k)
-                       if cfg.reg == "filter" else None)
-        self.dropout = IdDropout(schema, cfg.id_dropout) if cfg.reg == "dropout" else None
+        self.filter = (IdFilter(schema, dataset.counts(), cfg.regularization.filter_top_k)
+                       if cfg.regularization.reg == "filter" else None)
+        self.dropout = (IdDropout(schema, cfg.regularization.id_dropout)
+                        if cfg.regularization.reg == "dropout" else None)
 
     def train(self, batches: Iterator[dict[str, np.ndarray]], epoch: int
               ) -> Iterator[dict[str, np.ndarray]]:
-        rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])
+        rng = np.random.default_rng([self.cfg.optim.seed, epoch, self.rank])
         for batch in batches:
             if self.filter is not None:
                 batch = self.filter(batch)
@@ -477,59 +344,61 @@ def bias_prior(model: CTRModel, env: WorkerEnv, cfg: TrainConfig) -> dict[str, T
     name = f"{candidate.table}.bias"
     if name not in model.table_specs():
         return {}
-    logits, _, _ = candidate_popularity(candidate, model.schema.label, env, cfg.smoothing)
+    logits, _, _ = candidate_popularity(candidate, model.schema.label, env, cfg.model.smoothing)
     return {name: logits.float()}
 
 
 def embedding_regularizer(cfg: TrainConfig, model: CTRModel, dataset: PreparedDataset,
                           env: WorkerEnv, data_reg: BatchRegularizer,
                           centers: dict[str, Tensor]) -> RowPenalty | None:
-    """The gradient regularizer of `cfg.reg` for this run (None when there is none).
+    """The gradient regularizer of `cfg.regularization.reg` for this run (None when there is none).
 
     n_j per table: the prepared `counts.npz` for the feature tables, counted from the training
     split (summed over workers) for the others: bias and first-order tables (n_j = samples
     whose lookups of that table hold j, e.g. whose candidate is j), hashed crosses. λ is scaled
-    for the global batch, `cfg.batch_size` × workers (`din_ray.embeddings.regularization.LAMBDA_BATCH`).
+    for the global batch, `cfg.optim.batch_size` × workers
+    (`din_ray.embeddings.regularization.LAMBDA_BATCH`).
     """
-    if cfg.reg not in GRADIENT_REGULARIZERS or cfg.lam == 0:
+    if cfg.regularization.reg not in GRADIENT_REGULARIZERS or cfg.regularization.lam == 0:
         return None
     counts = dataset.counts()
     missing = tables_without_counts(model, counts)
-    if cfg.reg in ("mba", "difacto") and missing:
+    if cfg.regularization.reg in ("mba", "difacto") and missing:
         local = table_counts(model, missing, data_reg.eval(env.train_batches(0)))
         counts = {**counts, **{t: env.all_reduce_sum(torch.from_numpy(c)).numpy()
                                for t, c in local.items()}}
-    global_batch = cfg.batch_size * env.world_size
+    global_batch = cfg.optim.batch_size * env.world_size
     steps_per_epoch = math.ceil(dataset.num_rows("train") / global_batch)
-    return build_regularizer(cfg.reg, cfg.lam, counts, max(steps_per_epoch, 1),
+    return build_regularizer(cfg.regularization.reg, cfg.regularization.lam, counts,
+                             max(steps_per_epoch, 1),
                              global_batch=global_batch, centers=centers)
 
 
 def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
     """Train on this worker; returns the final metrics (identical on every worker)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.execution.threads:
+        torch.set_num_threads(cfg.execution.threads)
     keep_freed_memory()  # each step's activations reuse the last step's pages
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.optim.seed)
     if env.device.type == "cuda":
         enable_tf32()
     dataset = PreparedDataset.open(cfg.data)
-    schema = dataset.schema.with_embedding_dim(cfg.embedding_dim)
-    model = build_model(schema, cfg.model_config()).to(env.device)
+    schema = cfg.training_schema(dataset.schema)
+    model = build_model(schema, cfg.model).to(env.device)
     tables = env.make_tables(model, cfg)
     counting = isinstance(model, Popularity)
     params = [p for p in model.parameters() if p.requires_grad]
     dense_opt = None
     if params:
-        dense_opt = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
-                     else torch.optim.SGD(params, lr=cfg.lr))
-    sparse_opt = RowWiseOptimizer(tables, cfg.optimizer, lr=cfg.sparse_lr or cfg.lr,
-                                  reg_form=cfg.reg_form)
+        dense_opt = (torch.optim.Adam(params, lr=cfg.optim.lr) if cfg.optim.optimizer == "adam"
+                     else torch.optim.SGD(params, lr=cfg.optim.lr))
+    sparse_opt = RowWiseOptimizer(tables, cfg.optim.optimizer, lr=cfg.optim.sparse_rate(),
+                                  reg_form=cfg.regularization.reg_form)
     data_reg = BatchRegularizer(cfg, dataset, env.rank)
     resume = env.latest_checkpoint()
-    regularized = cfg.reg in GRADIENT_REGULARIZERS and cfg.lam > 0
+    regularized = cfg.regularization.reg in GRADIENT_REGULARIZERS and cfg.regularization.lam > 0
     prior = {}
-    if cfg.bias_init == "popularity" and not counting and (resume is None or regularized):
+    if cfg.optim.bias_init == "popularity" and not counting and (resume is None or regularized):
         prior = bias_prior(model, env, cfg)  # the warm start, and the penalty's centre
     regularizer = embedding_regularizer(cfg, model, dataset, env, data_reg, prior)
     if regularizer is not None:
@@ -548,7 +417,7 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
             from din_ray.train.warm_start import init_from_checkpoint
 
             init_from_checkpoint(cfg.init_from, model, tables, dense_opt, sparse_opt,
-                                 cfg.model_config(), schema)
+                                 cfg.model, schema)
 
     def write_checkpoint(directory: Path, metrics: dict) -> None:
         digests = ckpt.gather_shard_digests(ckpt.write_worker_files(directory, tables, sparse_opt),
@@ -578,7 +447,7 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
                    "data_wait_seconds": data_seconds}
         for split in ("valid", "test"):
             for k, v in evaluate_split(model, tables, data_reg.eval(env.eval_batches(split)),
-                                       schema, env, split, cfg.precision).items():
+                                       schema, env, split, cfg.execution.precision).items():
                 metrics[f"{split}_{k}"] = v
         # 1 when this epoch is now the best (`best_index`), else 0: among the 1s the latest is
         # the current best, which is how Ray's checkpoint retention breaks ties (later wins).
@@ -590,18 +459,18 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
                      metrics["valid_gauc"], metrics["test_gauc"], metrics["samples_per_s"])
         env.report(metrics, lambda d, m=metrics: write_checkpoint(d, m))
 
-    if cfg.eval_at_start and not history and not counting:
+    if cfg.optim.eval_at_start and not history and not counting:
         # "Epoch 0": the model before any update (with bias_init="popularity" it ranks exactly
         # as the popularity baseline), so validation-based selection keeps it when training
         # does not improve on it.
         close_epoch(0, 0.0, None, 0.0, 0)
     bad_epochs = _epochs_since_best(history)
-    epochs = 1 if counting else cfg.epochs
+    epochs = 1 if counting else cfg.optim.epochs
     for epoch in range(start_epoch, epochs):
-        if cfg.patience and bad_epochs >= cfg.patience:
+        if cfg.optim.patience and bad_epochs >= cfg.optim.patience:
             break
-        lr = cfg.lr * cfg.lr_decay ** epoch
-        sparse_opt.lr = (cfg.sparse_lr or cfg.lr) * cfg.lr_decay ** epoch
+        lr = cfg.optim.lr * cfg.optim.lr_decay ** epoch
+        sparse_opt.lr = (cfg.optim.sparse_lr or cfg.optim.lr) * cfg.optim.lr_decay ** epoch
         if dense_opt:
             for group in dense_opt.param_groups:
                 group["lr"] = lr
@@ -629,7 +498,7 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
     # .item() would make the host wait for every step to finish.
     total_loss = torch.zeros((), dtype=torch.float64, device=env.device)
     seen, steps = 0, 0
-    expected = max(1, dataset.num_rows("train") // max(cfg.batch_size * env.world_size, 1))
+    expected = max(1, dataset.num_rows("train") // max(cfg.optim.batch_size * env.world_size, 1))
     t0 = time.perf_counter()
     batches = iter(data_reg.train(env.train_batches(epoch), epoch))
     waited = 0.0
@@ -642,7 +511,7 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
             break
         t = to_torch(batch, env.device)
         loss = train_step(dense_model, tables, t, dataset.schema.label, dense_opt, sparse_opt,
-                          regularizer, cfg.precision, f"train split, epoch {epoch + 1}")
+                          regularizer, cfg.execution.precision, f"train split, epoch {epoch + 1}")
         n = len(batch[dataset.schema.label])
         total_loss += loss.detach().double() * n
         if step_losses is not None:
@@ -731,7 +600,7 @@ def finalize_output(cfg: TrainConfig, result: dict, best_checkpoint: Path | None
         shutil.rmtree(final, ignore_errors=True)
         ckpt.publish(tmp, final)
         result = {**result, "checkpoint": str(final)}
-    result = {**result, "model": cfg.model, "config": cfg.to_dict()}
+    result = {**result, "model": cfg.model.model, "config": cfg.to_dict()}
     tmp = out / ".metrics.json.tmp"
     tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
     tmp.replace(out / "metrics.json")
@@ -756,7 +625,7 @@ def evaluate_checkpoint(path: str | Path, data: str | Path, batch_size: int = 81
         raise ValueError(f"{data}: its schema does not match the checkpoint's ({path})")
     out = {}
     # A filter run is evaluated on the same filtered ids it was trained and validated on.
-    data_reg = BatchRegularizer(TrainConfig.from_dict(c.config), dataset)
+    data_reg = BatchRegularizer(c.train_config(), dataset)
     for split in ("valid", "test"):
         batches = data_reg.eval(iter_numpy_batches(dataset.files(split), dataset.schema,
                                                    batch_size))

@@ -37,7 +37,7 @@ def check_architecture(c: Checkpoint, schema: Schema, model_config: ModelConfig,
     """Raise CheckpointError naming everything that keeps `c` from initialising this model:
     model fields, schema structure, table widths, tables larger than the new vocabulary."""
     diffs = []
-    saved = asdict(ModelConfig.from_dict(c.config))
+    saved = asdict(c.model_config())
     for key, value in asdict(model_config).items():
         if key not in TRAINING_ONLY and saved.get(key) != value:
             diffs.append(f"model {key}: {saved.get(key)!r} in the checkpoint, {value!r} now")

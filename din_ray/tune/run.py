@@ -37,15 +37,15 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from din_ray import checkpoint as ckpt
+from din_ray.config import TrainConfig
 from din_ray.ray_session import connect
-from din_ray.train.loop import TrainConfig
 from din_ray.tune.space import SearchSpace, load_space
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class TuneSettings:
         trials: number of configurations tried.
         workers_per_trial: Ray Train workers of each trial.
         max_concurrent: trials run at once; 0 = as many as the cluster's CPUs hold.
-        seed: seed of Optuna's TPE sampler (trainings use the TrainConfig's seed).
+        sampler_seed: seed of Optuna's TPE sampler (trainings use the TrainConfig's seed).
         grace_period: epochs every trial runs before ASHA may stop it.
         reduction_factor: ASHA's η; a trial continues past a rung only in the top 1/η there.
         startup_trials: TPE's random trials before it models the results; 0 = a third of
@@ -91,7 +91,7 @@ class TuneSettings:
     trials: int = 12
     workers_per_trial: int = 1
     max_concurrent: int = 0
-    seed: int = 0
+    sampler_seed: int = 0
     grace_period: int = 1
     reduction_factor: int = 3
     startup_trials: int = 0
@@ -135,9 +135,9 @@ def _trial(config: dict, base: dict, runs_storage: str, in_memory_splits: dict) 
     from din_ray.train.distributed import build_trainer, check_config
 
     trial_id = tune.get_context().get_trial_id()
-    values = {**base, **{k: _plain(v) for k, v in config.items()},
-              "storage_path": runs_storage, "run_name": f"trial-{trial_id}"}
-    cfg = TrainConfig.from_dict(values)
+    cfg = TrainConfig.from_dict(base, "the search's base config").replace(
+        **{k: _plain(v) for k, v in config.items()}, storage_path=runs_storage,
+        run_name=f"trial-{trial_id}")
     dataset = check_config(cfg)
     # A failed trial is reported by Tune as errored; the TrainingFailedError names the cause.
     build_trainer(cfg, dataset, callbacks=[TuneReportCallback()],
@@ -166,10 +166,11 @@ def _check_resume(path: Path, record: dict) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text())
-    defaults = json.loads(json.dumps(TrainConfig(data="").to_dict()))
-    old_train = {**{k: v for k, v in defaults.items() if k not in old.get("train", {})},
-                 **old.get("train", {})}
-    old = {**old, "train": old_train}
+    if "seed" in old:  # recorded before the sampler's seed had a name of its own
+        old["sampler_seed"] = old.pop("seed")
+    # The one rule for configs read back: an unknown key fails, a missing one is today's default.
+    old_train = TrainConfig.from_dict(old.get("train", {}), f"{path} [train]")
+    old = {**old, "train": json.loads(json.dumps(old_train.to_dict()))}
     for key in sorted(set(old) | set(record)):
         if old.get(key) != record.get(key):
             if isinstance(old.get(key), dict) and isinstance(record.get(key), dict):
@@ -182,7 +183,7 @@ def _check_resume(path: Path, record: dict) -> None:
 
 
 def _connect(settings: TuneSettings, base: TrainConfig, max_concurrent: int) -> bool:
-    per_trial = settings.workers_per_trial * base.cpus_per_worker + READ_CPUS
+    per_trial = settings.workers_per_trial * base.execution.cpus_per_worker + READ_CPUS
     return connect(settings.address,
                    settings.num_cpus or max(4, math.ceil(per_trial * max(max_concurrent, 1))))
 
@@ -210,7 +211,7 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
         check_gpus(base)
         max_concurrent = settings.max_concurrent or concurrent_trials(
             ray.cluster_resources().get("CPU", 1.0), settings.workers_per_trial,
-            base.cpus_per_worker)
+            base.execution.cpus_per_worker)
         storage = settings.storage()
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=base.to_dict(),
@@ -266,8 +267,8 @@ def _error_line(trial) -> str | None:
 def _prepare(settings: TuneSettings, base: TrainConfig) -> tuple[SearchSpace, TrainConfig, Path]:
     space = load_space(settings.space)
     out = Path(settings.output).resolve()
-    base = replace(base, data=str(Path(base.data).resolve()), output=str(out),
-                   workers=settings.workers_per_trial)
+    base = base.replace(data=str(Path(base.data).resolve()), output=str(out),
+                        workers=settings.workers_per_trial)
     out.mkdir(parents=True, exist_ok=True)
     return space, base, out
 
@@ -279,10 +280,10 @@ def _new_tuner(settings, space, base, trainable, storage, max_concurrent, sample
     startup = settings.startup_trials or max(2, settings.trials // 3)
     defaults = default_point(space, base) if settings.default_trial else None
     searcher = searcher_cls(
-        sampler=sampler_cls(seed=settings.seed, n_startup_trials=startup),
+        sampler=sampler_cls(seed=settings.sampler_seed, n_startup_trials=startup),
         points_to_evaluate=[defaults] if defaults else None)
-    scheduler = scheduler_cls(time_attr="epoch", max_t=base.epochs,
-                              grace_period=min(settings.grace_period, base.epochs),
+    scheduler = scheduler_cls(time_attr="epoch", max_t=base.optim.epochs,
+                              grace_period=min(settings.grace_period, base.optim.epochs),
                               reduction_factor=settings.reduction_factor)
     return tune.Tuner(
         trainable, param_space=space.to_tune(),
@@ -296,7 +297,7 @@ def default_point(space: SearchSpace, base: TrainConfig) -> dict | None:
     """The fixed config's values of the searched parameters, if all lie in the space."""
     point = {}
     for name, p in space.params.items():
-        value = getattr(base, name)
+        value = base.get(name)
         inside = (value in p.args if p.distribution == "choice"
                   else p.args[0] <= value <= p.args[1])
         if not inside:
@@ -337,9 +338,9 @@ def _record(trial_id: str, config: dict, df: pd.DataFrame | None, error: str | N
         record["status"] = "unfinished"  # only when summarizing a search still under way
     elif not rows:
         record["status"] = "not-run"
-    elif int(rows[-1]["epoch"]) >= base.epochs:
+    elif int(rows[-1]["epoch"]) >= base.optim.epochs:
         record["status"] = "completed"
-    elif base.patience and _since_best(rows) >= base.patience:
+    elif base.optim.patience and _since_best(rows) >= base.optim.patience:
         record["status"] = "patience-stopped"  # the training loop's own early stop
     else:
         record["status"] = "early-stopped"  # ASHA stopped it at a rung
@@ -393,7 +394,7 @@ def write_outputs(out: Path, space: SearchSpace, base: TrainConfig, records: lis
             "metrics": {k: _plain(best_row[k]) for k in metric_keys},
             "status": best_record["status"],
             "checkpoint": str(checkpoint), "ray_checkpoint": best_row.get("checkpoint_path"),
-            "train_config": {**base.to_dict(), **best_record["config"]},
+            "train_config": base.replace(**best_record["config"]).to_dict(),
             "statuses": {s: sum(r["status"] == s for r in records) for s in STATUSES}}
     _write_json(out / "best.json", best)
     paths["best"] = str(out / "best.json")

@@ -17,9 +17,10 @@ from din_ray.checkpoint import (
     write_worker_files,
 )
 from din_ray.cli import main as cli_main
+from din_ray.config import TrainConfig
 from din_ray.data.format import DataError
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.train.loop import TrainConfig, evaluate_checkpoint, run_local
+from din_ray.train.loop import evaluate_checkpoint, run_local
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,20 @@ def data(tmp_path_factory):
 def config(data, out, **kw):
     base = dict(data=str(data), output=str(out), epochs=2, batch_size=64, embedding_dim=4,
                 attention_hidden=(8, 4), mlp_hidden=(16, 8), patience=0)
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.create(**{**base, **kw})
+
+
+@pytest.mark.parametrize("train_dim, expected", [(0, 6), (3, 3)])
+def test_embedding_width_defaults_to_the_prepared_datas(tmp_path, train_dim, expected):
+    """`prepare --embedding-dim` is what training uses unless training names its own width."""
+    prepared = write_tiny_dataset(tmp_path / "data", rows=200, dim=6)
+    cfg = TrainConfig.create(data=str(prepared), output=str(tmp_path / "run"), epochs=1,
+                             attention_hidden=(4,), mlp_hidden=(4,), embedding_dim=train_dim)
+    assert TrainConfig().embedding_dim == 0  # the default: the prepared data's width
+    run_local(cfg)
+    c = Checkpoint.open(tmp_path / "run" / "checkpoint")
+    assert c.table_specs()["item_id"].dim == c.table_specs()["cate_id"].dim == expected
+    assert c.schema.features[0].embedding_dim == expected
 
 
 @pytest.mark.parametrize("model", ["din", "base", "popularity"])
@@ -111,7 +125,7 @@ def test_incomplete_checkpoint_and_bad_inputs_fail_clearly(data, tmp_path):
     with pytest.raises(ValueError, match="unknown training config keys"):
         TrainConfig.from_dict({"data": "x", "learning_rate": 1})
     with pytest.raises(ValueError, match="epochs"):
-        TrainConfig(data="x", epochs=0)
+        TrainConfig.create(data="x", epochs=0)
 
 
 def test_missing_truncated_or_corrupted_checkpoint_files_fail_at_load_naming_the_file(

@@ -22,10 +22,11 @@ import torch
 from builders import write_tiny_dataset
 
 from din_ray.checkpoint import load_model
+from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.ray_session import start_local_ray
 from din_ray.serve.scoring import resolve_checkpoint
-from din_ray.train.loop import TrainConfig, forward, run_local, to_torch
+from din_ray.train.loop import forward, run_local, to_torch
 from din_ray.tune.run import TuneSettings, run_tune, write_outputs
 from din_ray.tune.space import load_space
 
@@ -53,7 +54,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def small_config(data: Path) -> TrainConfig:
-    return TrainConfig(data=str(data), epochs=3, patience=0, embedding_dim=4,
+    return TrainConfig.create(data=str(data), epochs=3, patience=0, embedding_dim=4,
                        attention_hidden=(8, 4), mlp_hidden=(16, 8), batch_size=64, threads=1)
 
 
@@ -95,8 +96,8 @@ def test_search_stops_trials_early_and_hands_over_a_loadable_best(cluster, data,
 
     # The best checkpoint loads, carries the winning config and predicts.
     model, tables, c = load_model(best["checkpoint"])
-    assert c.config["lam"] == best["config"]["lam"]
-    assert c.config["activation"] == best["config"]["activation"]
+    assert c.train_config().regularization.lam == best["config"]["lam"]
+    assert c.model_config().activation == best["config"]["activation"]
     assert c.metrics["epoch"] == best["metrics"]["epoch"]
     dataset = PreparedDataset.open(data)
     batch = next(iter_numpy_batches(dataset.files("test"), dataset.schema, 32))
@@ -117,7 +118,7 @@ def test_search_stops_trials_early_and_hands_over_a_loadable_best(cluster, data,
     with pytest.raises(ValueError, match="trials differs"):
         run_tune(replace(settings, trials=5), small_config(data))
     with pytest.raises(ValueError, match=r"train\.lr_decay differs"):
-        run_tune(settings, replace(small_config(data), lr_decay=0.5))
+        run_tune(settings, small_config(data).replace(lr_decay=0.5))
 
 
 def test_two_worker_trials_run_one_after_another(cluster, data, tmp_path):
@@ -125,7 +126,7 @@ def test_two_worker_trials_run_one_after_another(cluster, data, tmp_path):
     # stops it) before the next can start, or this search never finishes.
     settings = TuneSettings(output=str(tmp_path / "tune2"), space=str(SPACE), trials=2,
                             workers_per_trial=2, max_concurrent=1, reduction_factor=2, seed=1)
-    cfg = replace(small_config(data), epochs=2, cpus_per_worker=0.5)
+    cfg = small_config(data).replace(epochs=2, cpus_per_worker=0.5)
     result = run_tune(settings, cfg)
     trials = pd.read_csv(Path(settings.output) / "trials.csv")
     assert len(trials) == 2
@@ -137,7 +138,7 @@ def test_two_worker_trials_run_one_after_another(cluster, data, tmp_path):
 
 def test_outputs_rank_trials_and_copy_the_best_epoch(data, tmp_path):
     # Trial records as `run_tune` builds them from Tune's results, around a real checkpoint.
-    trained = run_local(replace(small_config(data), epochs=1, output=str(tmp_path / "run")))
+    trained = run_local(small_config(data).replace(epochs=1, output=str(tmp_path / "run")))
     ckpt_dir = str(tmp_path / "run" / "checkpoint")
     epoch = {k: v for k, v in trained["history"][0].items()}
 
@@ -156,7 +157,7 @@ def test_outputs_rank_trials_and_copy_the_best_epoch(data, tmp_path):
     ]
     out = tmp_path / "tune"
     out.mkdir()
-    cfg = replace(small_config(data), epochs=3)
+    cfg = small_config(data).replace(epochs=3)
     best = write_outputs(out, load_space(SPACE), cfg, records)
 
     assert best["trial_id"] == "a" and best["metrics"]["epoch"] == 2

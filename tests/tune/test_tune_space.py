@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from din_ray.train.loop import TrainConfig
+from din_ray.config import TrainConfig
 from din_ray.tune.run import concurrent_trials, default_point
 from din_ray.tune.space import SpaceError, load_space, parse_space
 
@@ -22,7 +22,7 @@ def test_default_space_is_the_papers_search():
     assert space.params["lr"].distribution == "loguniform"
     assert set(space.params["activation"].args) == {"dice", "prelu"}
     # The untuned defaults lie inside it, so the default trial is evaluated.
-    assert default_point(space, TrainConfig(data="x")) == {"lam": 0.01, "lr": 1e-3,
+    assert default_point(space, TrainConfig.create(data="x")) == {"lam": 0.01, "lr": 1e-3,
                                                             "activation": "dice"}
 
 
@@ -37,7 +37,7 @@ def test_every_bundled_space_loads_and_samples_valid_configs():
         for name, domain in domains.items():
             assert isinstance(domain, Domain)
             for value in domain.sample(size=20):
-                TrainConfig(data="x", **{name: value})  # every sample constructs
+                TrainConfig.create(data="x", **{name: value})  # every sample constructs
         assert parse_space(space.to_dict()) == parse_space(space.to_dict())
 
 
@@ -69,7 +69,8 @@ def test_yaml_exponent_without_dot_is_read_as_a_number(tmp_path):
     ({"lr": {"loguniform": [1e-4, 1e-2], "choice": [1e-3]}}, "params.lr",
      "exactly one distribution"),
     ({"embedding_dim": {"uniform": [4, 32]}}, "params.embedding_dim.uniform", "int-valued"),
-    ({"embedding_dim": {"randint": [0, 8]}}, "params.embedding_dim.randint", "valid embedding_dim"),
+    ({"embedding_dim": {"randint": [-1, 8]}}, "params.embedding_dim.randint",
+         "valid embedding_dim"),
     ({"lam": {"randint": [1, 3]}}, "params.lam.randint", "integer fields"),
     ({"dropout": {"uniform": [0.0, 1.0]}}, "params.dropout.uniform", "valid dropout"),
     ({"epochs": {"randint": [1, 5]}}, "params.epochs", "fixed for a tuning run"),
