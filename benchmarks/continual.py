@@ -27,7 +27,7 @@ from din_ray.config import TrainConfig
 from din_ray.continual import DayConfig, run_day
 from din_ray.data.logs.pipeline import prepare_logs
 from din_ray.data.logs.synthetic import write_synthetic_days
-from din_ray.train.loop import run_local
+from din_ray.train.local import run_local
 
 RESULTS = Path(__file__).parent / "results" / "continual.json"
 

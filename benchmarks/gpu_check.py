@@ -43,17 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Arch, load_batches  # noqa: E402
+from din_ray.config import TrainConfig  # noqa: E402
 from din_ray.data.format import PreparedDataset  # noqa: E402
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer  # noqa: E402
 from din_ray.model.din import ModelConfig, build_model  # noqa: E402
-from din_ray.train.loop import (  # noqa: E402
-    STEP_LOSSES_KEY,
-    TrainConfig,
-    enable_tf32,
-    run_local,
-    to_torch,
-    train_step,
-)
+from din_ray.train.forward import enable_tf32, to_torch  # noqa: E402
+from din_ray.train.local import run_local  # noqa: E402
+from din_ray.train.loop import STEP_LOSSES_KEY, train_step  # noqa: E402
 
 SECTIONS = ("tests", "ray_losses", "throughput", "serving")
 

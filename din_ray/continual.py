@@ -81,7 +81,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test",
              batch_size: int = 8192) -> Evaluation:
     """Score `checkpoint` on `split` of `data`, a dataset whose vocabularies may extend the
     checkpoint's: ids beyond the checkpoint's tables are OOV to it."""
-    from din_ray.train.loop import WorkerEnv, evaluate_split  # the loop's own evaluation
+    from din_ray.train.env import WorkerEnv  # the loop's own evaluation
+    from din_ray.train.evaluate import evaluate_split
 
     model, tables, c = load_model(checkpoint)
     dataset = PreparedDataset.open(data)
@@ -215,7 +216,7 @@ def run_day(cfg: DayConfig) -> dict:
     record (also appended to OUTPUT/ledger.jsonl)."""
     from din_ray.config import TrainConfig
     from din_ray.data.logs.pipeline import prepare_logs
-    from din_ray.train.loop import run_local
+    from din_ray.train.local import run_local
 
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,8 @@ import torch
 
 from din_ray import checkpoint as ckpt
 from din_ray.data.format import SPLITS, DataError, PreparedDataset, to_numpy
-from din_ray.train.loop import BatchRegularizer, forward, to_torch
+from din_ray.train.forward import forward, to_torch
+from din_ray.train.regularizers import BatchRegularizer
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from din_ray.checkpoint import load_model
 from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset
 from din_ray.schema import OOV_ID, PAD_ID
-from din_ray.train.loop import forward, run_local
+from din_ray.train.forward import forward
+from din_ray.train.local import run_local
 
 
 def start_local_ray(num_cpus: int = 4, attempts: int = 3) -> str:

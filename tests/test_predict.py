@@ -16,12 +16,9 @@ from din_ray.cli import main as cli_main
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.metrics import evaluate_predictions
 from din_ray.predict import CTR, PredictConfig, predict, read_predictions, to_arrays
-from din_ray.train.loop import (
-    BatchRegularizer,
-    WorkerEnv,
-    evaluate_checkpoint,
-    predict_split,
-)
+from din_ray.train.env import WorkerEnv
+from din_ray.train.evaluate import evaluate_checkpoint, predict_split
+from din_ray.train.regularizers import BatchRegularizer
 
 
 def evaluated_probs(run, data, split: str) -> np.ndarray:

@@ -13,7 +13,8 @@ from din_ray.config import (
     add_arguments,
     knobs_from_args,
 )
-from din_ray.train.loop import evaluate_checkpoint, run_local
+from din_ray.train.evaluate import evaluate_checkpoint
+from din_ray.train.local import run_local
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

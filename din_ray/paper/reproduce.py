@@ -2,7 +2,7 @@
 
     din-ray reproduce --data out/ml-small --output runs/reproduce --seeds 3 --epochs 4
 
-Every run goes through `din_ray.train.loop.run_local`, the path of `din-ray train`, into
+Every run goes through `din_ray.train.local.run_local`, the path of `din-ray train`, into
 OUTPUT/runs/<model>-<reg>-seed<k>/ (a finished run is reused when the command is repeated, an
 interrupted one resumes from its checkpoint). The grid follows the paper's two tables:
 
@@ -41,7 +41,9 @@ from din_ray.embeddings.regularization import REGULARIZERS
 from din_ray.metrics import rela_impr
 from din_ray.paper import figures as plots
 from din_ray.schema import NUM_RESERVED_IDS, PAD_ID
-from din_ray.train.loop import run_local, summarize, to_torch
+from din_ray.train.forward import to_torch
+from din_ray.train.local import run_local
+from din_ray.train.selection import summarize
 
 log = logging.getLogger(__name__)
 

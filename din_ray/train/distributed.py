@@ -63,7 +63,10 @@ from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model.din import CTRModel, build_model
 from din_ray.ray_session import connect
 from din_ray.schema import Schema
-from din_ray.train.loop import WorkerEnv, finalize_output, summarize, train_loop
+from din_ray.train.env import WorkerEnv
+from din_ray.train.loop import train_loop
+from din_ray.train.outputs import finalize_output
+from din_ray.train.selection import summarize
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ equal the single-process values), reports each epoch with a checkpoint, stops ea
 validation GAUC has not improved for `cfg.optim.patience` epochs, and resumes from the environment's
 latest checkpoint if there is one.
 
-The environment (`WorkerEnv`) is what differs between running here in one process
-(`LocalEnv`, `run_local`) and under Ray Train (`din_ray.train.distributed`): where batches come from,
+The environment (`WorkerEnv`, din_ray.train.env) is what differs between running here in one process
+(`din_ray.train.local`) and under Ray Train (`din_ray.train.distributed`): where batches come from,
 how tables are sharded, how dense gradients are synchronised and where checkpoints go.
 
     din-ray train --data runs/ml --model din --epochs 5 --output runs/din
@@ -16,362 +16,35 @@ how tables are sharded, how dense gradients are synchronised and where checkpoin
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import math
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from din_ray import checkpoint as ckpt
 from din_ray.allocator import keep_freed_memory
 from din_ray.config import TrainConfig
-from din_ray.data.format import PreparedDataset, iter_numpy_batches
+from din_ray.data.format import PreparedDataset
 from din_ray.embeddings.regularization import (
     GRADIENT_REGULARIZERS,
-    IdDropout,
-    IdFilter,
-    RowPenalty,
-    build_regularizer,
 )
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.metrics import evaluate_predictions
-from din_ray.model.din import CTRModel, Popularity, build_model
-from din_ray.schema import PAD_ID, Schema
+from din_ray.model.din import Popularity, build_model
+from din_ray.train.counts import bias_prior, fit_popularity
+from din_ray.train.env import WorkerEnv
+from din_ray.train.evaluate import evaluate_split
+from din_ray.train.forward import enable_tf32, forward, steps_per_epoch, to_torch
+from din_ray.train.regularizers import BatchRegularizer, embedding_regularizer
+from din_ray.train.selection import best_index, epochs_since_best, summarize
 
 log = logging.getLogger(__name__)
 
 # Benchmark instrumentation: cfg.extra[STEP_LOSSES_KEY] = a file path makes rank 0 append each
 # epoch's per-step losses there as one JSON line (benchmarks/gpu_check.py compares GPU and CPU).
 STEP_LOSSES_KEY = "step_losses_file"
-
-
-# --- worker environment -------------------------------------------------------------------------
-class WorkerEnv:
-    """Where a worker's batches, tables, synchronisation and checkpoints come from."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")  # where the model, tables and batches live
-
-    def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        raise NotImplementedError
-
-    def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
-        raise NotImplementedError
-
-    def make_tables(self, model: CTRModel, cfg: TrainConfig) -> EmbeddingTables:
-        tables = EmbeddingTables(model.table_specs(), seed=cfg.optim.seed,
-                                 init_std=cfg.optim.init_std)
-        return tables.to(self.device)
-
-    def wrap_dense(self, model: nn.Module) -> nn.Module:
-        return model
-
-    def gather(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Concatenate each array over all workers (every worker gets the result)."""
-        return arrays
-
-    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        return tensor
-
-    def sync_buffers(self, model: nn.Module) -> None:
-        """Give every worker rank 0's copy of the model's buffers (Dice's running statistics),
-        the copy the checkpoint holds. A no-op in one process."""
-        if self.world_size == 1 or not dist.is_initialized():
-            return
-        for buffer in model.buffers():
-            out = buffer.to(self.device)
-            dist.broadcast(out, src=0)
-            buffer.copy_(out)
-
-    def latest_checkpoint(self) -> Path | None:
-        return None
-
-    def report(self, metrics: dict, write_checkpoint: Callable[[Path], None]) -> None:
-        raise NotImplementedError
-
-
-class LocalEnv(WorkerEnv):
-    """One process, batches streamed from the Parquet files, checkpoints under OUTPUT/checkpoints.
-
-    Keeps the latest and the best epoch's checkpoints; rerunning the same command resumes from
-    the latest.
-    """
-
-    def __init__(self, cfg: TrainConfig, dataset: PreparedDataset) -> None:
-        self.cfg, self.dataset = cfg, dataset
-        self.root = Path(cfg.output) / "checkpoints"
-        self.device = torch.device(cfg.execution.device or "cpu")
-
-    def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        return iter_numpy_batches(self.dataset.files("train"), self.dataset.schema,
-                                  self.cfg.optim.batch_size, shuffle=self.cfg.optim.shuffle,
-                                  seed=self.cfg.optim.seed * 10_007 + epoch)
-
-    def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
-        return iter_numpy_batches(self.dataset.files(split), self.dataset.schema,
-                                  self.cfg.optim.eval_batch_size)
-
-    def latest_checkpoint(self) -> Path | None:
-        done = sorted(p for p in self.root.glob("epoch-*") if (p / ckpt.MANIFEST).exists())
-        return done[-1] if done else None
-
-    def report(self, metrics: dict, write_checkpoint: Callable[[Path], None]) -> None:
-        final = self.root / f"epoch-{metrics['epoch']:04d}"
-        tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_checkpoint(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        ckpt.publish(tmp, final)
-        # Retain only the latest and the best epoch (the one `summarize` names).
-        keep = {final.name, best_epoch_dir(self.root)}
-        for p in self.root.glob("epoch-*"):
-            if p.name not in keep:
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def best_epoch_dir(root: Path) -> str | None:
-    """Name of the complete epoch checkpoint under `root` that `best_index` picks (so the one
-    kept is the one metrics.json names, ties and NaN included)."""
-    done = sorted(p for p in root.glob("epoch-*") if (p / ckpt.MANIFEST).exists())
-    if not done:
-        return None
-    metrics = [json.loads((p / "metrics.json").read_text()) for p in done]
-    return done[best_index(metrics)].name
-
-
-def best_index(history: list[dict]) -> int:
-    """Index of the best epoch in `history`: the highest validation GAUC, NaN counting as the
-    lowest, and of tied epochs the earliest (a later epoch must improve to replace it)."""
-    gaucs = [-math.inf if h.get("valid_gauc") is None or math.isnan(h["valid_gauc"])
-             else h["valid_gauc"] for h in history]
-    return int(np.argmax(gaucs))
-
-
-# --- the loop -----------------------------------------------------------------------------------
-def to_torch(batch: dict[str, np.ndarray], device: torch.device | None = None
-             ) -> dict[str, Tensor]:
-    """A numpy batch as tensors on `device` (None: the CPU, sharing the arrays' memory).
-
-    To a GPU the columns go through pinned host memory and asynchronous copies, so the copy
-    overlaps the work already queued on the device."""
-    out = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
-    if device is None or device.type == "cpu":
-        return out
-    pin = device.type == "cuda"
-    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin)
-            for k, v in out.items()}
-
-
-def dense_autocast(device: torch.device, precision: str):
-    """The autocast context of the dense part: bf16 for precision="bf16", else none."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def enable_tf32() -> None:
-    """TF32 tensor-core matmuls for fp32 work on CUDA (Ampere and later; no effect on CPU)."""
-    torch.backends.cuda.matmul.fp32_precision = "tf32"
-    torch.backends.cudnn.conv.fp32_precision = "tf32"
-
-
-def forward(model: nn.Module, tables: EmbeddingTables, batch: dict[str, Tensor],
-            where: str = "", precision: str = "fp32") -> Tensor:
-    """Logits (B,) fp32 of `batch`: sparse lookups (fp32 rows), then the dense part (under
-    bf16 autocast for precision="bf16"). `where` names the batch's origin in the error for an
-    out-of-range id."""
-    dense = model.module if hasattr(model, "module") else model  # unwrap DDP for its methods
-    embedded = tables.lookup(dense.sparse_inputs(batch), where)
-    device = next(iter(batch.values())).device
-    with dense_autocast(device, precision):
-        logits = model(embedded, batch)
-    return logits.float()
-
-
-@torch.no_grad()
-def predict_split(model: nn.Module, tables: EmbeddingTables, batches, schema: Schema,
-                  env: WorkerEnv, split: str = "", precision: str = "fp32"
-                  ) -> dict[str, np.ndarray]:
-    """Probabilities for one split, gathered from every worker: label, prob, user arrays.
-
-    The probabilities stay on the device until the split is done: one copy to the host per
-    split, not one per batch."""
-    model.eval()
-    tables.eval()
-    labels, probs, users = [], [], []
-    where = f"{split} split" if split else ""
-    for batch in batches:
-        t = to_torch(batch, env.device)
-        probs.append(torch.sigmoid(forward(model, tables, t, where, precision)))
-        labels.append(batch[schema.label])
-        users.append(batch[schema.user_column])
-    prob = torch.cat(probs).cpu().numpy() if probs else np.zeros(0, np.float32)
-    local = {"label": _cat(labels, np.float32), "prob": prob.astype(np.float32),
-             "user": _cat(users, np.int64)}
-    return env.gather(local)
-
-
-def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
-
-
-def evaluate_split(model, tables, batches, schema, env, split: str = "",
-                   precision: str = "fp32") -> dict:
-    p = predict_split(model, tables, batches, schema, env, split, precision)
-    return evaluate_predictions(p["label"], p["prob"], p["user"])
-
-
-class BatchRegularizer:
-    """The data-level regularizers of `cfg.regularization.reg` applied to batches as they are
-    loaded.
-
-    `filter` remaps ids in every split (training and evaluation see the same ids); `dropout`
-    discards ids of training batches only, from a generator seeded by (seed, epoch, rank) so a
-    resumed run draws the same drops.
-    """
-
-    def __init__(self, cfg: TrainConfig, dataset: PreparedDataset, rank: int = 0) -> None:
-        self.cfg, self.rank = cfg, rank
-        schema = dataset.schema
-        self.filter = (IdFilter(schema, dataset.counts(), cfg.regularization.filter_top_k)
-                       if cfg.regularization.reg == "filter" else None)
-        self.dropout = (IdDropout(schema, cfg.regularization.id_dropout)
-                        if cfg.regularization.reg == "dropout" else None)
-
-    def train(self, batches: Iterator[dict[str, np.ndarray]], epoch: int
-              ) -> Iterator[dict[str, np.ndarray]]:
-        rng = np.random.default_rng([self.cfg.optim.seed, epoch, self.rank])
-        for batch in batches:
-            if self.filter is not None:
-                batch = self.filter(batch)
-            if self.dropout is not None:
-                batch = self.dropout(batch, rng)
-            yield batch
-
-    def eval(self, batches: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-        for batch in batches:
-            yield self.filter(batch) if self.filter is not None else batch
-
-
-def tables_without_counts(model: CTRModel, counts: dict[str, np.ndarray]) -> list[str]:
-    """Tables of `model` with no n_j of their own in `counts`. A derived table (`item_id.bias`,
-    `item_id.w_hist_item_id`) is looked up by fewer keys than its base table, whose n_j also
-    counts the history occurrences, so it is counted on its own (`table_counts`)."""
-    return [t for t in model.table_specs() if t not in counts]
-
-
-def table_counts(model: CTRModel, tables: list[str], batches) -> dict[str, np.ndarray]:
-    """n_j for `tables` (e.g. Wide&Deep's hashed cross ids, which no prepared data counts):
-    the number of samples in `batches` whose lookups include id j. -> table -> (rows,) int64"""
-    specs = model.table_specs()
-    missing = list(tables)
-    out = {t: np.zeros(specs[t].num_rows, np.int64) for t in missing}
-    with torch.no_grad():
-        for batch in batches:
-            n = len(batch[model.schema.label])
-            per_table: dict[str, list[np.ndarray]] = {t: [] for t in missing}
-            for table, ids in model.sparse_inputs(to_torch(batch)).values():
-                if table in per_table:
-                    per_table[table].append(ids.reshape(n, -1).numpy())
-            for table, parts in per_table.items():
-                ids = np.sort(np.concatenate(parts, axis=1), axis=1)  # (B, slots)
-                first = np.ones_like(ids, dtype=bool)
-                first[:, 1:] = ids[:, 1:] != ids[:, :-1]  # count an id once per sample
-                keep = ids[first & (ids != PAD_ID)]
-                out[table] += np.bincount(keep, minlength=len(out[table]))
-    return out
-
-
-def click_counts(feature: str, label: str, batches, env: WorkerEnv,
-                 rows: int) -> tuple[Tensor, Tensor]:
-    """Clicks and impressions per id of `feature` over `batches`, summed over workers.
-
-    Returns: clicks (rows,), impressions (rows,) float64.
-    """
-    clicks = torch.zeros(rows, dtype=torch.float64)
-    shows = torch.zeros(rows, dtype=torch.float64)
-    for batch in batches:
-        ids = torch.from_numpy(batch[feature])
-        clicks.index_add_(0, ids, torch.from_numpy(batch[label]).double())
-        shows.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
-    return env.all_reduce_sum(clicks), env.all_reduce_sum(shows)
-
-
-def candidate_popularity(candidate, label: str, env: WorkerEnv, smoothing: float
-                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """The smoothed training click rate of every id of the `candidate` feature, as a logit,
-    from one pass over the training split (summed over workers): the popularity baseline's
-    table and the ad bias rows' warm start.
-
-    Returns: logits (rows, 1), clicks (rows,), impressions (rows,).
-    """
-    clicks, shows = click_counts(candidate.name, label, env.train_batches(0), env,
-                                 candidate.vocab_size)
-    return Popularity.table_from_counts(clicks, shows, smoothing), clicks, shows
-
-
-def _fit_popularity(model: Popularity, tables: EmbeddingTables, env: WorkerEnv) -> float:
-    """Fill the popularity table from click/impression counts over the training split."""
-    logits, clicks, shows = candidate_popularity(model.candidate, model.schema.label, env,
-                                                 model.config.smoothing)  # (V, 1)
-    tables.set_rows(next(iter(model.table_specs())), logits.float())
-    # Training log loss of the fitted rates, from the counts alone.
-    p = torch.sigmoid(logits.squeeze(-1).double())
-    nll = -(clicks * p.log() + (shows - clicks) * (1 - p).log()).sum()
-    return float(nll / shows.sum().clamp(min=1))
-
-
-def bias_prior(model: CTRModel, env: WorkerEnv, cfg: TrainConfig) -> dict[str, Tensor]:
-    """The candidate's bias rows at its smoothed training click rate (as a logit), which
-    `bias_init="popularity"` starts them at. -> {"<table>.bias": (vocab, 1)}, {} without one.
-
-    The model then starts where the popularity baseline ends, and early stopping on validation
-    keeps only what the history adds on top. Without it a rare item's bias moves about one
-    learning rate per touch and the model never learns item quality on small data. The
-    regularizers pull these rows towards the prior rather than towards logit 0.
-    """
-    candidate = model.schema.ad_features[0]
-    name = f"{candidate.table}.bias"
-    if name not in model.table_specs():
-        return {}
-    logits, _, _ = candidate_popularity(candidate, model.schema.label, env, cfg.model.smoothing)
-    return {name: logits.float()}
-
-
-def embedding_regularizer(cfg: TrainConfig, model: CTRModel, dataset: PreparedDataset,
-                          env: WorkerEnv, data_reg: BatchRegularizer,
-                          centers: dict[str, Tensor]) -> RowPenalty | None:
-    """The gradient regularizer of `cfg.regularization.reg` for this run (None when there is none).
-
-    n_j per table: the prepared `counts.npz` for the feature tables, counted from the training
-    split (summed over workers) for the others: bias and first-order tables (n_j = samples
-    whose lookups of that table hold j, e.g. whose candidate is j), hashed crosses. λ is scaled
-    for the global batch, `cfg.optim.batch_size` × workers
-    (`din_ray.embeddings.regularization.LAMBDA_BATCH`).
-    """
-    if cfg.regularization.reg not in GRADIENT_REGULARIZERS or cfg.regularization.lam == 0:
-        return None
-    counts = dataset.counts()
-    missing = tables_without_counts(model, counts)
-    if cfg.regularization.reg in ("mba", "difacto") and missing:
-        local = table_counts(model, missing, data_reg.eval(env.train_batches(0)))
-        counts = {**counts, **{t: env.all_reduce_sum(torch.from_numpy(c)).numpy()
-                               for t, c in local.items()}}
-    global_batch = cfg.optim.batch_size * env.world_size
-    steps_per_epoch = math.ceil(dataset.num_rows("train") / global_batch)
-    return build_regularizer(cfg.regularization.reg, cfg.regularization.lam, counts,
-                             max(steps_per_epoch, 1),
-                             global_batch=global_batch, centers=centers)
 
 
 def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
@@ -464,7 +137,7 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
         # as the popularity baseline), so validation-based selection keeps it when training
         # does not improve on it.
         close_epoch(0, 0.0, None, 0.0, 0)
-    bad_epochs = _epochs_since_best(history)
+    bad_epochs = epochs_since_best(history)
     epochs = 1 if counting else cfg.optim.epochs
     for epoch in range(start_epoch, epochs):
         if cfg.optim.patience and bad_epochs >= cfg.optim.patience:
@@ -477,14 +150,14 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
         t0 = time.perf_counter()
         data_seconds = 0.0
         if counting:
-            train_loss, samples = _fit_popularity(model, tables, env), dataset.num_rows("train")
+            train_loss, samples = fit_popularity(model, tables, env), dataset.num_rows("train")
         else:
             train_loss, samples, data_seconds = _train_epoch(
                 dense_model, model, tables, dense_opt, sparse_opt, regularizer, env, epoch, cfg,
                 dataset, data_reg)
         seconds = time.perf_counter() - t0
         close_epoch(epoch + 1, lr, train_loss, seconds, samples, data_seconds)
-        bad_epochs = _epochs_since_best(history)
+        bad_epochs = epochs_since_best(history)
     return summarize(history)
 
 
@@ -498,7 +171,7 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
     # .item() would make the host wait for every step to finish.
     total_loss = torch.zeros((), dtype=torch.float64, device=env.device)
     seen, steps = 0, 0
-    expected = max(1, dataset.num_rows("train") // max(cfg.optim.batch_size * env.world_size, 1))
+    expected = steps_per_epoch(dataset.num_rows("train"), cfg.optim.batch_size, env.world_size)
     t0 = time.perf_counter()
     batches = iter(data_reg.train(env.train_batches(epoch), epoch))
     waited = 0.0
@@ -555,21 +228,6 @@ def train_step(dense_model: nn.Module, tables: EmbeddingTables, batch: dict[str,
     return loss
 
 
-def _epochs_since_best(history: list[dict]) -> int:
-    return len(history) - 1 - best_index(history) if history else 0
-
-
-def summarize(history: list[dict]) -> dict:
-    """Final metrics: the test metrics of the epoch with the best validation GAUC."""
-    if not history:
-        raise ValueError("no epoch was trained")
-    best = history[best_index(history)]
-    return {"best_epoch": best["epoch"], "gauc": best["test_gauc"], "auc": best["test_auc"],
-            "logloss": best["test_logloss"], "valid_gauc": best["valid_gauc"],
-            "valid_auc": best["valid_auc"], "valid_logloss": best["valid_logloss"],
-            "epochs_run": len(history), "history": history}
-
-
 def _on_cpu(state):
     """`state` (a state_dict, nested containers of tensors) with every tensor on the host."""
     return torch.utils._pytree.tree_map(
@@ -585,52 +243,3 @@ def _restore(path: Path, model, tables, dense_opt, sparse_opt) -> tuple[int, lis
     sparse_opt.step_count = int(state["sparse_step"])
     c.restore_tables(tables, sparse_opt)
     return int(state["epoch"]), json.loads(state["history"])
-
-
-# --- drivers ------------------------------------------------------------------------------------
-def finalize_output(cfg: TrainConfig, result: dict, best_checkpoint: Path | None) -> Path:
-    """Copy the best epoch's checkpoint to OUTPUT/checkpoint and write OUTPUT/metrics.json."""
-    out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
-    if best_checkpoint is not None:
-        final = out / "checkpoint"
-        tmp = out / f".checkpoint.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(best_checkpoint, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        ckpt.publish(tmp, final)
-        result = {**result, "checkpoint": str(final)}
-    result = {**result, "model": cfg.model.model, "config": cfg.to_dict()}
-    tmp = out / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(out / "metrics.json")
-    return out / "metrics.json"
-
-
-def run_local(cfg: TrainConfig) -> dict:
-    """Train in this process (one worker, no Ray) and write OUTPUT/{metrics.json,checkpoint}."""
-    dataset = PreparedDataset.open(cfg.data)
-    env = LocalEnv(cfg, dataset)
-    result = train_loop(cfg, env)
-    best = best_epoch_dir(env.root)
-    finalize_output(cfg, result, env.root / best if best else None)
-    return result
-
-
-def evaluate_checkpoint(path: str | Path, data: str | Path, batch_size: int = 8192) -> dict:
-    """Recompute valid/test metrics of a checkpoint on a prepared dataset."""
-    model, tables, c = ckpt.load_model(path)
-    dataset = PreparedDataset.open(data)
-    if dataset.schema.with_embedding_dim(c.schema.features[0].embedding_dim) != c.schema:
-        raise ValueError(f"{data}: its schema does not match the checkpoint's ({path})")
-    out = {}
-    # A filter run is evaluated on the same filtered ids it was trained and validated on.
-    data_reg = BatchRegularizer(c.train_config(), dataset)
-    for split in ("valid", "test"):
-        batches = data_reg.eval(iter_numpy_batches(dataset.files(split), dataset.schema,
-                                                   batch_size))
-        for k, v in evaluate_split(model, tables, batches, c.schema, WorkerEnv(), split).items():
-            out[f"{split}_{k}"] = v
-    out.update(gauc=out["test_gauc"], auc=out["test_auc"], logloss=out["test_logloss"])
-    return out
-

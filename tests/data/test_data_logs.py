@@ -369,7 +369,7 @@ def test_serving_encodes_raw_ids_as_preparation_did(random_run):
 def test_training_on_prepared_logs_with_one_and_two_workers(random_run, tmp_path):
     from din_ray.config import TrainConfig
     from din_ray.train.distributed import run_ray
-    from din_ray.train.loop import run_local
+    from din_ray.train.local import run_local
 
     root = random_run[0]
     common = dict(data=str(root / "out"), epochs=1, batch_size=32, embedding_dim=4,

@@ -6,6 +6,7 @@ import pytest
 import torch
 from builders import random_columns, tiny_schema, write_tiny_dataset
 
+from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset
 from din_ray.embeddings.regularization import (
     LAMBDA_BATCH,
@@ -19,17 +20,10 @@ from din_ray.embeddings.regularization import (
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
 from din_ray.model.din import ModelConfig, TableSpec, build_model
 from din_ray.schema import OOV_ID, PAD_ID
-from din_ray.train.loop import (
-    BatchRegularizer,
-    LocalEnv,
-    TrainConfig,
-    bias_prior,
-    embedding_regularizer,
-    evaluate_checkpoint,
-    run_local,
-    table_counts,
-    tables_without_counts,
-)
+from din_ray.train.counts import bias_prior, table_counts, tables_without_counts
+from din_ray.train.evaluate import evaluate_checkpoint
+from din_ray.train.local import LocalEnv, run_local
+from din_ray.train.regularizers import BatchRegularizer, embedding_regularizer
 
 
 @pytest.fixture(scope="module")

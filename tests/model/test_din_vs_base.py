@@ -5,7 +5,7 @@ import pytest
 
 from din_ray.config import TrainConfig
 from din_ray.data.synthetic import prepare_synthetic
-from din_ray.train.loop import run_local
+from din_ray.train.local import run_local
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from builders import write_tiny_dataset
 from din_ray.cli import main as cli_main
 from din_ray.config import TrainConfig
 from din_ray.paper.reproduce import ENTRIES, ReproduceConfig, build_tables, markdown
-from din_ray.train.loop import evaluate_checkpoint
+from din_ray.train.evaluate import evaluate_checkpoint
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

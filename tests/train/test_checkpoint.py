@@ -14,7 +14,8 @@ from builders import write_tiny_dataset
 
 from din_ray.checkpoint import MANIFEST, Checkpoint, CheckpointError
 from din_ray.config import TrainConfig
-from din_ray.train.loop import best_epoch_dir, run_local, summarize
+from din_ray.train.local import run_local
+from din_ray.train.selection import best_epoch_dir, summarize
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,9 @@ from din_ray.embeddings.regularization import MiniBatchAware
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
 from din_ray.model.din import ModelConfig, build_model
 from din_ray.serve.scoring import ParsedRequest, Scorer
-from din_ray.train.loop import run_local, to_torch, train_step
+from din_ray.train.forward import to_torch
+from din_ray.train.local import run_local
+from din_ray.train.loop import train_step
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 FAKE = torch.device("meta")

@@ -26,7 +26,8 @@ from din_ray.config import TrainConfig
 from din_ray.data.format import DataError, PreparedDataset
 from din_ray.schema import SchemaError
 from din_ray.train.distributed import FAIL_KEY, check_config, run_ray
-from din_ray.train.loop import evaluate_checkpoint, run_local
+from din_ray.train.evaluate import evaluate_checkpoint
+from din_ray.train.local import run_local
 
 
 @pytest.fixture(scope="module")

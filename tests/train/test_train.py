@@ -20,7 +20,8 @@ from din_ray.cli import main as cli_main
 from din_ray.config import TrainConfig
 from din_ray.data.format import DataError
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.train.loop import evaluate_checkpoint, run_local
+from din_ray.train.evaluate import evaluate_checkpoint
+from din_ray.train.local import run_local
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +219,7 @@ def test_every_worker_evaluates_with_the_checkpoints_dice_statistics(data, tmp_p
 
 def test_local_train_order_is_set_by_the_seed_and_changes_every_epoch(data, tmp_path):
     from din_ray.data.format import PreparedDataset
-    from din_ray.train.loop import LocalEnv
+    from din_ray.train.local import LocalEnv
 
     def order(seed: int, epoch: int) -> list[tuple]:
         env = LocalEnv(config(data, tmp_path, seed=seed), PreparedDataset.open(data))

@@ -15,7 +15,7 @@ from din_ray.config import TrainConfig
 from din_ray.data.format import DatasetWriter, PreparedDataset
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer, init_rows
 from din_ray.model.din import build_model
-from din_ray.train.loop import run_local
+from din_ray.train.local import run_local
 from din_ray.train.warm_start import init_from_checkpoint
 
 SMALL = dict(epochs=1, batch_size=64, embedding_dim=8, attention_hidden=(16, 8),

@@ -26,7 +26,8 @@ from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.ray_session import start_local_ray
 from din_ray.serve.scoring import resolve_checkpoint
-from din_ray.train.loop import forward, run_local, to_torch
+from din_ray.train.forward import forward, to_torch
+from din_ray.train.local import run_local
 from din_ray.tune.run import TuneSettings, run_tune, write_outputs
 from din_ray.tune.space import load_space
 
@@ -163,7 +164,8 @@ def test_outputs_rank_trials_and_copy_the_best_epoch(data, tmp_path):
     assert best["trial_id"] == "a" and best["metrics"]["epoch"] == 2
     assert math.isclose(best["metrics"]["test_gauc"], 0.61)
     assert best["statuses"]["early-stopped"] == 1 and best["statuses"]["errored"] == 1
-    assert best["train_config"]["lam"] == 0.01 and best["train_config"]["epochs"] == 3
+    trained = TrainConfig.from_dict(best["train_config"])
+    assert trained.regularization.lam == 0.01 and trained.optim.epochs == 3
     trials = pd.read_csv(out / "trials.csv")
     assert list(trials["trial_id"]) == ["a", "b", "c"]
     assert list(trials["epochs_run"]) == [3, 1, 0]
