@@ -419,9 +419,14 @@ class CTRModel(nn.Module):
     owner)` computes each user's side once and equals `forward` on the batch with the user side
     repeated for every candidate. A class that redefines `forward` has it off unless it declares
     it again itself, so no model inherits a fast path that skips part of its own `forward`.
+
+    `closed_form` declares a model fitted without gradients: its one table is computed by
+    `table_from_counts(clicks, impressions, smoothing)` from the candidate's training counts
+    (`din_ray.train.loop.fit_closed_form`); such a model has no trainable parameters.
     """
 
     shares_user_side: bool = False
+    closed_form: bool = False
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -581,8 +586,10 @@ class Popularity(CTRModel):
 
     Its one table holds logit((clicks_j + k·p) / (impressions_j + k)) per candidate id j, with p
     the global click rate and k = `config.smoothing`; it is filled by counting, not by SGD
-    (see `din_ray.train.loop`). Unseen ids get the global rate.
+    (see `din_ray.train.loop.fit_closed_form`). Unseen ids get the global rate.
     """
+
+    closed_form = True
 
     def __init__(self, schema: Schema, config: ModelConfig) -> None:
         super().__init__(schema, config)

@@ -73,11 +73,16 @@ def candidate_popularity(candidate, label: str, env: WorkerEnv, smoothing: float
     return Popularity.table_from_counts(clicks, shows, smoothing), clicks, shows
 
 
-def fit_popularity(model: Popularity, tables: EmbeddingTables, env: WorkerEnv) -> float:
-    """Fill the popularity table from click/impression counts over the training split."""
-    logits, clicks, shows = candidate_popularity(model.candidate, model.schema.label, env,
-                                                 model.config.smoothing)  # (V, 1)
-    tables.set_rows(next(iter(model.table_specs())), logits.float())
+def fit_from_counts(model: CTRModel, tables: EmbeddingTables, env: WorkerEnv) -> float:
+    """Fill the one table of a `closed_form` model (the popularity baseline) from the
+    candidate's click and impression counts over the training split. -> the training log loss
+    of the fitted rates, from the counts alone."""
+    candidate = model.schema.ad_features[0]
+    clicks, shows = click_counts(candidate.name, model.schema.label, env.train_batches(0), env,
+                                 candidate.vocab_size)
+    logits = model.table_from_counts(clicks, shows, model.config.smoothing)  # (V, 1)
+    (table,) = model.table_specs()
+    tables.set_rows(table, logits.float())
     # Training log loss of the fitted rates, from the counts alone.
     p = torch.sigmoid(logits.squeeze(-1).double())
     nll = -(clicks * p.log() + (shows - clicks) * (1 - p).log()).sum()

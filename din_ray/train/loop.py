@@ -32,8 +32,9 @@ from din_ray.embeddings.regularization import (
     GRADIENT_REGULARIZERS,
 )
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model.din import Popularity, build_model
-from din_ray.train.counts import bias_prior, fit_popularity
+from din_ray.model.din import CTRModel, build_model
+from din_ray.schema import Schema
+from din_ray.train.counts import bias_prior, fit_from_counts
 from din_ray.train.env import WorkerEnv
 from din_ray.train.evaluate import evaluate_split
 from din_ray.train.forward import enable_tf32, forward, steps_per_epoch, to_torch
@@ -47,8 +48,82 @@ log = logging.getLogger(__name__)
 STEP_LOSSES_KEY = "step_losses_file"
 
 
+class EpochReporter:
+    """A worker's record of its run: evaluates each finished epoch on valid and test, keeps the
+    history, and reports it to the environment with a checkpoint. Shared by the gradient loop
+    (`train_loop`) and the closed-form fit (`fit_closed_form`)."""
+
+    def __init__(self, cfg: TrainConfig, env: WorkerEnv, dataset: PreparedDataset,
+                 schema: Schema, model: CTRModel, tables: EmbeddingTables,
+                 dense_opt: torch.optim.Optimizer | None, sparse_opt: RowWiseOptimizer,
+                 data_reg: BatchRegularizer) -> None:
+        self.cfg, self.env, self.dataset, self.schema = cfg, env, dataset, schema
+        self.model, self.tables, self.dense_opt, self.sparse_opt = (model, tables, dense_opt,
+                                                                     sparse_opt)
+        self.data_reg = data_reg
+        self.history: list[dict] = []
+
+    def restore(self, path: Path) -> int:
+        """Load a checkpoint of this run; returns its epoch (the history comes with it)."""
+        c = ckpt.Checkpoint.open(path)
+        state = c.dense_state()
+        self.model.load_state_dict(state["model"])
+        if self.dense_opt and state["optimizer"]:
+            self.dense_opt.load_state_dict(state["optimizer"])
+        self.sparse_opt.step_count = int(state["sparse_step"])
+        c.restore_tables(self.tables, self.sparse_opt)
+        self.history = json.loads(state["history"])
+        return int(state["epoch"])
+
+    def write_checkpoint(self, directory: Path, metrics: dict) -> None:
+        env, tables, sparse_opt = self.env, self.tables, self.sparse_opt
+        digests = ckpt.gather_shard_digests(ckpt.write_worker_files(directory, tables, sparse_opt),
+                                            tables.specs, env.world_size, env.all_reduce_sum)
+        if env.rank == 0:
+            # Host copies: a checkpoint written on GPUs loads anywhere.
+            dense = {"model": _on_cpu(self.model.state_dict()),
+                     "optimizer": _on_cpu(self.dense_opt.state_dict()) if self.dense_opt else {},
+                     "sparse_step": sparse_opt.step_count, "epoch": metrics["epoch"],
+                     "history": json.dumps(self.history)}
+            remap = self.data_reg.filter.remap if self.data_reg.filter else None
+            ckpt.write_manifest(directory, schema=self.schema, config=self.cfg.to_dict(),
+                                metrics=metrics, dense=dense, specs=tables.specs,
+                                world_size=env.world_size, vocab_dir=self.dataset.root / "vocab",
+                                id_remap=remap, shard_digests=digests)
+
+    def close_epoch(self, epoch: int, lr: float, train_loss: float | None, seconds: float,
+                    samples: int, data_seconds: float = 0.0) -> None:
+        """Evaluate valid and test, append to the history, report with a checkpoint."""
+        env, history = self.env, self.history
+        # Under DDP each worker's last batch moved its own copy of the running statistics
+        # (DDP copies rank 0's buffers only at the next training forward): every worker
+        # evaluates with, and the checkpoint holds, rank 0's.
+        env.sync_buffers(self.model)
+        metrics = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
+                   "train_samples": samples, "train_seconds": seconds,
+                   "samples_per_s": samples / max(seconds, 1e-9),
+                   "data_wait_seconds": data_seconds}
+        for split in ("valid", "test"):
+            batches = self.data_reg.eval(env.eval_batches(split))
+            for k, v in evaluate_split(self.model, self.tables, batches, self.schema, env, split,
+                                       self.cfg.execution.precision).items():
+                metrics[f"{split}_{k}"] = v
+        # 1 when this epoch is now the best (`best_index`), else 0: among the 1s the latest is
+        # the current best, which is how Ray's checkpoint retention breaks ties (later wins).
+        metrics["new_best"] = float(best_index([*history, metrics]) == len(history))
+        history.append(metrics)
+        if env.rank == 0:
+            log.info("epoch %d: loss %s  valid gauc %.4f  test gauc %.4f  (%.0f samples/s)",
+                     epoch, "-" if train_loss is None else f"{train_loss:.4f}",
+                     metrics["valid_gauc"], metrics["test_gauc"], metrics["samples_per_s"])
+        env.report(metrics, lambda d, m=metrics: self.write_checkpoint(d, m))
+
+
 def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
-    """Train on this worker; returns the final metrics (identical on every worker)."""
+    """Train on this worker; returns the final metrics (identical on every worker).
+
+    A model that declares `closed_form` (its tables are computed from training-split counts,
+    e.g. the popularity baseline) is fitted by `fit_closed_form` instead of gradient steps."""
     if cfg.execution.threads:
         torch.set_num_threads(cfg.execution.threads)
     keep_freed_memory()  # each step's activations reuse the last step's pages
@@ -59,7 +134,6 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
     schema = cfg.training_schema(dataset.schema)
     model = build_model(schema, cfg.model).to(env.device)
     tables = env.make_tables(model, cfg)
-    counting = isinstance(model, Popularity)
     params = [p for p in model.parameters() if p.requires_grad]
     dense_opt = None
     if params:
@@ -68,20 +142,23 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
     sparse_opt = RowWiseOptimizer(tables, cfg.optim.optimizer, lr=cfg.optim.sparse_rate(),
                                   reg_form=cfg.regularization.reg_form)
     data_reg = BatchRegularizer(cfg, dataset, env.rank)
+    run = EpochReporter(cfg, env, dataset, schema, model, tables, dense_opt, sparse_opt,
+                        data_reg)
     resume = env.latest_checkpoint()
+    if model.closed_form:
+        return fit_closed_form(run, resume)
     regularized = cfg.regularization.reg in GRADIENT_REGULARIZERS and cfg.regularization.lam > 0
     prior = {}
-    if cfg.optim.bias_init == "popularity" and not counting and (resume is None or regularized):
+    if cfg.optim.bias_init == "popularity" and (resume is None or regularized):
         prior = bias_prior(model, env, cfg)  # the warm start, and the penalty's centre
     regularizer = embedding_regularizer(cfg, model, dataset, env, data_reg, prior)
     if regularizer is not None:
         regularizer = regularizer.to(env.device)
     dense_model = env.wrap_dense(model) if params else model
 
-    history: list[dict] = []
     start_epoch = 0
     if resume is not None:
-        start_epoch, history = _restore(resume, model, tables, dense_opt, sparse_opt)
+        start_epoch = run.restore(resume)
         log.info("resuming from %s at epoch %d", resume, start_epoch)
     else:
         for name, rows in prior.items():
@@ -92,73 +169,41 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
             init_from_checkpoint(cfg.init_from, model, tables, dense_opt, sparse_opt,
                                  cfg.model, schema)
 
-    def write_checkpoint(directory: Path, metrics: dict) -> None:
-        digests = ckpt.gather_shard_digests(ckpt.write_worker_files(directory, tables, sparse_opt),
-                                            tables.specs, env.world_size, env.all_reduce_sum)
-        if env.rank == 0:
-            # Host copies: a checkpoint written on GPUs loads anywhere.
-            dense = {"model": _on_cpu(model.state_dict()),
-                     "optimizer": _on_cpu(dense_opt.state_dict()) if dense_opt else {},
-                     "sparse_step": sparse_opt.step_count, "epoch": metrics["epoch"],
-                     "history": json.dumps(history)}
-            ckpt.write_manifest(directory, schema=schema, config=cfg.to_dict(), metrics=metrics,
-                                dense=dense, specs=tables.specs, world_size=env.world_size,
-                                vocab_dir=dataset.root / "vocab",
-                                id_remap=data_reg.filter.remap if data_reg.filter else None,
-                                shard_digests=digests)
-
-    def close_epoch(epoch: int, lr: float, train_loss: float | None, seconds: float,
-                    samples: int, data_seconds: float = 0.0) -> None:
-        """Evaluate valid and test, append to the history, report with a checkpoint."""
-        # Under DDP each worker's last batch moved its own copy of the running statistics
-        # (DDP copies rank 0's buffers only at the next training forward): every worker
-        # evaluates with, and the checkpoint holds, rank 0's.
-        env.sync_buffers(model)
-        metrics = {"epoch": epoch, "lr": lr, "train_loss": train_loss,
-                   "train_samples": samples, "train_seconds": seconds,
-                   "samples_per_s": samples / max(seconds, 1e-9),
-                   "data_wait_seconds": data_seconds}
-        for split in ("valid", "test"):
-            for k, v in evaluate_split(model, tables, data_reg.eval(env.eval_batches(split)),
-                                       schema, env, split, cfg.execution.precision).items():
-                metrics[f"{split}_{k}"] = v
-        # 1 when this epoch is now the best (`best_index`), else 0: among the 1s the latest is
-        # the current best, which is how Ray's checkpoint retention breaks ties (later wins).
-        metrics["new_best"] = float(best_index([*history, metrics]) == len(history))
-        history.append(metrics)
-        if env.rank == 0:
-            log.info("epoch %d: loss %s  valid gauc %.4f  test gauc %.4f  (%.0f samples/s)",
-                     epoch, "-" if train_loss is None else f"{train_loss:.4f}",
-                     metrics["valid_gauc"], metrics["test_gauc"], metrics["samples_per_s"])
-        env.report(metrics, lambda d, m=metrics: write_checkpoint(d, m))
-
-    if cfg.optim.eval_at_start and not history and not counting:
+    if cfg.optim.eval_at_start and not run.history:
         # "Epoch 0": the model before any update (with bias_init="popularity" it ranks exactly
         # as the popularity baseline), so validation-based selection keeps it when training
         # does not improve on it.
-        close_epoch(0, 0.0, None, 0.0, 0)
-    bad_epochs = epochs_since_best(history)
-    epochs = 1 if counting else cfg.optim.epochs
-    for epoch in range(start_epoch, epochs):
-        if cfg.optim.patience and bad_epochs >= cfg.optim.patience:
+        run.close_epoch(0, 0.0, None, 0.0, 0)
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        if cfg.optim.patience and epochs_since_best(run.history) >= cfg.optim.patience:
             break
-        lr = cfg.optim.lr * cfg.optim.lr_decay ** epoch
-        sparse_opt.lr = (cfg.optim.sparse_lr or cfg.optim.lr) * cfg.optim.lr_decay ** epoch
+        decay = cfg.optim.lr_decay ** epoch
+        lr = cfg.optim.lr * decay
+        sparse_opt.lr = cfg.optim.sparse_rate() * decay
         if dense_opt:
             for group in dense_opt.param_groups:
                 group["lr"] = lr
         t0 = time.perf_counter()
-        data_seconds = 0.0
-        if counting:
-            train_loss, samples = fit_popularity(model, tables, env), dataset.num_rows("train")
-        else:
-            train_loss, samples, data_seconds = _train_epoch(
-                dense_model, model, tables, dense_opt, sparse_opt, regularizer, env, epoch, cfg,
-                dataset, data_reg)
-        seconds = time.perf_counter() - t0
-        close_epoch(epoch + 1, lr, train_loss, seconds, samples, data_seconds)
-        bad_epochs = epochs_since_best(history)
-    return summarize(history)
+        train_loss, samples, data_seconds = _train_epoch(
+            dense_model, model, tables, dense_opt, sparse_opt, regularizer, env, epoch, cfg,
+            dataset, data_reg)
+        run.close_epoch(epoch + 1, lr, train_loss, time.perf_counter() - t0, samples,
+                        data_seconds)
+    return summarize(run.history)
+
+
+def fit_closed_form(run: EpochReporter, resume: Path | None) -> dict:
+    """The training path of a `closed_form` model: one pass counting clicks and impressions of
+    the candidate over the training split (summed over workers), its table set from them
+    (`model.table_from_counts`), reported as epoch 1. A finished fit resumes as itself."""
+    if resume is not None:
+        run.restore(resume)
+        return summarize(run.history)
+    t0 = time.perf_counter()
+    train_loss = fit_from_counts(run.model, run.tables, run.env)
+    run.close_epoch(1, 0.0, train_loss, time.perf_counter() - t0,
+                    run.dataset.num_rows("train"))
+    return summarize(run.history)
 
 
 def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer, env, epoch,
@@ -232,14 +277,3 @@ def _on_cpu(state):
     """`state` (a state_dict, nested containers of tensors) with every tensor on the host."""
     return torch.utils._pytree.tree_map(
         lambda x: x.detach().cpu() if isinstance(x, Tensor) else x, state)
-
-
-def _restore(path: Path, model, tables, dense_opt, sparse_opt) -> tuple[int, list[dict]]:
-    c = ckpt.Checkpoint.open(path)
-    state = c.dense_state()
-    model.load_state_dict(state["model"])
-    if dense_opt and state["optimizer"]:
-        dense_opt.load_state_dict(state["optimizer"])
-    sparse_opt.step_count = int(state["sparse_step"])
-    c.restore_tables(tables, sparse_opt)
-    return int(state["epoch"]), json.loads(state["history"])

@@ -12,16 +12,35 @@ import numpy as np
 
 from din_ray import checkpoint as ckpt
 
+SELECTION_METRIC = "valid_gauc"
 
-def best_index(history: list[dict]) -> int:
-    """Index of the best epoch in `history`: the highest validation GAUC, NaN counting as the
-    lowest, and of tied epochs the earliest (a later epoch must improve to replace it)."""
-    gaucs = [-math.inf if h.get("valid_gauc") is None or math.isnan(h["valid_gauc"])
-             else h["valid_gauc"] for h in history]
-    return int(np.argmax(gaucs))
+
+def best_index(history: list[dict], metric: str = SELECTION_METRIC, mode: str = "max") -> int:
+    """Index of the best epoch in `history` (non-empty): the highest `metric` (the lowest for
+    mode="min"), a missing or NaN value counting as the worst, and of tied epochs the earliest
+    (a later epoch must improve to replace it)."""
+    if not history:
+        raise ValueError("no epoch to choose from")
+    sign = 1.0 if mode == "max" else -1.0
+    scores = [-math.inf if not _scored(h, metric) else sign * h[metric] for h in history]
+    return int(np.argmax(scores))
+
+
+def best_scored(history: list[dict], metric: str = SELECTION_METRIC, mode: str = "max"
+                ) -> dict | None:
+    """The best epoch's row (`best_index`), or None when no epoch has a `metric` yet."""
+    if not any(_scored(h, metric) for h in history):
+        return None
+    return history[best_index(history, metric, mode)]
+
+
+def _scored(row: dict, metric: str) -> bool:
+    value = row.get(metric)
+    return value is not None and not math.isnan(value)
 
 
 def epochs_since_best(history: list[dict]) -> int:
+    """Epochs reported after the best one (what `patience` counts); 0 for no history."""
     return len(history) - 1 - best_index(history) if history else 0
 
 

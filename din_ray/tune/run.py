@@ -46,6 +46,7 @@ import pandas as pd
 from din_ray import checkpoint as ckpt
 from din_ray.config import TrainConfig
 from din_ray.ray_session import connect
+from din_ray.train.selection import best_scored, epochs_since_best
 from din_ray.tune.space import SearchSpace, load_space
 
 log = logging.getLogger(__name__)
@@ -340,24 +341,11 @@ def _record(trial_id: str, config: dict, df: pd.DataFrame | None, error: str | N
         record["status"] = "not-run"
     elif int(rows[-1]["epoch"]) >= base.optim.epochs:
         record["status"] = "completed"
-    elif base.optim.patience and _since_best(rows) >= base.optim.patience:
+    elif base.optim.patience and epochs_since_best(rows) >= base.optim.patience:
         record["status"] = "patience-stopped"  # the training loop's own early stop
     else:
         record["status"] = "early-stopped"  # ASHA stopped it at a rung
     return record
-
-
-def _since_best(rows: list[dict]) -> int:
-    gaucs = [r["valid_gauc"] if not math.isnan(r["valid_gauc"]) else -math.inf for r in rows]
-    return len(rows) - 1 - int(np.argmax(gaucs))
-
-
-def _best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
-    scored = [r for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
-    if not scored:
-        return None
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda r: r[metric])
 
 
 def write_outputs(out: Path, space: SearchSpace, base: TrainConfig, records: list[dict]) -> dict:
@@ -366,7 +354,7 @@ def write_outputs(out: Path, space: SearchSpace, base: TrainConfig, records: lis
     best_record, best_row = None, None
     sign = 1 if space.mode == "max" else -1
     for rec in records:
-        row = _best_row(rec["history"], space.metric, space.mode)
+        row = best_scored(rec["history"], space.metric, space.mode)
         rec["best"] = row
         table.append({"trial_id": rec["trial_id"], **rec["config"], "status": rec["status"],
                       "epochs_run": len(rec["history"]),
