@@ -112,7 +112,7 @@ def predict(cfg: PredictConfig) -> dict:
         raise DataError(f"{dataset.root / cfg.split}: no Parquet files")
     for path in files:
         dataset.check_file(path)
-    checkpoint = str(_resolve(cfg.checkpoint))
+    checkpoint = str(ckpt.resolve_checkpoint(cfg.checkpoint))
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite)")
@@ -133,14 +133,6 @@ def predict(cfg: PredictConfig) -> dict:
         raise
     log.info("wrote %d predictions of %s/%s to %s (%s)", rows, cfg.data, cfg.split, out, engine)
     return {"output": str(out), "rows": rows, "engine": engine, "split": cfg.split}
-
-
-def _resolve(path: str) -> Path:
-    """A checkpoint, or a train output directory holding one (as `din-ray evaluate` takes)."""
-    path = Path(path)
-    if not (path / ckpt.MANIFEST).exists() and (path / "checkpoint" / ckpt.MANIFEST).exists():
-        return path / "checkpoint"
-    return path
 
 
 def _publish(tmp: Path, out: Path) -> None:

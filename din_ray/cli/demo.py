@@ -85,8 +85,8 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
               f"  ({time.perf_counter() - t:.0f}s)")
 
         t = step(4, f"serve the best checkpoint on http://127.0.0.1:{port}")
+        from din_ray.checkpoint import resolve_checkpoint
         from din_ray.cli.serve import load_app_module
-        from din_ray.serve.scoring import resolve_checkpoint
         app = load_app_module()
         checkpoint = resolve_checkpoint(output / "tune")
         app.deploy(app.app_config({"checkpoint": str(checkpoint)}, port=port))

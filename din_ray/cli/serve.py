@@ -23,7 +23,7 @@ import signal
 import time
 from pathlib import Path
 
-from din_ray.serve.scoring import resolve_checkpoint
+from din_ray.checkpoint import resolve_checkpoint
 
 
 def load_app_module():

@@ -15,6 +15,7 @@ from din_ray.config import (
 )
 from din_ray.train.evaluate import evaluate_checkpoint
 from din_ray.train.local import run_local
+from din_ray.train.outputs import clear_output
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -38,6 +39,8 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device} is for --local runs; Ray workers take a GPU "
                          "each with --use-gpu")
     cfg = config_from_args(args)
+    if args.overwrite:
+        clear_output(cfg)
     if args.local:
         result = run_local(cfg)
     else:
@@ -60,9 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_arguments(p, ("output", *EXECUTION_KNOBS), required={"output"})
     p.add_argument("--local", action="store_true",
                    help="train in this process without Ray (a single worker)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --output (and its Ray run) and start fresh; "
+                        "without it a rerun of the same configuration resumes there")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="recompute a checkpoint's metrics on prepared data")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint, a train output or a tune output (as `din-ray serve`)")
     p.add_argument("--data", required=True)
     p.set_defaults(func=_evaluate)

@@ -43,6 +43,7 @@ from din_ray.paper import figures as plots
 from din_ray.schema import NUM_RESERVED_IDS, PAD_ID
 from din_ray.train.forward import to_torch
 from din_ray.train.local import run_local
+from din_ray.train.outputs import OutputInUseError, check_output_is_this_run, clear_output
 from din_ray.train.selection import summarize
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,11 @@ def _train_one(cfg_dict: dict) -> dict:
     """Process-pool entry point: one run through the `din-ray train` path."""
     cfg = TrainConfig.from_dict(cfg_dict)
     torch.set_num_threads(1)
+    try:
+        check_output_is_this_run(cfg)  # an interrupted run of this cell resumes
+    except OutputInUseError as e:  # the cell's directory from another configuration
+        log.info("reproduce: retraining %s (%s)", cfg.output, e)
+        clear_output(cfg)
     return run_local(cfg)
 
 
@@ -184,7 +190,11 @@ def _same_config(done: dict, want: TrainConfig, source: str) -> bool:
     `want`, where it lives aside. The recorded config is read under the one rule for configs on
     disk: a field added to TrainConfig since it ran takes today's default."""
     where = {"output": want.output, "data": want.data}
-    return TrainConfig.from_dict(done, source).replace(**where) == want
+    try:
+        return TrainConfig.from_dict(done, source).replace(**where) == want
+    except ValueError as e:  # a config this version cannot read: train the cell again
+        log.info("reproduce: %s", e)
+        return False
 
 
 def train_all(cfg: ReproduceConfig) -> list[dict]:

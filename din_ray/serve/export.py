@@ -34,7 +34,13 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from din_ray.checkpoint import ID_FILTER, MANIFEST, CheckpointError, load_model
+from din_ray.checkpoint import (
+    ID_FILTER,
+    MANIFEST,
+    CheckpointError,
+    load_model,
+    resolve_checkpoint,
+)
 from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model.din import CTRModel
 from din_ray.schema import OOV_ID, Schema
@@ -82,9 +88,7 @@ def example_batch(schema: Schema, rows: int = 4) -> dict[str, Tensor]:
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *,
                       overwrite: bool = False) -> Path:
     """Write the export directory (see the module docstring) atomically; returns it."""
-    checkpoint, output = Path(checkpoint), Path(output)
-    if not (checkpoint / MANIFEST).exists() and (checkpoint / "checkpoint" / MANIFEST).exists():
-        checkpoint = checkpoint / "checkpoint"
+    checkpoint, output = resolve_checkpoint(checkpoint), Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite)")
     if (checkpoint / ID_FILTER).exists():

@@ -53,7 +53,14 @@ import torch
 from torch import Tensor
 
 from din_ray.allocator import keep_freed_memory
-from din_ray.checkpoint import ID_FILTER, MANIFEST, Checkpoint, CheckpointError, load_model
+from din_ray.checkpoint import (
+    ID_FILTER,
+    MANIFEST,
+    Checkpoint,
+    CheckpointError,
+    load_model,
+    resolve_checkpoint,
+)
 from din_ray.data.ids import bin_index, hashed_ids
 from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model.din import CTRModel
@@ -98,31 +105,6 @@ class RequestLimits:
 
 
 # --- checkpoints --------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory behind `path`.
-
-    Accepts a checkpoint (has manifest.json), a `din-ray train` output directory (has
-    checkpoint/), or a `din-ray tune` output directory (has best.json naming the best trial's
-    checkpoint; a relative name is taken relative to that directory).
-    """
-    path = Path(path)
-    if (path / MANIFEST).exists():
-        return path
-    best = path / "best.json"
-    if best.exists():
-        try:
-            target = json.loads(best.read_text())["checkpoint"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{best}: expected a JSON object with a 'checkpoint' path "
-                                  f"({type(e).__name__}: {e})") from None
-        target = Path(target) if Path(target).is_absolute() else path / target
-        return resolve_checkpoint(target)
-    if (path / "checkpoint" / MANIFEST).exists():
-        return path / "checkpoint"
-    raise CheckpointError(f"{path}: not a checkpoint (no {MANIFEST}), a train output (no "
-                          "checkpoint/) or a tune output (no best.json)")
-
-
 def checkpoint_version(path: Path) -> str:
     """Short content hash of the manifest: changes whenever a different checkpoint is served."""
     return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()[:12]

@@ -65,7 +65,7 @@ from din_ray.ray_session import connect
 from din_ray.schema import Schema
 from din_ray.train.env import WorkerEnv
 from din_ray.train.loop import train_loop
-from din_ray.train.outputs import finalize_output
+from din_ray.train.outputs import check_output_is_this_run, finalize_output, ray_storage
 from din_ray.train.selection import summarize
 
 log = logging.getLogger(__name__)
@@ -288,10 +288,8 @@ def check_config(cfg: TrainConfig) -> PreparedDataset:
 
 
 def storage_path(cfg: TrainConfig) -> str:
-    """Ray Train storage for the run: `cfg.execution.storage_path` (a URI or a local directory), or
-    OUTPUT/ray; local paths are made absolute as Ray requires."""
-    path = cfg.execution.storage_path or str(Path(cfg.output) / "ray")
-    return path if "://" in path else str(Path(path).resolve())
+    """Ray Train storage for the run (`din_ray.train.outputs.ray_storage`)."""
+    return ray_storage(cfg.execution.storage_path, cfg.output)
 
 
 def _connect(cfg: TrainConfig) -> bool:
@@ -396,6 +394,7 @@ def run_ray(cfg: TrainConfig) -> dict:
     Returns the same summary as `train.run_local` (test metrics of the best validation epoch and
     the per-epoch history)."""
     dataset = check_config(cfg)
+    check_output_is_this_run(cfg)
     connected = _connect(cfg)
     try:
         check_gpus(cfg)

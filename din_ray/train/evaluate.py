@@ -54,7 +54,10 @@ def evaluate_split(model, tables, batches, schema, env, split: str = "",
 
 
 def evaluate_checkpoint(path: str | Path, data: str | Path, batch_size: int = 8192) -> dict:
-    """Recompute valid/test metrics of a checkpoint on a prepared dataset."""
+    """Recompute valid/test metrics of a checkpoint on a prepared dataset. `path` is a
+    checkpoint, a train output or a tune output (`din_ray.checkpoint.resolve_checkpoint`), as
+    `din-ray serve` takes."""
+    path = ckpt.resolve_checkpoint(path)
     model, tables, c = ckpt.load_model(path)
     dataset = PreparedDataset.open(data)
     if dataset.schema.with_embedding_dim(c.schema.features[0].embedding_dim) != c.schema:

@@ -20,7 +20,7 @@ from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.train.env import WorkerEnv
 from din_ray.train.loop import train_loop
-from din_ray.train.outputs import finalize_output
+from din_ray.train.outputs import check_output_is_this_run, finalize_output
 from din_ray.train.selection import best_epoch_dir
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class LocalEnv(WorkerEnv):
 def run_local(cfg: TrainConfig) -> dict:
     """Train in this process (one worker, no Ray) and write OUTPUT/{metrics.json,checkpoint}."""
     dataset = PreparedDataset.open(cfg.data)
+    check_output_is_this_run(cfg)  # before any training: another run's output is refused
     env = LocalEnv(cfg, dataset)
     result = train_loop(cfg, env)
     best = best_epoch_dir(env.root)

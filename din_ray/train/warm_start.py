@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 
-from din_ray.checkpoint import ID_FILTER, MANIFEST, Checkpoint, CheckpointError
+from din_ray.checkpoint import (
+    ID_FILTER,
+    MANIFEST,
+    Checkpoint,
+    CheckpointError,
+    resolve_checkpoint,
+)
 from din_ray.data.vocab_extend import schema_differences
 from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
 from din_ray.model.din import CTRModel, ModelConfig
@@ -69,7 +75,7 @@ def init_from_checkpoint(path: str | Path, model: CTRModel, tables: EmbeddingTab
     path = Path(path)
     if not (path / MANIFEST).exists() and (path / "checkpoint" / MANIFEST).exists():
         path = path / "checkpoint"
-    c = Checkpoint.open(path)
+    c = Checkpoint.open(resolve_checkpoint(path))
     if (c.path / ID_FILTER).exists():
         raise CheckpointError(f"--init-from {c.path}: trained with reg='filter', whose ids are "
                               "remapped; continue from a checkpoint without the id filter")

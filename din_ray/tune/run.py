@@ -46,6 +46,7 @@ import pandas as pd
 from din_ray import checkpoint as ckpt
 from din_ray.config import TrainConfig
 from din_ray.ray_session import connect
+from din_ray.train.outputs import ray_storage, storage_join
 from din_ray.train.selection import best_scored, epochs_since_best
 from din_ray.tune.space import SearchSpace, load_space
 
@@ -117,8 +118,7 @@ class TuneSettings:
             raise ValueError(f"name must be a plain directory name, got {self.name!r}")
 
     def storage(self) -> str:
-        path = self.storage_path or str(Path(self.output) / "ray")
-        return path if "://" in path else str(Path(path).resolve())
+        return ray_storage(self.storage_path, self.output)
 
 
 # --- the trial ----------------------------------------------------------------------------------
@@ -216,10 +216,10 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
         storage = settings.storage()
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=base.to_dict(),
-                                 runs_storage=_join(storage, f"{settings.name}-runs"),
+                                 runs_storage=storage_join(storage, f"{settings.name}-runs"),
                                  in_memory_splits=put_small_splits(dataset, base)),
             {"CPU": TRIAL_CPUS})
-        experiment = _join(storage, settings.name)
+        experiment = storage_join(storage, settings.name)
         if tune.Tuner.can_restore(experiment):
             log.info("resuming the tuning run in %s", experiment)
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
@@ -244,7 +244,7 @@ def summarize_tune(settings: TuneSettings, base: TrainConfig) -> dict:
 
     space, base, out = _prepare(settings, base)
     _check_resume(out / "settings.json", _settings_record(settings, space, base))
-    experiment = _join(settings.storage(), settings.name)
+    experiment = storage_join(settings.storage(), settings.name)
     analysis = ExperimentAnalysis(experiment)
     frames = analysis.trial_dataframes
     records = [_record(t.trial_id, t.config, frames.get(t.trial_id), _error_line(t), t.status,
@@ -306,10 +306,6 @@ def default_point(space: SearchSpace, base: TrainConfig) -> dict | None:
             return None
         point[name] = value
     return point
-
-
-def _join(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
 
 
 # --- results ------------------------------------------------------------------------------------

@@ -187,6 +187,45 @@ def test_cli_train_and_evaluate(data, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_rerun_into_the_output_of_another_configuration_fails_before_training(data, tmp_path,
+                                                                             capsys):
+    out = tmp_path / "run"
+    args = ["train", "--local", "--data", str(data), "--output", str(out), "--epochs", "1",
+            "--embedding-dim", "4", "--batch-size", "64", "--attention-hidden", "8,4",
+            "--mlp-hidden", "16,8"]
+    assert cli_main(args) == 0  # Dice
+    before = (out / "metrics.json").read_text()
+    capsys.readouterr()
+    assert cli_main([*args, "--activation", "prelu"]) == 2
+    err = capsys.readouterr().err
+    assert "activation: 'dice' there, 'prelu' now" in err
+    assert "--overwrite" in err and "another --output" in err
+    assert (out / "metrics.json").read_text() == before  # nothing was trained or written
+    # The same configuration with more epochs is a resume, not another run.
+    assert cli_main([*args, "--epochs", "2"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
+    assert cli_main([*args, "--activation", "prelu", "--overwrite"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert TrainConfig.from_dict(metrics["config"]).model.activation == "prelu"
+    assert metrics["epochs_run"] == 1  # a fresh run, not a resume of the Dice one
+
+
+def test_evaluate_takes_what_serve_takes(data, tmp_path, capsys):
+    """A checkpoint, a train output and a tune output (best.json naming a checkpoint)."""
+    out = tmp_path / "run"
+    run_local(config(data, out, epochs=1))
+    tune_out = tmp_path / "tune"
+    tune_out.mkdir()
+    (tune_out / "best.json").write_text(json.dumps({"checkpoint": str(out / "checkpoint")}))
+    results = []
+    for path in (out / "checkpoint", out, tune_out):
+        assert cli_main(["evaluate", "--checkpoint", str(path), "--data", str(data)]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0] == results[1] == results[2]
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        evaluate_checkpoint(tmp_path, data)
+
+
 def test_warm_started_model_ranks_like_popularity_at_epoch_zero(data, tmp_path):
     pop = run_local(config(data, tmp_path / "pop", model="popularity"))
     din = run_local(config(data, tmp_path / "din", epochs=1, eval_at_start=True))

@@ -21,11 +21,10 @@ import pytest
 import torch
 from builders import write_tiny_dataset
 
-from din_ray.checkpoint import load_model
+from din_ray.checkpoint import load_model, resolve_checkpoint
 from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.ray_session import start_local_ray
-from din_ray.serve.scoring import resolve_checkpoint
 from din_ray.train.forward import forward, to_torch
 from din_ray.train.local import run_local
 from din_ray.tune.run import TuneSettings, run_tune, write_outputs
