@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,19 +63,13 @@ from din_ray.model.din import CTRModel, build_model
 from din_ray.ray_session import connect
 from din_ray.schema import Schema
 from din_ray.train.env import WorkerEnv
+from din_ray.train.faults import FaultInjector, plans_from_env
 from din_ray.train.loop import train_loop
 from din_ray.train.outputs import check_output_is_this_run, finalize_output, ray_storage
 from din_ray.train.selection import summarize
 
 log = logging.getLogger(__name__)
 
-# Test-only fault injection: cfg.extra[FAIL_KEY] = {"rank" (omitted: any), "epoch" (1-based),
-# "step" (0-based),
-# "marker" (a file path), "phase" ("train", the default; "eval": at an evaluation batch;
-# "checkpoint": after writing the epoch's checkpoint files, before reporting them)}, or a list
-# of such plans, makes that worker exit abruptly there, once (the marker file records that it
-# happened, so the restarted worker carries on).
-FAIL_KEY = "fail_at"
 
 
 # --- the worker side ----------------------------------------------------------------------------
@@ -84,12 +77,15 @@ class RayEnv(WorkerEnv):
     """A Ray Train worker's batches, tables, collectives and checkpoints."""
 
     def __init__(self, cfg: TrainConfig, schema: Schema,
-                 columns: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+                 columns: dict[str, dict[str, np.ndarray]] | None = None,
+                 faults: list[dict] | None = None) -> None:
         """`columns`: the splits delivered whole (split -> `in_memory.read_columns` arrays);
-        the others come from this worker's Ray Data shards."""
+        the others come from this worker's Ray Data shards. `faults`: the tests' planned
+        worker exits (din_ray.train.faults; none outside the tests)."""
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.cfg, self.schema, self.columns = cfg, schema, columns or {}
+        self.faults = FaultInjector(faults or [], self.rank)
         self.device = ray.train.torch.get_device() if cfg.execution.use_gpu else torch.device("cpu")
         # Host-side control traffic (the lockstep flags, gathered predictions) on gloo, so it
         # never waits for the GPU stream; on CPU workers the default group is gloo already.
@@ -106,7 +102,7 @@ class RayEnv(WorkerEnv):
                                         self.world_size, seed=self.cfg.optim.seed * 10_007 + epoch,
                                         shuffle=self.cfg.optim.shuffle)
             numpy = in_memory.iter_batches(self.schema, columns, rows, self.cfg.optim.batch_size)
-            return self._lockstep(self._maybe_fail(numpy, epoch), pad=False)
+            return self._lockstep(self.faults.around(numpy, epoch), pad=False)
         shard = ray.train.get_dataset_shard("train")
         if self.cfg.optim.shuffle:
             batches = shard.iter_batches(
@@ -116,7 +112,7 @@ class RayEnv(WorkerEnv):
         else:
             batches = self._share_of_global_batches(shard)
         numpy = (to_numpy(self.schema, b) for b in batches)
-        return self._lockstep(self._maybe_fail(numpy, epoch), pad=False)
+        return self._lockstep(self.faults.around(numpy, epoch), pad=False)
 
     def _share_of_global_batches(self, shard) -> Iterator[pa.Table]:
         """Unshuffled training: every worker reads the whole split in file order (see
@@ -136,11 +132,11 @@ class RayEnv(WorkerEnv):
                                        self.world_size)
             numpy = in_memory.iter_batches(self.schema, columns, rows,
                                            self.cfg.optim.eval_batch_size)
-            return self._lockstep(self._maybe_fail(numpy, self.epoch, "eval"), pad=True)
+            return self._lockstep(self.faults.around(numpy, self.epoch, "eval"), pad=True)
         batches = ray.train.get_dataset_shard(split).iter_batches(
             batch_size=self.cfg.optim.eval_batch_size, batch_format="pyarrow")
         numpy = (to_numpy(self.schema, b) for b in batches)
-        return self._lockstep(self._maybe_fail(numpy, self.epoch, "eval"), pad=True)
+        return self._lockstep(self.faults.around(numpy, self.epoch, "eval"), pad=True)
 
     def _lockstep(self, batches: Iterator[dict[str, np.ndarray]], pad: bool
                   ) -> Iterator[dict[str, np.ndarray]]:
@@ -166,25 +162,6 @@ class RayEnv(WorkerEnv):
         for f in self.schema.features:
             cols[f.name] = np.zeros((0, f.max_len) if f.is_sequence else 0, np.int64)
         return cols
-
-    def _maybe_fail(self, batches: Iterator[dict[str, np.ndarray]], epoch: int,
-                    phase: str = "train") -> Iterator[dict[str, np.ndarray]]:
-        for step, batch in enumerate(batches):
-            self._fail_if_planned(phase, epoch + 1, step)
-            yield batch
-
-    def _fail_if_planned(self, phase: str, epoch: int, step: int) -> None:
-        plans = self.cfg.extra.get(FAIL_KEY) or []
-        for plan in [plans] if isinstance(plans, dict) else plans:
-            if (plan.get("phase", "train") == phase and plan.get("rank", self.rank) == self.rank
-                    and plan["epoch"] == epoch and plan["step"] == step
-                    and not Path(plan["marker"]).exists()):
-                where = f"rank {self.rank} epoch {epoch} step {step}"
-                if phase != "train":
-                    where += f" {phase}"
-                Path(plan["marker"]).write_text(where)
-                log.warning("fault injection: %s exits", where)
-                os._exit(1)
 
     # model placement
     def make_tables(self, model: CTRModel, cfg: TrainConfig) -> EmbeddingTables:
@@ -222,7 +199,7 @@ class RayEnv(WorkerEnv):
     def report(self, metrics: dict, write_checkpoint: Callable[[Path], None]) -> None:
         with tempfile.TemporaryDirectory(prefix="din-ray-ckpt-") as tmp:
             write_checkpoint(Path(tmp))
-            self._fail_if_planned("checkpoint", metrics["epoch"], 0)
+            self.faults.check("checkpoint", metrics["epoch"], 0)
             # Every worker reports its own files under the same name; Ray merges them.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"epoch-{metrics['epoch']:04d}")
@@ -232,11 +209,12 @@ def _train_worker(config: dict) -> None:
     """train_loop_per_worker: rebuild the config, fetch the splits delivered whole (zero-copy
     from the object store) and run the shared training loop.
 
-    config: {"train": TrainConfig.to_dict(), "in_memory": split -> ObjectRef of its columns}"""
+    config: {"train": TrainConfig.to_dict(), "in_memory": split -> ObjectRef of its columns,
+    "faults": the tests' planned worker exits (din_ray.train.faults)}"""
     cfg = TrainConfig.from_dict(config["train"])
     torch.set_num_threads(cfg.execution.threads or max(1, int(cfg.execution.cpus_per_worker)))
     columns = {split: ray.get(ref) for split, ref in config["in_memory"].items()}
-    env = RayEnv(cfg, PreparedDataset.open(cfg.data).schema, columns)
+    env = RayEnv(cfg, PreparedDataset.open(cfg.data).schema, columns, config.get("faults"))
     train_loop(cfg, env)
 
 
@@ -360,7 +338,8 @@ def _trainer(cfg: TrainConfig, datasets: dict, in_memory_splits: dict[str, ray.O
         train_loop_per_worker=_train_worker,
         # The refs travel inside the config; the driver holds them (and so the arrays) for the
         # trainer's lifetime.
-        train_loop_config={"train": cfg.to_dict(), "in_memory": in_memory_splits},
+        train_loop_config={"train": cfg.to_dict(), "in_memory": in_memory_splits,
+                           "faults": plans_from_env()},
         scaling_config=ScalingConfig(num_workers=cfg.execution.workers,
                                      use_gpu=cfg.execution.use_gpu,
                                      resources_per_worker={"CPU": cfg.execution.cpus_per_worker}),
