@@ -26,8 +26,8 @@ from din_ray.config import TrainConfig
 from din_ray.data.format import DataError, PreparedDataset
 from din_ray.schema import SchemaError
 from din_ray.train.distributed import check_config, run_ray
-from din_ray.train.faults import FAULTS_ENV
 from din_ray.train.evaluate import evaluate_checkpoint
+from din_ray.train.faults import FAULTS_ENV
 from din_ray.train.local import run_local
 
 
