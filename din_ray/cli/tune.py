@@ -12,7 +12,8 @@ import sys
 
 from din_ray.cli.train import add_train_arguments, config_from_args
 from din_ray.config import LEARNING_KNOBS, add_arguments
-from din_ray.tune.run import NoResultError, TuneSettings, run_tune, summarize_tune
+from din_ray.tune.results import NoResultError
+from din_ray.tune.run import TuneSettings, run_tune, summarize_tune
 
 # What a search fixes for every trial: the learning knobs and the workers' resources (where the
 # trials' runs are stored and which cluster they join are the search's own settings).

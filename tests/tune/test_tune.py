@@ -27,7 +27,8 @@ from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.ray_session import start_local_ray
 from din_ray.train.forward import forward, to_torch
 from din_ray.train.local import run_local
-from din_ray.tune.run import TuneSettings, run_tune, write_outputs
+from din_ray.tune.results import write_outputs
+from din_ray.tune.run import TuneSettings, run_tune
 from din_ray.tune.space import load_space
 
 ray = pytest.importorskip("ray")
