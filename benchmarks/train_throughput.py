@@ -237,8 +237,10 @@ def data_rates(ds, args, trainer_rate: float | None) -> dict:
     out["iter_numpy_batches_rows_per_s"] = statistics.median(rates)
     import ray
 
+    from din_ray.ray_session import start_local_ray
+
     tmp = tempfile.mkdtemp(prefix="ray-tt-", dir="/tmp")
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    start_local_ray(4, temp_dir=tmp, dashboard=False, log_to_driver=False)
     try:
         ray_rates, ray_np_rates = [], []
         for _ in range(3):
@@ -272,7 +274,9 @@ def scaling(ds, args) -> dict:
 
     # One local Ray for all runs (run_ray joins it): its own temp dir on this shared machine, and
     # logical CPUs beyond the workers' so Ray Data has some to read with.
-    ray.init(num_cpus=4, _temp_dir=tempfile.mkdtemp(prefix="ray-tts-", dir="/tmp"))
+    from din_ray.ray_session import start_local_ray
+
+    start_local_ray(4, temp_dir=tempfile.mkdtemp(prefix="ray-tts-", dir="/tmp"), dashboard=False)
     try:
         runs = _scaling_rounds(ds, args)
     finally:

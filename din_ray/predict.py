@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import torch
 
 from din_ray import checkpoint as ckpt
+from din_ray import io as atomic
 from din_ray.data.format import SPLITS, DataError, PreparedDataset, to_numpy
 from din_ray.train.forward import forward, to_torch
 from din_ray.train.regularizers import BatchRegularizer
@@ -136,13 +137,7 @@ def predict(cfg: PredictConfig) -> dict:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():  # overwrite: swap, then delete the old copy
-        trash = out.with_name(f".{out.name}.old-{time.time_ns()}")
-        out.rename(trash)
-        ckpt.publish(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        ckpt.publish(tmp, out)
+    atomic.publish(tmp, out)  # an existing output is swapped out, then deleted
 
 
 def _predict_local(cfg: PredictConfig, checkpoint: str, files: list[Path], tmp: Path) -> int:

@@ -1,8 +1,9 @@
 """Join a running Ray cluster, or start a local one that training, tuning and serving can rely on.
 
-Every din-ray command that needs Ray goes through `connect`: with an address (the argument or
-$RAY_ADDRESS) it joins that cluster; without one it starts a local Ray in this process the way
-this module's two fixes require:
+This is the only module that calls `ray.init` (tests/test_layout.py checks it). Every din-ray
+command that needs Ray goes through `connect` (or the `session` context that also shuts down what
+it started): with an address (the argument or $RAY_ADDRESS) it joins that cluster; without one it
+starts a local Ray in this process the way this module's two fixes require:
 
 * The dashboard is on, on a port chosen here, and its address is exported to every Ray process.
   A Tune trial that ASHA stops is killed mid-run; Ray Train's detached `PlacementGroupCleaner`
@@ -18,10 +19,12 @@ this module's two fixes require:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -31,11 +34,12 @@ API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 START_ATTEMPTS = 3
 
 
-def connect(address: str | None = None, num_cpus: int = 4, dashboard: bool = True,
-            **init_kwargs) -> bool:
+def connect(address: str | None = None, num_cpus: int | None = 4, dashboard: bool = True,
+            temp_dir: str | None = None, **init_kwargs) -> bool:
     """Join the running Ray (this process's, `address` or $RAY_ADDRESS), else start a local one
-    with `num_cpus` logical CPUs. Returns whether this call connected (and so should
-    `ray.shutdown()` when done).
+    with `num_cpus` logical CPUs (None: this machine's) and its files under `temp_dir`. Returns
+    whether this call connected (and so should `ray.shutdown()` when done). `init_kwargs` go to
+    `ray.init` either way (e.g. `log_to_driver`).
 
     `dashboard=False` starts a local Ray without the dashboard, for work with no Tune trials
     to stop: the dashboard's processes (a head and nine modules) take seconds of CPU to start,
@@ -49,11 +53,26 @@ def connect(address: str | None = None, num_cpus: int = 4, dashboard: bool = Tru
     if address:
         ray.init(address=address, **init_kwargs)
     else:
-        start_local_ray(num_cpus, dashboard=dashboard, **init_kwargs)
+        start_local_ray(num_cpus, temp_dir=temp_dir, dashboard=dashboard, **init_kwargs)
     return True
 
 
-def start_local_ray(num_cpus: int, temp_dir: str | None = None, dashboard: bool = True,
+@contextlib.contextmanager
+def session(address: str | None = None, num_cpus: int | None = 4, dashboard: bool = True,
+            temp_dir: str | None = None, **init_kwargs) -> Iterator[None]:
+    """`connect` for the length of a `with` block; shuts down only a Ray this block started or
+    joined (a Ray already running in this process is left as it was)."""
+    import ray
+
+    connected = connect(address, num_cpus, dashboard, temp_dir, **init_kwargs)
+    try:
+        yield
+    finally:
+        if connected:
+            ray.shutdown()
+
+
+def start_local_ray(num_cpus: int | None, temp_dir: str | None = None, dashboard: bool = True,
                     **init_kwargs) -> None:
     """Start a local Ray in this process whose workers can reach its own dashboard (see the
     module docstring; `dashboard=False`: none, see `connect`), retrying a start that times

@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    ray.init(address=address, log_to_driver=args.verbose)
+    from din_ray.ray_session import connect
+
+    connect(address, log_to_driver=args.verbose)
     try:
         load_app_module().deploy(config)
     finally:

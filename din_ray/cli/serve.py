@@ -107,10 +107,10 @@ def _serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    init = {"address": args.address} if args.address else {"num_cpus": args.num_cpus}
-    if args.temp_dir and not args.address:
-        init["_temp_dir"] = str(Path(args.temp_dir).resolve())
-    ray.init(**init, log_to_driver=args.verbose)
+    from din_ray.ray_session import connect
+
+    temp_dir = str(Path(args.temp_dir).resolve()) if args.temp_dir else None
+    connect(args.address, num_cpus=args.num_cpus, temp_dir=temp_dir, log_to_driver=args.verbose)
     signal.signal(signal.SIGTERM, _stop)
     try:
         load_app_module().deploy(config)

@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from din_ray import io as atomic
 from din_ray.schema import PAD_ID, Schema, SchemaError
 
 log = logging.getLogger(__name__)
@@ -439,11 +440,5 @@ class DatasetWriter:
                               {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                               for p in files}}
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if self.output.exists():  # overwrite: swap, then delete the old copy
-            trash = self.output.with_name(f".{self.output.name}.old-{time.time_ns()}")
-            self.output.rename(trash)
-            self.tmp.rename(self.output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            self.tmp.rename(self.output)
+        atomic.publish(self.tmp, self.output)  # an existing copy is swapped out, then deleted
         log.info("wrote %s: %s", self.output, self.rows)

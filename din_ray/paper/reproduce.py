@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import math
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from din_ray import checkpoint as ckpt
+from din_ray import io as atomic
 from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.embeddings.regularization import REGULARIZERS
@@ -321,7 +321,7 @@ def write_csv(rows: list[dict], path: Path, fields) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-    _atomic_text(path, buf.getvalue())
+    atomic.write_text(path, buf.getvalue())
 
 
 def markdown(cfg: ReproduceConfig, rows: list[dict], dataset: PreparedDataset,
@@ -364,12 +364,6 @@ def markdown(cfg: ReproduceConfig, rows: list[dict], dataset: PreparedDataset,
         lines += [f"† Some runs of this row stopped before epoch {cfg.epochs}; they are reported "
                   "from their latest epoch checkpoint (see runs.csv, `epochs_run`).", ""]
     return "\n".join(lines)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # --- figures ------------------------------------------------------------------------------------
@@ -520,7 +514,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     seconds = sum(r["train_seconds"] for r in records) or (time.perf_counter() - t0)
     rows = build_tables(cfg, records)
     written = {}
-    _atomic_text(out / "table.md", markdown(cfg, rows, dataset, seconds))
+    atomic.write_text(out / "table.md", markdown(cfg, rows, dataset, seconds))
     write_csv(rows, out / "table.csv", CSV_FIELDS)
     write_csv(records, out / "runs.csv", ("entry", "reg", "seed", "gauc", "auc", "logloss",
                                           "best_epoch", "epochs_run", "partial",

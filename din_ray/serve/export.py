@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
+from din_ray import io as atomic
 from din_ray.checkpoint import (
     ID_FILTER,
     MANIFEST,
@@ -120,9 +121,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *,
                 "encoded_elsewhere": sorted(hashed)}
         (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")
         shutil.copyfile(LOADER, tmp / "load.py")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
+        atomic.publish(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

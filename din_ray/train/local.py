@@ -7,7 +7,6 @@ under OUTPUT/checkpoints; what `din-ray train --local` runs.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from din_ray import checkpoint as ckpt
+from din_ray import io as atomic
 from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.train.env import WorkerEnv
@@ -53,11 +53,8 @@ class LocalEnv(WorkerEnv):
 
     def report(self, metrics: dict, write_checkpoint: Callable[[Path], None]) -> None:
         final = self.root / f"epoch-{metrics['epoch']:04d}"
-        tmp = self.root / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        write_checkpoint(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        ckpt.publish(tmp, final)
+        with atomic.staged_dir(final) as tmp:
+            write_checkpoint(tmp)
         # Retain only the latest and the best epoch (the one `summarize` names).
         keep = {final.name, best_epoch_dir(self.root)}
         for p in self.root.glob("epoch-*"):

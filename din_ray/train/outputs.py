@@ -10,11 +10,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 from din_ray import checkpoint as ckpt
+from din_ray import io as atomic
 from din_ray.config import EXECUTION_KNOBS, TrainConfig
 
 METRICS = "metrics.json"
@@ -107,14 +107,9 @@ def finalize_output(cfg: TrainConfig, result: dict, best_checkpoint: Path | None
     out.mkdir(parents=True, exist_ok=True)
     if best_checkpoint is not None:
         final = out / CHECKPOINT
-        tmp = out / f".checkpoint.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(best_checkpoint, tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        ckpt.publish(tmp, final)
+        with atomic.staged_dir(final) as tmp:
+            shutil.copytree(best_checkpoint, tmp, dirs_exist_ok=True)
         result = {**result, "checkpoint": str(final)}
     result = {**result, "model": cfg.model.model, "config": cfg.to_dict()}
-    tmp = out / f".{METRICS}.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    tmp.replace(out / METRICS)
+    atomic.write_json(out / METRICS, result)
     return out / METRICS

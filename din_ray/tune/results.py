@@ -11,15 +11,13 @@ Each trial's best epoch is chosen by the one rule (`din_ray.train.selection`).
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from din_ray import checkpoint as ckpt
+from din_ray import io as atomic
 from din_ray.config import TrainConfig
 from din_ray.train.selection import best_scored, epochs_since_best
 from din_ray.tune.space import SearchSpace
@@ -94,7 +92,7 @@ def write_outputs(out: Path, space: SearchSpace, base: TrainConfig, records: lis
                                 > (sign * best_row[space.metric], rec["trial_id"])):
             best_record, best_row = rec, row
     frame = pd.DataFrame(table)
-    _atomic(out / "trials.csv", lambda p: frame.to_csv(p, index=False))
+    atomic.write_with(out / "trials.csv", lambda p: frame.to_csv(p, index=False))
     paths = {"trials": str(out / "trials.csv")}
     if best_record is None:
         raise NoResultError(f"no trial reported a {space.metric} yet; see {out / 'trials.csv'} "
@@ -121,13 +119,10 @@ def _copy_checkpoint(source: str | None, dest: Path) -> Path:
 
     if not source:
         raise RuntimeError("the best epoch reported no checkpoint_path")
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ray.train.Checkpoint(source).to_directory(str(tmp))
-    if not (tmp / ckpt.MANIFEST).exists():
-        raise RuntimeError(f"{source}: incomplete checkpoint (no {ckpt.MANIFEST})")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    with atomic.staged_dir(dest) as tmp:
+        ray.train.Checkpoint(source).to_directory(str(tmp))
+        if not (tmp / ckpt.MANIFEST).exists():
+            raise RuntimeError(f"{source}: incomplete checkpoint (no {ckpt.MANIFEST})")
     return dest
 
 
@@ -169,10 +164,9 @@ def plot_trials(records: list[dict], space: SearchSpace, path: Path, best_id: st
                  f"({', '.join(space.params)})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"),
+                      suffix=path.suffix)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -181,10 +175,4 @@ def _fmt(v) -> str:
 
 
 def write_json(path: Path, obj) -> None:
-    _atomic(path, lambda p: p.write_text(json.dumps(obj, indent=2, default=plain) + "\n"))
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    atomic.write_json(path, obj, default=plain)

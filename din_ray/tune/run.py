@@ -146,7 +146,7 @@ def _settings_record(settings: TuneSettings, space: SearchSpace, base: TrainConf
     record = {k: v for k, v in asdict(settings).items()
               if k not in ("address", "num_cpus", "max_concurrent", "output", "space")}
     record["space"] = space.to_dict()  # its content: the same file may be named another way
-    record["train"] = json.loads(json.dumps(base.to_dict()))  # tuples as lists, as on disk
+    record["train"] = json.loads(json.dumps(base.flat()))  # tuples as lists, as on disk
     return record
 
 
@@ -161,7 +161,7 @@ def _check_resume(path: Path, record: dict) -> None:
         old["sampler_seed"] = old.pop("seed")
     # The one rule for configs read back: an unknown key fails, a missing one is today's default.
     old_train = TrainConfig.from_dict(old.get("train", {}), f"{path} [train]")
-    old = {**old, "train": json.loads(json.dumps(old_train.to_dict()))}
+    old = {**old, "train": json.loads(json.dumps(old_train.flat()))}
     for key in sorted(set(old) | set(record)):
         if old.get(key) != record.get(key):
             if isinstance(old.get(key), dict) and isinstance(record.get(key), dict):

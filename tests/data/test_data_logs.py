@@ -7,15 +7,12 @@ workers."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import yaml
 
 from din_ray.data.format import DataError, PreparedDataset
@@ -24,15 +21,6 @@ from din_ray.data.logs.spec import SpecError, load_spec, parse_spec
 from din_ray.data.logs.synthetic import write_synthetic_logs
 from din_ray.schema import OOV_ID, PAD_ID
 from din_ray.serve.scoring import RequestError, load_vocabularies
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    tmp = f"/tmp/ray-lg{os.getpid()}"
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp)  # fewer processes to start
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write(path: Path, text: str) -> Path:

@@ -6,12 +6,10 @@ equal to examples/taobao.yaml."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
-import ray
 
 from din_ray.cli import main as cli_main
 from din_ray.data.format import PreparedDataset
@@ -66,18 +64,14 @@ def write_taobao(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    tmp = f"/tmp/ray-tb{os.getpid()}"
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp)  # fewer processes to start
+def prepared(ray_cluster, tmp_path_factory):
     root = write_taobao(tmp_path_factory.mktemp("taobao") / "raw")
     out = root.parent / "out"
     # Train: before 1494600000; valid: up to 1494651100; test: the rest.
     code = cli_main(["prepare", "taobao", "--input", str(root), "--output", str(out),
                      "--max-history", "3", "--valid-start", "1494600000",
                      "--test-start", "1494651050"])
-    yield code, PreparedDataset.open(out)
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
+    return code, PreparedDataset.open(out)
 
 
 def test_schema_has_profile_context_ad_and_aligned_behaviour_features(prepared):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import shutil
 import socket
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -26,7 +26,6 @@ from serve_helpers import (
     offline_scores,
     payloads,
     raw_items,
-    start_local_ray,
     train_tiny,
 )
 
@@ -55,10 +54,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     run = train_tiny(root, "din")
-    temp = start_local_ray(num_cpus=4)
     port = _free_port()
     args = {"checkpoint": str(run), "max_candidates": 8, "max_body_bytes": 4000,
             "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
@@ -69,8 +67,6 @@ def server(tmp_path_factory):
                "port": port}
     finally:
         serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _post(server, payload, **kw) -> requests.Response:
@@ -272,7 +268,8 @@ def test_config_yaml_and_cli_config_are_valid_serve_configs(tmp_path):
 
     from din_ray.cli import serve as serve_cli
 
-    raw = yaml.safe_load((app.REPO_ROOT / "serve" / "config.yaml").read_text())
+    repo = Path(__file__).resolve().parents[2]
+    raw = yaml.safe_load((repo / "serve" / "config.yaml").read_text())
     config = ServeDeploySchema.model_validate(raw)
     (din,) = config.applications
     assert din.import_path == "din_ray.cli.serve:build_app"

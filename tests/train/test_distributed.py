@@ -7,11 +7,8 @@ bad configurations failing before any worker starts."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import time
-import uuid
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -36,28 +33,6 @@ def data(tmp_path_factory):
     # 256 training rows: 2 workers x 2 steps of 64 per epoch; valid/test 64 rows each.
     return write_tiny_dataset(tmp_path_factory.mktemp("dist") / "data", rows=256, items=200,
                               cates=12)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    # Ray's memory monitor kills workers when the whole host passes 95 % memory, whoever uses
-    # it; on a shared CI host that is other jobs' memory. The test's own use is tiny.
-    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    for attempt in range(4):
-        temp = f"/tmp/ray-dt{uuid.uuid4().hex[:6]}"  # fresh and short (unix socket paths)
-        try:
-            # No dashboard (no Tune here): fewer processes to start on a loaded host.
-            ray.init(num_cpus=4, _temp_dir=temp, include_dashboard=False)
-            break
-        except Exception:  # Ray gives its raylet 30 s to register: too short on a loaded host
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
-            if attempt == 3:
-                raise
-            time.sleep(5)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 def small_config(data: Path, output: Path, **overrides) -> TrainConfig:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +22,6 @@ from builders import write_tiny_dataset
 from din_ray.checkpoint import load_model, resolve_checkpoint
 from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
-from din_ray.ray_session import start_local_ray
 from din_ray.train.forward import forward, to_torch
 from din_ray.train.local import run_local
 from din_ray.tune.results import write_outputs
@@ -37,16 +34,6 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.timeout(1800)
 
 SPACE = Path(__file__).resolve().parents[2] / "tune_spaces" / "default.yaml"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    # Ray's memory monitor kills workers when the whole host passes 95 % memory, whoever uses it;
-    # on a shared host that is other jobs' memory (it killed this module's trials once).
-    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
-    start_local_ray(8, temp_dir=f"/tmp/ray-tt{uuid.uuid4().hex[:6]}")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +57,9 @@ def wait_for_released_placement_groups(timeout_s: float = 120.0) -> list[str]:
         time.sleep(1.0)
 
 
-def test_search_stops_trials_early_and_hands_over_a_loadable_best(cluster, data, tmp_path):
+def test_search_stops_trials_early_and_hands_over_a_loadable_best(ray_tune_cluster, data, tmp_path):
     settings = TuneSettings(output=str(tmp_path / "tune"), space=str(SPACE), trials=4,
-                            workers_per_trial=1, reduction_factor=2, seed=0)
+                            workers_per_trial=1, reduction_factor=2, sampler_seed=0)
     result = run_tune(settings, small_config(data))
     out = Path(settings.output)
 
@@ -122,11 +109,11 @@ def test_search_stops_trials_early_and_hands_over_a_loadable_best(cluster, data,
         run_tune(settings, small_config(data).replace(lr_decay=0.5))
 
 
-def test_two_worker_trials_run_one_after_another(cluster, data, tmp_path):
+def test_two_worker_trials_run_one_after_another(ray_tune_cluster, data, tmp_path):
     # One trial at a time: each one's two workers must give their CPUs back (also when ASHA
     # stops it) before the next can start, or this search never finishes.
     settings = TuneSettings(output=str(tmp_path / "tune2"), space=str(SPACE), trials=2,
-                            workers_per_trial=2, max_concurrent=1, reduction_factor=2, seed=1)
+                            workers_per_trial=2, max_concurrent=1, reduction_factor=2, sampler_seed=1)
     cfg = small_config(data).replace(epochs=2, cpus_per_worker=0.5)
     result = run_tune(settings, cfg)
     trials = pd.read_csv(Path(settings.output) / "trials.csv")

@@ -48,6 +48,7 @@ import pyarrow.csv as pcsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from din_ray import ray_session
 from din_ray.data import vocab_extend
 from din_ray.data.format import (
     SPLITS,
@@ -1037,21 +1038,6 @@ def _input_error(error: BaseException) -> Exception | None:
     return None
 
 
-@contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None):
-    """Use the running Ray, else join `address` (or start a local one) and shut it down after."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(address=address or None, num_cpus=num_cpus if not address else None)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 def _check_malformed(spec: LogSpec, files: list[FileStats]) -> None:
     total = sum(f.rows for f in files)
     bad = sum(f.malformed for f in files)
@@ -1155,7 +1141,7 @@ def prepare_logs(spec: LogSpec | str | Path, output_dir: str | Path, *, overwrit
     log.info("%d input units (~%d rows) -> %d buckets; staging in %s", len(units), est, buckets,
              staging)
     try:
-        session = (ray_session(address, num_cpus) if executor == "ray"
+        session = (ray_session.session(address, num_cpus, dashboard=False) if executor == "ray"
                    else contextlib.nullcontext())
         with session:
             return _prepare(spec, output, overwrite, staging, joins, join_stats, units, buckets,
