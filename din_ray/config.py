@@ -398,41 +398,63 @@ def _owner(name: str) -> type:
 
 def add_arguments(parser: argparse.ArgumentParser, names, *, required: set[str] = frozenset(),
                   help: dict[str, str] | None = None) -> None:
-    """Add the flags of the knobs `names` to `parser`, generated from their declarations.
-
-    A bool defaulting to False is a `--name` switch; one defaulting to True is its declared
-    negative flag (`--no-ad-bias`), except `zero_logit`-style 0/1 flags declared under their own
-    name; tuples of ints are comma-separated widths. `required` knobs have no default; `help`
-    overrides a knob's help text for this command.
-    """
+    """Add the flags of the training knobs `names` to `parser`, generated from their
+    declarations (see `add_field_argument`). `required` knobs have no default; `help`
+    overrides a knob's help text for this command."""
     defaults = TrainConfig().flat()
     for name in names:
-        meta = _meta(_owner(name), name)
-        if meta.get("cli") is False:
-            continue
-        flag = meta.get("flag") or "--" + name.replace("_", "-")
-        default = defaults[name]
-        text = (help or {}).get(name, meta.get("help", ""))
-        kw: dict[str, Any] = {"dest": name, "help": text}
-        if name in required:
-            kw["required"] = True
-        elif isinstance(default, bool):
-            if flag == "--" + name.replace("_", "-") and default:  # 0/1 under its own name
-                kw.update(type=_zero_one, default=default, metavar="{0,1}")
-            else:
-                kw.update(action="store_false" if default else "store_true")
-            parser.add_argument(flag, **kw)
-            continue
-        elif isinstance(default, tuple):
-            kw.update(type=_widths, default=default, metavar="W1,W2")
+        owner = _owner(name)
+        add_field_argument(parser, name, defaults[name], _meta(owner, name),
+                           _choices(owner, name), required=name in required,
+                           help=(help or {}).get(name))
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, *,
+                           required: set[str] = frozenset()) -> None:
+    """Add a flag for every `knob` field of the settings dataclass `cls` (e.g. TuneSettings)."""
+    for f in fields(cls):
+        default = None if f.default is dataclasses.MISSING else f.default
+        add_field_argument(parser, f.name, default, dict(f.metadata), f.metadata.get("choices"),
+                           required=f.name in required)
+
+
+def settings_from_args(cls: type, args: argparse.Namespace):
+    """The settings dataclass `cls` from the flags `add_settings_arguments` added."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+
+def add_field_argument(parser: argparse.ArgumentParser, name: str, default, meta: dict,
+                       choices=None, *, required: bool = False, help: str | None = None) -> None:
+    """One field's flag: `--name-with-dashes` (or the declared `flag`) of the default's type.
+
+    A bool defaulting to False is a `--name` switch; one defaulting to True is its declared
+    negative flag (`--no-ad-bias`), or a 0/1 value when declared under its own name
+    (`--zero-logit 0`); tuples of ints are comma-separated widths.
+    """
+    if meta.get("cli") is False:
+        return
+    flag = meta.get("flag") or "--" + name.replace("_", "-")
+    kw: dict[str, Any] = {"dest": name, "help": help or meta.get("help", "")}
+    if required:
+        kw["required"] = True
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            kw["type"] = type(default)
+    elif isinstance(default, bool):
+        if flag == "--" + name.replace("_", "-") and default:  # 0/1 under its own name
+            kw.update(type=_zero_one, default=default, metavar="{0,1}")
         else:
-            kw.update(type=type(default), default=default)
-            choices = _choices(_owner(name), name)
-            if choices:
-                kw["choices"] = tuple(choices)
-        if meta.get("metavar"):
-            kw["metavar"] = meta["metavar"]
+            kw.update(action="store_false" if default else "store_true")
         parser.add_argument(flag, **kw)
+        return
+    elif isinstance(default, tuple):
+        kw.update(type=_widths, default=default, metavar="W1,W2")
+    else:
+        kw.update(type=type(default), default=default)
+        if choices:
+            kw["choices"] = tuple(choices)
+    if meta.get("metavar"):
+        kw["metavar"] = meta["metavar"]
+    parser.add_argument(flag, **kw)
 
 
 def knobs_from_args(args: argparse.Namespace, names) -> dict:

@@ -94,3 +94,19 @@ def test_existing_flag_spellings_keep_working():
 def test_knob_names_are_unique_over_the_sections():
     names = [f.name for cls in SECTIONS.values() for f in fields(cls)]
     assert len(names) == len(set(names))
+
+
+def test_tune_flags_come_from_the_settings_declarations():
+    from din_ray.cli import tune as tune_cli
+    from din_ray.config import settings_from_args
+    from din_ray.tune.run import TuneSettings
+
+    p = argparse.ArgumentParser()
+    tune_cli.register(p.add_subparsers())
+    args = p.parse_args(["tune", "--data", "d", "--output", "o", "--seed", "3",
+                         "--sampler-seed", "7", "--no-default-trial", "--trials", "5"])
+    settings = settings_from_args(TuneSettings, args)
+    assert settings == TuneSettings(output="o", sampler_seed=7, default_trial=False, trials=5)
+    base = tune_cli.config_from_args(args, tune_cli.TRIAL_KNOBS)
+    assert base.optim.seed == 3  # the trials' training seed, not the sampler's
+    assert base.execution.storage_path == ""  # the search's own storage is not the trials'

@@ -39,7 +39,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from din_ray.config import TrainConfig
+from din_ray.config import TrainConfig, knob
 from din_ray.ray_session import connect
 from din_ray.train.outputs import ray_storage, storage_join
 from din_ray.tune.results import (
@@ -83,20 +83,26 @@ class TuneSettings:
         num_cpus: logical CPUs of a local Ray; 0 = enough for the concurrent trials, at least 4.
     """
 
-    output: str
-    space: str = "tune_spaces/default.yaml"
-    trials: int = 12
-    workers_per_trial: int = 1
-    max_concurrent: int = 0
-    sampler_seed: int = 0
-    grace_period: int = 1
-    reduction_factor: int = 3
-    startup_trials: int = 0
-    default_trial: bool = True
-    storage_path: str = ""
-    name: str = "tune"
-    address: str = ""
-    num_cpus: int = 0
+    output: str = knob("", "directory for trials.csv, best.json, best_checkpoint/, tune.png; "
+                           "rerunning the same command resumes the search there")
+    space: str = knob("tune_spaces/default.yaml", "search space YAML (tune_spaces/*.yaml)")
+    trials: int = knob(12, "configurations to try")
+    workers_per_trial: int = knob(1, "Ray Train workers of each trial")
+    max_concurrent: int = knob(0, "trials at once (0 = as many as the cluster's CPUs hold)")
+    sampler_seed: int = knob(0, "seed of Optuna's sampler (--seed is every trial's training "
+                                "seed)")
+    grace_period: int = knob(1, "epochs before ASHA may stop a trial")
+    reduction_factor: int = knob(3, "ASHA's η: a trial goes on past a rung only in the top 1/η")
+    startup_trials: int = knob(0, "random trials before TPE models the results (0 = a third "
+                                  "of --trials)")
+    default_trial: bool = knob(True, "do not spend the first trial on the untuned defaults",
+                               flag="--no-default-trial")
+    storage_path: str = knob("", "Ray storage (local dir or s3:// / gs:// URI); default "
+                                 "OUTPUT/ray")
+    name: str = knob("tune", "experiment name under the storage")
+    address: str = knob("", "Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
+    num_cpus: int = knob(0, "logical CPUs of a local Ray (0 = enough for the concurrent "
+                            "trials)")
 
     def __post_init__(self) -> None:
         checks = {"trials": self.trials >= 1, "workers_per_trial": self.workers_per_trial >= 1,
