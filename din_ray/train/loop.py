@@ -2,13 +2,14 @@
 
 `train_loop(cfg, env)` is the per-worker function: it builds the model and its embedding tables,
 trains for `cfg.optim.epochs` epochs with per-epoch exponential learning-rate decay, evaluates the
-validation and test splits after every epoch (predictions gathered from all workers, so metrics
-equal the single-process values), reports each epoch with a checkpoint, stops early when the
-validation GAUC has not improved for `cfg.optim.patience` epochs, and resumes from the environment's
-latest checkpoint if there is one.
+validation and test splits after every epoch (`EpochReporter`: predictions gathered from all
+workers, so metrics equal the single-process values), reports each epoch with a checkpoint,
+stops early when the validation GAUC has not improved for `cfg.optim.patience` epochs, and
+resumes from the environment's latest checkpoint if there is one. A `closed_form` model (the
+popularity baseline) is fitted from counts by `fit_closed_form` instead.
 
-The environment (`WorkerEnv`, din_ray.train.env) is what differs between running here in one process
-(`din_ray.train.local`) and under Ray Train (`din_ray.train.distributed`): where batches come from,
+The environment (`din_ray.train.env.WorkerEnv`) is what differs between one process
+(`din_ray.train.local`) and Ray Train (`din_ray.train.distributed`): where batches come from,
 how tables are sharded, how dense gradients are synchronised and where checkpoints go.
 
     din-ray train --data runs/ml --model din --epochs 5 --output runs/din

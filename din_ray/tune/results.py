@@ -42,7 +42,8 @@ def trial_record(result, base: TrainConfig) -> dict:
     if result.error is not None:
         first = str(result.error).splitlines()[0] if str(result.error) else ""
         error = f"{type(result.error).__name__}: {first}"
-    return history_record(trial_id, result.config, result.metrics_dataframe, error, "TERMINATED", base)
+    return history_record(trial_id, result.config, result.metrics_dataframe, error,
+                          "TERMINATED", base)
 
 
 def history_record(trial_id: str, config: dict, df: pd.DataFrame | None, error: str | None,
