@@ -115,3 +115,29 @@ def test_concurrency_follows_cluster_cpus():
     assert concurrent_trials(8, workers=2, cpus_per_worker=1.0) == 2
     assert concurrent_trials(2, workers=2, cpus_per_worker=1.0) == 1
     assert concurrent_trials(16, workers=2, cpus_per_worker=0.5) == 7
+
+
+def test_resume_check_reads_an_older_record_under_the_one_rule(tmp_path):
+    """settings.json of a search recorded before the config had sections, before the sampler's
+    seed had its own name and before `init_std` existed: it resumes; a changed knob is named;
+    an unknown one fails naming it."""
+    import json
+
+    from din_ray.tune.run import TuneSettings, _check_resume, _settings_record
+
+    space = load_space(SPACES / "default.yaml")
+    base = TrainConfig.create(data="d", output=str(tmp_path), embedding_dim=16)
+    record = _settings_record(TuneSettings(output=str(tmp_path)), space, base)
+    old = {k: v for k, v in record.items() if k != "sampler_seed"}
+    old["seed"] = record["sampler_seed"]
+    old["train"] = {k: v for k, v in record["train"].items() if k != "init_std"}
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(old))
+    _check_resume(path, record)  # missing init_std: today's default; "seed": the sampler's
+    path.write_text(json.dumps({**old, "train": {**old["train"], "lr": 0.5}}))
+    with pytest.raises(ValueError, match=r"train\.lr differs"):
+        _check_resume(path, record)
+    path.write_text(json.dumps({**old, "train": {**old["train"], "bogus": 1}}))
+    with pytest.raises(ValueError, match=r"settings.json \[train\]: unknown training config "
+                                         r"keys \['bogus'\]"):
+        _check_resume(path, record)
