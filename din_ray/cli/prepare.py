@@ -72,7 +72,7 @@ def _prepared(args: argparse.Namespace, source: str, prepare: Callable[..., Path
 
 
 def _add_history_ties(parser: argparse.ArgumentParser) -> None:
-    # The choices of din_ray.data.movielens.HISTORY_TIES (not imported: it would load pandas
+    # The choices of din_ray.data.common.HISTORY_TIES (not imported: it would load numpy
     # for every command).
     parser.add_argument("--history-ties", choices=("exclude", "keep"), default="exclude",
                         help="behaviours with the sample's own timestamp: exclude (default: "

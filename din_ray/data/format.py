@@ -52,6 +52,13 @@ class DataError(ValueError):
     """Bad input data; the message names the file, row and field where known."""
 
 
+def refuse_existing(output: str | Path, overwrite: bool) -> None:
+    """Raise FileExistsError when `output` exists and `overwrite` is off: every preparation
+    checks this before reading any input, and the writer again before writing."""
+    if Path(output).exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite)")
+
+
 def arrow_schema(schema: Schema) -> pa.Schema:
     """The Arrow schema of a prepared Parquet file for `schema`."""
     fields = [pa.field(schema.label, pa.int8()), pa.field(schema.user_column, pa.int64())]
@@ -362,9 +369,7 @@ class DatasetWriter:
     def __init__(self, output: str | Path, schema: Schema, source: str, params: dict | None = None,
                  overwrite: bool = False, rows_per_file: int = 200_000) -> None:
         self.output = Path(output)
-        if self.output.exists() and not overwrite:
-            raise FileExistsError(
-                f"{self.output} already exists; pass overwrite=True (--overwrite)")
+        refuse_existing(self.output, overwrite)
         self.schema = schema
         self.source = source
         self.params = params or {}

@@ -1,8 +1,8 @@
-"""Impression + behaviour logs prepared with Ray Data (din_ray.data.logs.pipeline) on a real local Ray:
-no future (or same-instant) behaviour in any history, histories equal to a brute-force reference
-over several buckets and units, vocabularies from the training period only, time splits,
-malformed rows counted and reported with file/line/field/value, the threshold failing the job
-with nothing written, spec errors naming the key, and DIN training on the output with 1 and 2
+"""Impression + behaviour logs prepared with Ray Data (din_ray.data.logs.pipeline) on a real
+local Ray: no future (or same-instant) behaviour in any history, histories equal to a brute-force
+reference over several buckets and units, vocabularies from the training period only, time
+splits, malformed rows counted and reported with file/line/field/value, the threshold failing the
+job with nothing written, spec errors naming the key, and DIN training on the output with 1 and 2
 workers."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from din_ray.data.format import DataError, PreparedDataset
-from din_ray.data.logs.pipeline import TimeHistogram, prepare_logs
+from din_ray.data.logs.pipeline import prepare_logs
 from din_ray.data.logs.spec import SpecError, load_spec, parse_spec
+from din_ray.data.logs.split import TimeHistogram
 from din_ray.data.logs.synthetic import write_synthetic_logs
 from din_ray.schema import OOV_ID, PAD_ID
 from din_ray.serve.scoring import RequestError, load_vocabularies

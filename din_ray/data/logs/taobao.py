@@ -105,7 +105,8 @@ def prepare_taobao(input_dir: str | Path, output_dir: str | Path, *, overwrite: 
                    vocab_from: str | Path | None = None, count_decay: float | None = None,
                    **options) -> LogReport:
     """Prepare the Taobao click log for DIN with the Ray Data pipeline (see
-    `din_ray.data.logs.pipeline.prepare_logs`, which also explains `vocab_from` and `count_decay`)."""
+    `din_ray.data.logs.pipeline.prepare_logs`, which also explains `vocab_from` and
+    `count_decay`)."""
     return prepare_logs(taobao_spec(input_dir, **options), output_dir, overwrite=overwrite,
                         address=address, num_cpus=num_cpus, vocab_from=vocab_from,
                         count_decay=count_decay)
