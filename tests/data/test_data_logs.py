@@ -365,7 +365,7 @@ def test_training_on_prepared_logs_with_one_and_two_workers(random_run, tmp_path
                   attention_hidden=(8, 4), mlp_hidden=(16, 8), patience=0, threads=1)
     one = run_local(TrainConfig.create(output=str(tmp_path / "one"), **common))
     two = run_ray(TrainConfig.create(output=str(tmp_path / "two"), workers=2, replicate_below=20,
-                              **common))
+                                     **common))
     for result in (one, two):
         assert np.isfinite(result["history"][0]["train_loss"])
         assert 0.0 <= result["auc"] <= 1.0
