@@ -2,7 +2,8 @@
 
 A distributed run reads every split below `TrainConfig.execution.cache_below_mb` once, in the
 driver, with `read_columns`, and hands the arrays to its workers through Ray's object store
-(zero-copy reads there); a Tune search does so once for all its trials. Each worker then takes its rows by index:
+(zero-copy reads there); a Tune search does so once for all its trials. Each worker then takes
+its rows by index:
 
   * training (`train_rows`): one permutation of the whole split per epoch, the same on every
     worker; worker r takes every world-th row of it from position r, cut to n // world rows, so
