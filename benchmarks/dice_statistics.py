@@ -35,7 +35,7 @@ import din_ray.train.loop as train_module
 from din_ray import checkpoint as ckpt
 from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
-from din_ray.model.din import Dice
+from din_ray.model.layers import Dice
 from din_ray.train.env import WorkerEnv
 from din_ray.train.evaluate import evaluate_split
 from din_ray.train.forward import forward, to_torch

@@ -45,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import Arch, load_batches  # noqa: E402
 from din_ray.config import TrainConfig  # noqa: E402
 from din_ray.data.format import PreparedDataset  # noqa: E402
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer  # noqa: E402
-from din_ray.model.din import ModelConfig, build_model  # noqa: E402
+from din_ray.embeddings.optim import RowWiseOptimizer  # noqa: E402
+from din_ray.embeddings.tables import EmbeddingTables  # noqa: E402
+from din_ray.model import ModelConfig, build_model  # noqa: E402
 from din_ray.train.forward import enable_tf32, to_torch  # noqa: E402
 from din_ray.train.local import run_local  # noqa: E402
 from din_ray.train.loop import STEP_LOSSES_KEY, train_step  # noqa: E402

@@ -174,7 +174,7 @@ def _reference_forms():
     gathered (C·L, D) rows) for a side-by-side figure; returns the function that swaps back."""
     import torch
 
-    from din_ray.model import din as m
+    from din_ray.model import layers as m
 
     saved = m.Dice._folded, m.TargetAttention.shared
 
@@ -198,7 +198,7 @@ def _unfused_one_history():
     """Swap in the one-history attention as it was before the fused path (the first layer's
     bias copied into the output, Dice in five passes, the pooling as a (C, L, D) product and a
     sum); returns the function that swaps back."""
-    from din_ray.model import din as m
+    from din_ray.model import layers as m
 
     saved = m.TargetAttention.shared
 

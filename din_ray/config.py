@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from din_ray.embeddings.regularization import REG_FORMS, REGULARIZERS
-from din_ray.model.din import ACTIVATIONS, ModelConfig
+from din_ray.model import ModelConfig, model_names
+from din_ray.model.layers import ACTIVATIONS
 from din_ray.schema import Schema
 
 PRECISIONS = ("fp32", "bf16")
@@ -343,8 +344,6 @@ def _meta(cls: type, name: str) -> dict:
 def _choices(cls: type, name: str):
     choices = _meta(cls, name).get("choices")
     if choices == "model_names":
-        from din_ray.model.din import model_names
-
         return model_names()
     return choices
 

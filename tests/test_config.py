@@ -14,7 +14,7 @@ from din_ray.config import (
     TrainConfig,
     add_arguments,
 )
-from din_ray.model.din import ModelConfig
+from din_ray.model import ModelConfig
 
 
 def test_flat_knobs_land_in_their_sections():

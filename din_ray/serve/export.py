@@ -43,7 +43,7 @@ from din_ray.checkpoint import (
     resolve_checkpoint,
 )
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.din import CTRModel
+from din_ray.model import CTRModel
 from din_ray.schema import OOV_ID, Schema
 
 log = logging.getLogger(__name__)

@@ -62,8 +62,8 @@ from din_ray.checkpoint import (
     resolve_checkpoint,
 )
 from din_ray.data.ids import bin_index, hashed_ids
-from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.din import CTRModel, SparseRequests
+from din_ray.embeddings.tables import EmbeddingTables, SparseRequests
+from din_ray.model import CTRModel
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, PAD_ID, Feature, Schema
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from din_ray.config import TrainConfig
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.din import CTRModel, Popularity
+from din_ray.model import CTRModel, Popularity
 from din_ray.schema import PAD_ID
 from din_ray.train.env import WorkerEnv
 from din_ray.train.forward import to_torch

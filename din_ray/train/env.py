@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from din_ray.config import TrainConfig
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.din import CTRModel
+from din_ray.model import CTRModel
 
 
 class WorkerEnv:

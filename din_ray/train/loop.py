@@ -29,11 +29,12 @@ from din_ray import checkpoint as ckpt
 from din_ray.allocator import keep_freed_memory
 from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset
+from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import (
     GRADIENT_REGULARIZERS,
 )
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model.din import CTRModel, build_model
+from din_ray.embeddings.tables import EmbeddingTables
+from din_ray.model import CTRModel, build_model
 from din_ray.schema import Schema
 from din_ray.train.counts import bias_prior, fit_from_counts
 from din_ray.train.env import WorkerEnv

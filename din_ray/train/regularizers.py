@@ -19,7 +19,7 @@ from din_ray.embeddings.regularization import (
     RowPenalty,
     build_regularizer,
 )
-from din_ray.model.din import CTRModel
+from din_ray.model import CTRModel
 from din_ray.train.counts import table_counts, tables_without_counts
 from din_ray.train.env import WorkerEnv
 from din_ray.train.forward import steps_per_epoch

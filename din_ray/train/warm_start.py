@@ -28,8 +28,9 @@ from din_ray.checkpoint import (
     resolve_checkpoint,
 )
 from din_ray.data.vocab_extend import schema_differences
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model.din import CTRModel, ModelConfig
+from din_ray.embeddings.optim import RowWiseOptimizer
+from din_ray.embeddings.tables import EmbeddingTables
+from din_ray.model import CTRModel, ModelConfig
 from din_ray.schema import Schema
 
 log = logging.getLogger(__name__)

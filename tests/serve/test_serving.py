@@ -20,7 +20,8 @@ from din_ray.checkpoint import ID_FILTER, CheckpointError
 from din_ray.data.format import PreparedDataset
 from din_ray.embeddings.regularization import IdFilter
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.din import Dice, ModelConfig, build_model, model_names
+from din_ray.model import ModelConfig, build_model, model_names
+from din_ray.model.layers import Dice
 from din_ray.schema import OOV_ID, Feature, Schema
 from din_ray.serve.scoring import (
     BinnedIds,

@@ -25,9 +25,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from din_ray.config import TrainConfig
+from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import MiniBatchAware
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model.din import ModelConfig, build_model
+from din_ray.embeddings.tables import EmbeddingTables
+from din_ray.model import ModelConfig, build_model
 from din_ray.serve.scoring import ParsedRequest, Scorer
 from din_ray.train.forward import to_torch
 from din_ray.train.local import run_local
