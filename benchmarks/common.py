@@ -21,7 +21,7 @@ from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model import ModelConfig, build_model
 from din_ray.schema import PAD_ID
-from din_ray.train.loop import forward, to_torch
+from din_ray.train.forward import forward, to_torch
 
 ITEM, CATE, HIST_ITEM, HIST_CATE = "item_id", "cate_id", "hist_item_id", "hist_cate_id"
 

@@ -23,10 +23,11 @@ import statistics
 import time
 from pathlib import Path
 
+from din_ray.config import TrainConfig
 from din_ray.continual import DayConfig, run_day
 from din_ray.data.logs.pipeline import prepare_logs
 from din_ray.data.logs.synthetic import write_synthetic_days
-from din_ray.train.loop import TrainConfig, run_local
+from din_ray.train.local import run_local
 
 RESULTS = Path(__file__).parent / "results" / "continual.json"
 
@@ -53,12 +54,12 @@ def bench_prepare(specs: list[Path], root: Path, repeat: int) -> dict:
 
 def bench_init_from(root: Path, train: dict) -> dict:
     day1, day2 = root / "prep-day1", root / "prep-ext"
-    run_local(TrainConfig(data=str(day1), output=str(root / "init-day1"), **train))
+    run_local(TrainConfig.create(data=str(day1), output=str(root / "init-day1"), **train))
     ckpt = root / "init-day1" / "checkpoint"
     out = {}
     for name, init in (("scratch_s", ""), ("init_from_s", str(ckpt))):
         shutil.rmtree(root / f"init-{name}", ignore_errors=True)
-        out[name] = _timed(lambda i=init, n=name: run_local(TrainConfig(
+        out[name] = _timed(lambda i=init, n=name: run_local(TrainConfig.create(
             data=str(day2), output=str(root / f"init-{n}"), init_from=i, **train)))
     out["added_s"] = out["init_from_s"] - out["scratch_s"]
     return out

@@ -2,7 +2,7 @@
 
     python benchmarks/dice_statistics.py --data /tmp/ml --output /tmp/dice-stats --epochs 1
 
-Trains one local run (`din_ray.train.loop.run_local`, defaults unless given) while recording every
+Trains one local run (`din_ray.train.local.run_local`, defaults unless given) while recording every
 Dice layer's batch statistics (mean and variance over the real rows, as Dice normalises with in
 training) at every step. Training never reads the moving averages, so the recorded sequence lets
 each way of keeping them be replayed after the fact on the same weights:
@@ -29,13 +29,17 @@ import argparse
 import json
 from pathlib import Path
 
-import din_ray.train.loop.loop as train_module
 import torch
 
+import din_ray.train.loop as train_module
 from din_ray import checkpoint as ckpt
+from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.model.layers import Dice
-from din_ray.train.loop import TrainConfig, WorkerEnv, evaluate_split, forward, run_local, to_torch
+from din_ray.train.env import WorkerEnv
+from din_ray.train.evaluate import evaluate_split
+from din_ray.train.forward import forward, to_torch
+from din_ray.train.local import run_local
 
 RESULTS = Path(__file__).parent / "results" / "dice_statistics.json"
 
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     train_module.build_model = build_and_record
     try:
-        cfg = TrainConfig(data=args.data, output=args.output, epochs=args.epochs,
+        cfg = TrainConfig.create(data=args.data, output=args.output, epochs=args.epochs,
                           model=args.model, seed=args.seed, patience=0)
         run_local(cfg)
     finally:
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     again.attach(model)
     model.train()
     with torch.no_grad():
-        batches = iter_numpy_batches(dataset.files("train"), dataset.schema, cfg.batch_size,
+        batches = iter_numpy_batches(dataset.files("train"), dataset.schema, cfg.optim.batch_size,
                                      shuffle=True, seed=1)
         for i, batch in enumerate(batches):
             if i == args.reestimate_batches:

@@ -43,21 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Arch, load_batches  # noqa: E402
+from din_ray.config import TrainConfig  # noqa: E402
 from din_ray.data.format import PreparedDataset  # noqa: E402
 from din_ray.embeddings.optim import RowWiseOptimizer  # noqa: E402
 from din_ray.embeddings.tables import EmbeddingTables  # noqa: E402
-from din_ray.model import (
-    ModelConfig,  # noqa: E402
-    build_model,  # noqa: E402
-)
-from din_ray.train.loop import (  # noqa: E402
-    STEP_LOSSES_KEY,
-    TrainConfig,
-    enable_tf32,
-    run_local,
-    to_torch,
-    train_step,
-)
+from din_ray.model import ModelConfig, build_model  # noqa: E402
+from din_ray.train.forward import enable_tf32, to_torch  # noqa: E402
+from din_ray.train.local import run_local  # noqa: E402
+from din_ray.train.loop import STEP_LOSSES_KEY, train_step  # noqa: E402
 
 SECTIONS = ("tests", "ray_losses", "throughput", "serving")
 
@@ -144,7 +137,7 @@ def _ray_run(work: Path, data: PreparedDataset, sizes: Sizes, name: str, use_gpu
 
     log_file = work / f"losses-{name}.jsonl"
     log_file.unlink(missing_ok=True)
-    cfg = TrainConfig(data=str(data.root), output=str(work / f"ray-{name}"), epochs=1,
+    cfg = TrainConfig.create(data=str(data.root), output=str(work / f"ray-{name}"), epochs=1,
                       batch_size=sizes.loss_batch, patience=0, use_gpu=use_gpu,
                       run_name=f"gpu-check-{name}", cpus_per_worker=1,
                       extra={STEP_LOSSES_KEY: str(log_file)})
@@ -210,7 +203,7 @@ def run_serving(work: Path, sizes: Sizes, device: torch.device, arch: Arch) -> d
     # architecture with Dice) when that section ran; checkpoints are device-independent.
     checkpoint = work / "ray-cpu" / "checkpoint"
     if not checkpoint.exists():
-        cfg = TrainConfig(data=str(synthetic(work, sizes.loss_rows).root),
+        cfg = TrainConfig.create(data=str(synthetic(work, sizes.loss_rows).root),
                           output=str(work / "serve-model"), epochs=1, batch_size=sizes.loss_batch,
                           embedding_dim=arch.embedding_dim, attention_hidden=arch.attention_hidden,
                           mlp_hidden=arch.mlp_hidden)

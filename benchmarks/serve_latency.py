@@ -366,8 +366,8 @@ def server_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from din_ray.checkpoint import resolve_checkpoint
     from din_ray.serve.deploy import app_config, deploy
-    from din_ray.serve.scoring import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(args.checkpoint).resolve()
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))

@@ -288,15 +288,15 @@ def scaling(ds, args) -> dict:
 
 
 def _scaling_rounds(ds, args) -> list[dict]:
+    from din_ray.config import TrainConfig
     from din_ray.train.distributed import run_ray
-    from din_ray.train.loop import TrainConfig
 
     runs = []
     for r in range(args.scaling_repeats):
         row = {}
         for workers in ((1, 2) if r % 2 == 0 else (2, 1)):
             out = Path(tempfile.mkdtemp(prefix=f"tt-scale{workers}-", dir="/tmp"))
-            cfg = TrainConfig(data=str(ds.root), output=str(out), model="din",
+            cfg = TrainConfig.create(data=str(ds.root), output=str(out), model="din",
                               activation=args.activation, batch_size=args.batch_size // workers,
                               epochs=1, reg="none", ad_bias=False, threads=1, workers=workers,
                               cpus_per_worker=1.0, run_name=f"scale{workers}",

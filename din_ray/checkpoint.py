@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from din_ray import io as atomic
+from din_ray.config import TrainConfig
 from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.tables import EmbeddingTables, TableSpec, row_block
 from din_ray.model import CTRModel, ModelConfig, build_model
@@ -218,6 +219,15 @@ class Checkpoint:
         return cls(path, manifest, Schema.load(path / "schema.json"),
                    _read_json(path / "config.json"), _read_json(path / "metrics.json"))
 
+    def train_config(self) -> TrainConfig:
+        """The training config the checkpoint was written with, read under the one rule for
+        configs on disk (din_ray.config: unknown keys fail, missing ones take today's default)."""
+        return TrainConfig.from_dict(self.config, str(self.path / "config.json"))
+
+    def model_config(self) -> ModelConfig:
+        """The model's own config, stored under its own key ("model") in config.json."""
+        return self.train_config().model
+
     def dense_state(self) -> dict:
         return _torch_load(self.path / "dense.pt")
 
@@ -273,12 +283,39 @@ def _torch_load(path: Path) -> dict:
                               f"{str(e)[:200]})") from None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory behind `path`, for every command that reads one (evaluate,
+    serve, predict, export, --init-from).
+
+    Accepts a checkpoint (has manifest.json), a `din-ray train` output directory (has
+    checkpoint/), or a `din-ray tune` output directory (has best.json naming the best trial's
+    checkpoint; a relative name is taken relative to that directory).
+    """
+    path = Path(path)
+    if (path / MANIFEST).exists():
+        return path
+    best = path / "best.json"
+    if best.exists():
+        try:
+            target = json.loads(best.read_text())["checkpoint"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{best}: expected a JSON object with a 'checkpoint' path "
+                                  f"({type(e).__name__}: {e})") from None
+        target = Path(target) if Path(target).is_absolute() else path / target
+        return resolve_checkpoint(target)
+    if (path / "checkpoint" / MANIFEST).exists():
+        return path / "checkpoint"
+    raise CheckpointError(f"{path}: not a checkpoint (no {MANIFEST}), a train output (no "
+                          "checkpoint/) or a tune output (no best.json)")
+
+
 def load_model(path: str | Path) -> tuple[CTRModel, EmbeddingTables, Checkpoint]:
     """A checkpoint as an evaluation-mode model with whole (unsharded) tables: what evaluation,
     serving and the reports load. The model is rebuilt from the model fields of the saved
-    training config, so nothing here depends on `train`."""
-    c = Checkpoint.open(path)
-    model = build_model(c.schema, ModelConfig.from_dict(c.config))
+    training config, so nothing here depends on `train`. `path` is anything
+    `resolve_checkpoint` accepts."""
+    c = Checkpoint.open(resolve_checkpoint(path))
+    model = build_model(c.schema, c.model_config())
     model.load_state_dict(c.dense_state()["model"])
     tables = EmbeddingTables(model.table_specs())
     c.restore_tables(tables)

@@ -81,7 +81,8 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test",
              batch_size: int = 8192) -> Evaluation:
     """Score `checkpoint` on `split` of `data`, a dataset whose vocabularies may extend the
     checkpoint's: ids beyond the checkpoint's tables are OOV to it."""
-    from din_ray.train.loop import WorkerEnv, evaluate_split  # the loop's own evaluation
+    from din_ray.train.env import WorkerEnv  # the loop's own evaluation
+    from din_ray.train.evaluate import evaluate_split
 
     model, tables, c = load_model(checkpoint)
     dataset = PreparedDataset.open(data)
@@ -204,8 +205,9 @@ class DayConfig:
 def run_day(cfg: DayConfig) -> dict:
     """Prepare, train from the champion, evaluate both, gate, promote; returns the ledger
     record (also appended to OUTPUT/ledger.jsonl)."""
+    from din_ray.config import TrainConfig
     from din_ray.data.logs.pipeline import prepare_logs
-    from din_ray.train.loop import TrainConfig, run_local
+    from din_ray.train.local import run_local
 
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -223,9 +225,9 @@ def run_day(cfg: DayConfig) -> dict:
     init_from = "" if cfg.from_scratch or current is None else current.checkpoint
     run = output / "runs" / cfg.day
     shutil.rmtree(run, ignore_errors=True)  # a rerun of the day starts it over
-    train_cfg = TrainConfig(**{**cfg.train, "data": str(data), "output": str(run),
+    train_cfg = TrainConfig.create(**{**cfg.train, "data": str(data), "output": str(run),
                                "init_from": init_from})
-    if train_cfg.workers > 1:
+    if train_cfg.execution.workers > 1:
         from din_ray.train.distributed import run_ray
 
         run_ray(train_cfg)

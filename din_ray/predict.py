@@ -32,7 +32,8 @@ import torch
 from din_ray import checkpoint as ckpt
 from din_ray import io as atomic
 from din_ray.data.format import SPLITS, DataError, PreparedDataset, to_numpy
-from din_ray.train.loop import BatchRegularizer, TrainConfig, forward, to_torch
+from din_ray.train.forward import forward, to_torch
+from din_ray.train.regularizers import BatchRegularizer
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class Scorer:
         if dataset.schema.with_embedding_dim(dim) != c.schema:
             raise ValueError(f"{data}: its schema does not match the checkpoint's ({checkpoint})")
         self.schema = c.schema
-        self.regularizer = BatchRegularizer(TrainConfig.from_dict(c.config), dataset)
+        self.regularizer = BatchRegularizer(c.train_config(), dataset)
         self.device = torch.device(device)
         self.model.to(self.device)
         self.tables.to(self.device)
@@ -112,7 +113,7 @@ def predict(cfg: PredictConfig) -> dict:
         raise DataError(f"{dataset.root / cfg.split}: no Parquet files")
     for path in files:
         dataset.check_file(path)
-    checkpoint = str(_resolve(cfg.checkpoint))
+    checkpoint = str(ckpt.resolve_checkpoint(cfg.checkpoint))
     out = Path(cfg.output)
     if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite)")
@@ -133,14 +134,6 @@ def predict(cfg: PredictConfig) -> dict:
         raise
     log.info("wrote %d predictions of %s/%s to %s (%s)", rows, cfg.data, cfg.split, out, engine)
     return {"output": str(out), "rows": rows, "engine": engine, "split": cfg.split}
-
-
-def _resolve(path: str) -> Path:
-    """A checkpoint, or a train output directory holding one (as `din-ray evaluate` takes)."""
-    path = Path(path)
-    if not (path / ckpt.MANIFEST).exists() and (path / "checkpoint" / ckpt.MANIFEST).exists():
-        return path / "checkpoint"
-    return path
 
 
 def _publish(tmp: Path, out: Path) -> None:

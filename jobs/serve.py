@@ -26,10 +26,9 @@ import logging
 import os
 import sys
 
-from din_ray.checkpoint import CheckpointError
+from din_ray.checkpoint import CheckpointError, resolve_checkpoint
 from din_ray.cli import build_parser
 from din_ray.cli.serve import app_config
-from din_ray.serve.scoring import resolve_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,21 +16,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from din_ray import checkpoint as ckpt
+from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset
 from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import build_regularizer
 from din_ray.embeddings.sharding import ShardedEmbeddingTables, embedding_group
 from din_ray.embeddings.tables import EmbeddingTables, IdRangeError, TableSpec, row_block
 from din_ray.model import build_model
-from din_ray.train.loop import (
-    TrainConfig,
-    WorkerEnv,
-    forward,
-    table_counts,
-    tables_without_counts,
-    to_torch,
-    train_loop,
-)
+from din_ray.train.counts import table_counts, tables_without_counts
+from din_ray.train.env import WorkerEnv
+from din_ray.train.forward import forward, to_torch
+from din_ray.train.loop import train_loop
 
 
 def _entry(rank: int, world: int, init_file: str, out_dir: str, fn, args) -> None:
@@ -61,7 +57,7 @@ def equivalence_config(data: Path, **overrides) -> TrainConfig:
     values = dict(data=str(data), activation="prelu", dropout=0.0, embedding_dim=4,
                   attention_hidden=(8, 4), mlp_hidden=(16, 8), lam=0.05, lr=0.01)
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.create(**values)
 
 
 def train_steps(rank: int, world: int, data: str, replicate_below: int, steps: int,
@@ -73,21 +69,23 @@ def train_steps(rank: int, world: int, data: str, replicate_below: int, steps: i
     and the embedding bytes held here."""
     cfg = equivalence_config(Path(data), replicate_below=replicate_below)
     dataset = PreparedDataset.open(data)
-    schema = dataset.schema.with_embedding_dim(cfg.embedding_dim)
-    torch.manual_seed(cfg.seed)
-    model = build_model(schema, cfg.model_config())
+    schema = cfg.training_schema(dataset.schema)
+    torch.manual_seed(cfg.optim.seed)
+    model = build_model(schema, cfg.model)
     if world == 1:
-        tables, dense = EmbeddingTables(model.table_specs(), seed=cfg.seed), model
+        tables, dense = EmbeddingTables(model.table_specs(), seed=cfg.optim.seed), model
     else:
-        tables = ShardedEmbeddingTables(model.table_specs(), rank, world, seed=cfg.seed,
+        tables = ShardedEmbeddingTables(model.table_specs(), rank, world, seed=cfg.optim.seed,
                                         replicate_below=replicate_below, group=embedding_group())
         dense = torch.nn.parallel.DistributedDataParallel(model)
-    dense_opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    sparse_opt = RowWiseOptimizer(tables, "adam", lr=cfg.lr, reg_form=cfg.reg_form)
+    dense_opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
+    sparse_opt = RowWiseOptimizer(tables, "adam", lr=cfg.optim.lr,
+                                  reg_form=cfg.regularization.reg_form)
     rows = dataset.read_split("train")
     counts = {**dataset.counts(), **table_counts(model, tables_without_counts(
         model, dataset.counts()), iter([rows]))}
-    regularizer = build_regularizer("mba", cfg.lam, counts, global_batch=global_batch)
+    regularizer = build_regularizer("mba", cfg.regularization.lam, counts,
+                                    global_batch=global_batch)
     share = global_batch // world
     losses = []
     for step in range(steps):
@@ -154,11 +152,12 @@ def predict_checkpoint(rank: int, world: int, checkpoint: str, data: str,
     """Restore `checkpoint` into `world` workers (sharded tables), predict `split` (each rank its
     contiguous share, in one lookup) and gather: probabilities of the whole split, in order."""
     c = ckpt.Checkpoint.open(checkpoint)
-    cfg = TrainConfig.from_dict(c.config)
-    model = build_model(c.schema, cfg.model_config())
+    cfg = c.train_config()
+    model = build_model(c.schema, cfg.model)
     model.load_state_dict(c.dense_state()["model"])
     tables = ShardedEmbeddingTables(model.table_specs(), rank, world,
-                                    replicate_below=cfg.replicate_below, group=embedding_group())
+                                    replicate_below=cfg.execution.replicate_below,
+                                    group=embedding_group())
     c.restore_tables(tables)
     model.eval()
     tables.eval()
@@ -186,7 +185,7 @@ class GlooEnv(WorkerEnv):
 
     def train_batches(self, epoch: int):
         rows = self.dataset.read_split("train")
-        n, share = len(rows[self.dataset.schema.label]), self.cfg.batch_size
+        n, share = len(rows[self.dataset.schema.label]), self.cfg.optim.batch_size
         for lo in range(0, n - share * self.world_size + 1, share * self.world_size):
             yield {k: v[lo + self.rank * share:lo + (self.rank + 1) * share]
                    for k, v in rows.items()}
@@ -198,7 +197,8 @@ class GlooEnv(WorkerEnv):
 
     def make_tables(self, model, cfg):
         return ShardedEmbeddingTables(model.table_specs(), self.rank, self.world_size,
-                                      seed=cfg.seed, replicate_below=cfg.replicate_below,
+                                      seed=cfg.optim.seed,
+                                      replicate_below=cfg.execution.replicate_below,
                                       group=embedding_group())
 
     def wrap_dense(self, model):

@@ -12,9 +12,11 @@ import torch
 from builders import write_tiny_dataset
 
 from din_ray.checkpoint import load_model
+from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset
 from din_ray.schema import OOV_ID, PAD_ID
-from din_ray.train.loop import TrainConfig, forward, run_local
+from din_ray.train.forward import forward
+from din_ray.train.local import run_local
 
 
 def train_tiny(root: Path, model: str = "din", name: str | None = None, **overrides) -> Path:
@@ -24,7 +26,7 @@ def train_tiny(root: Path, model: str = "din", name: str | None = None, **overri
     if not data.exists():
         write_tiny_dataset(data, rows=600, seed=0)
     out = root / (name or model)
-    run_local(TrainConfig(**{**dict(data=str(data), output=str(out), model=model, epochs=1,
+    run_local(TrainConfig.create(**{**dict(data=str(data), output=str(out), model=model, epochs=1,
                                     batch_size=64, embedding_dim=8, attention_hidden=(16, 8),
                                     mlp_hidden=(16, 8), threads=1, seed=1), **overrides}))
     return out

@@ -13,7 +13,9 @@ import pytest
 from builders import write_tiny_dataset
 
 from din_ray.checkpoint import MANIFEST, Checkpoint, CheckpointError
-from din_ray.train.loop import TrainConfig, best_epoch_dir, run_local, summarize
+from din_ray.config import TrainConfig
+from din_ray.train.local import run_local
+from din_ray.train.selection import best_epoch_dir, summarize
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def data(tmp_path_factory):
 def config(data, out, **kw) -> TrainConfig:
     base = dict(data=str(data), output=str(out), epochs=1, batch_size=64, embedding_dim=4,
                 attention_hidden=(8, 4), mlp_hidden=(16, 8), patience=0)
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.create(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,16 @@ from din_ray.cli import main as cli_main
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.metrics import evaluate_predictions
 from din_ray.predict import CTR, PredictConfig, predict, read_predictions, to_arrays
-from din_ray.train.loop import (
-    BatchRegularizer,
-    TrainConfig,
-    WorkerEnv,
-    evaluate_checkpoint,
-    predict_split,
-)
+from din_ray.train.env import WorkerEnv
+from din_ray.train.evaluate import evaluate_checkpoint, predict_split
+from din_ray.train.regularizers import BatchRegularizer
 
 
 def evaluated_probs(run, data, split: str) -> np.ndarray:
     """The probabilities `evaluate_checkpoint` computes its metrics from, in split order."""
     model, tables, c = load_model(run / "checkpoint")
     dataset = PreparedDataset.open(data)
-    batches = BatchRegularizer(TrainConfig.from_dict(c.config), dataset).eval(
+    batches = BatchRegularizer(c.train_config(), dataset).eval(
         iter_numpy_batches(dataset.files(split), dataset.schema, 8192))
     return predict_split(model, tables, batches, c.schema, WorkerEnv())["prob"]
 

@@ -17,7 +17,7 @@ def _continual(args: argparse.Namespace) -> int:
     from din_ray.cli.train import config_from_args
     from din_ray.continual import DayConfig, run_day
 
-    train = config_from_args(args, output="unused", workers=args.workers).to_dict()
+    train = config_from_args(args, output="unused", workers=args.workers).flat()
     for key in ("data", "output", "init_from"):
         train.pop(key)
     day = args.day or Path(args.spec).resolve().parent.name

@@ -49,9 +49,9 @@ def step(n: int, text: str) -> float:
 def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
     import ray
 
+    from din_ray.config import TrainConfig
     from din_ray.ray_session import start_local_ray
     from din_ray.train.distributed import run_ray
-    from din_ray.train.loop import TrainConfig
     from din_ray.tune.run import TuneSettings, run_tune
 
     output = output.resolve()
@@ -66,7 +66,7 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
     start_local_ray(8, log_to_driver=False)
     try:
         t = step(2, f"train DIN with {workers} Ray Train workers -> {output / 'train'}")
-        cfg = TrainConfig(data=str(data), output=str(output / "train"), model="din",
+        cfg = TrainConfig.create(data=str(data), output=str(output / "train"), model="din",
                           epochs=epochs, workers=workers, cpus_per_worker=1.0, threads=1)
         result = run_ray(cfg)
         print(f"    test GAUC {result['gauc']:.4f} (best epoch {result['best_epoch']}); "
@@ -75,7 +75,7 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
         t = step(3, f"tune lam, lr, activation: {trials} trials -> {output / 'tune'}")
         best = run_tune(TuneSettings(output=str(output / "tune"), trials=trials,
                                      space="default"),  # the packaged space
-                        TrainConfig(data=str(data), output=str(output / "tune"), epochs=1,
+                        TrainConfig.create(data=str(data), output=str(output / "tune"), epochs=1,
                                     threads=1))
         metrics = {k: best.get("metrics", {}).get(k, float("nan"))
                    for k in ("valid_gauc", "test_gauc")}
@@ -84,8 +84,8 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
               f"  ({time.perf_counter() - t:.0f}s)")
 
         t = step(4, f"serve the best checkpoint on http://127.0.0.1:{port}")
+        from din_ray.checkpoint import resolve_checkpoint
         from din_ray.serve.deploy import app_config, deploy
-        from din_ray.serve.scoring import resolve_checkpoint
         from din_ray.serve.settings import ServeArgs
         checkpoint = resolve_checkpoint(output / "tune")
         deploy(app_config(ServeArgs(checkpoint=str(checkpoint)), port=port))

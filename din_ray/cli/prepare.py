@@ -44,7 +44,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-frac", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--embedding-dim", type=int, default=16,
-                        help="embedding width recorded in the schema (training may override)")
+                        help="embedding width recorded in the schema: what training uses unless "
+                             "given its own --embedding-dim")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     _add_vocab_from(parser)
 
@@ -189,7 +190,9 @@ def _add_taobao(sources: argparse._SubParsersAction) -> None:
                    help="timestamp cutoff instead of fractions (with --test-start)")
     p.add_argument("--test-start", type=int, default=None)
     p.add_argument("--min-count", type=int, default=1, help="rarer ids become OOV")
-    p.add_argument("--embedding-dim", type=int, default=16)
+    p.add_argument("--embedding-dim", type=int, default=16,
+                   help="embedding width recorded in the schema: what training uses unless "
+                        "given its own --embedding-dim")
     p.add_argument("--seed", type=int, default=0)
     _add_ray(p)
     p.set_defaults(func=_run_taobao)

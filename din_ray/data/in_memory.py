@@ -1,8 +1,9 @@
 """Small prepared splits held whole in memory, and each worker's deterministic share of them.
 
-A distributed run reads every split below `TrainConfig.cache_below_mb` once, in the driver, with
-`read_columns`, and hands the arrays to its workers through Ray's object store (zero-copy reads
-there); a Tune search does so once for all its trials. Each worker then takes its rows by index:
+A distributed run reads every split below `TrainConfig.execution.cache_below_mb` once, in the
+driver, with `read_columns`, and hands the arrays to its workers through Ray's object store
+(zero-copy reads there); a Tune search does so once for all its trials. Each worker then takes
+its rows by index:
 
   * training (`train_rows`): one permutation of the whole split per epoch, the same on every
     worker; worker r takes every world-th row of it from position r, cut to n // world rows, so
@@ -51,7 +52,7 @@ def epoch_permutation(num_rows: int, seed: int) -> np.ndarray:
 def train_rows(num_rows: int, rank: int, world_size: int, seed: int,
                shuffle: bool = True) -> np.ndarray:
     """The training rows of worker `rank` for the epoch seeded by `seed`, in order; without
-    `shuffle` the split's own row order (TrainConfig.shuffle off: the global batches of a
+    `shuffle` the split's own row order (TrainConfig.optim.shuffle off: the global batches of a
     local run). -> (num_rows // world_size,) int64"""
     order = epoch_permutation(num_rows, seed) if shuffle else np.arange(num_rows)
     return order[rank::world_size][:num_rows // world_size]

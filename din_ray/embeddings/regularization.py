@@ -90,7 +90,7 @@ class MiniBatchAware(RowPenalty):
     the training samples whose lookups of that table include id j: `counts.npz` of the prepared
     data for the feature tables, and counted from the training split for derived tables (a
     candidate's bias table: the samples whose candidate is j, not the history occurrences its
-    base table also counts; see `din_ray.train.loop.table_counts`).
+    base table also counts; see `din_ray.train.counts.table_counts`).
 
     Args:
         lam: λ (the paper uses 0.01).
@@ -110,7 +110,7 @@ class MiniBatchAware(RowPenalty):
         inv = self.inv_counts.get(table)
         if inv is None:
             raise KeyError(f"no id counts for table {table!r}; have {sorted(self.inv_counts)} "
-                           "(count derived tables with din_ray.train.loop.table_counts)")
+                           "(count derived tables with din_ray.train.counts.table_counts)")
         return inv
 
     def weights(self, table: str, ids: Tensor) -> Tensor:

@@ -117,6 +117,10 @@ class CTRModel(nn.Module):
                            computes each user's side once and equals `forward` on the batch
                            with the user side repeated for every candidate. Default False:
                            serving then scores the repeated batch through `forward`.
+        closed_form        fitted without gradients: the one table is computed by
+                           `table_from_counts(clicks, impressions, smoothing)` from the
+                           candidate's training counts (`din_ray.train.loop.fit_closed_form`);
+                           such a model has no trainable parameters. Default False.
 
     A class that redefines `forward`, or a method `forward` relies on without the method the
     fast path runs in its place (`fast_path_counterparts`), has the fast path off unless it
@@ -125,6 +129,7 @@ class CTRModel(nn.Module):
     """
 
     shares_user_side: ClassVar[bool] = False
+    closed_form: ClassVar[bool] = False
     # A method `forward` relies on -> the method `score_candidates` runs in its place. A model
     # with a fast path lists the steps of its `forward` that the fast path replaces.
     fast_path_counterparts: ClassVar[dict[str, str]] = {}

@@ -38,7 +38,7 @@ CROSS_ROWS = CROSS_BUCKETS + 2
 # --- first-order (one weight per id) terms, shared by LR and DeepFM -----------------------------
 def first_order_specs(schema: Schema) -> dict[str, TableSpec]:
     """A dim-1 table per feature: `<table>.w_<feature>`, named after the feature's table. Its
-    n_j for MBA are counted on its own lookups (`din_ray.train.loop.table_counts`)."""
+    n_j for MBA are counted on its own lookups (`din_ray.train.counts.table_counts`)."""
     return {_w(f.table, f.name): TableSpec(_w(f.table, f.name), f.vocab_size, 1)
             for f in schema.features}
 

@@ -21,8 +21,10 @@ class Popularity(CTRModel):
 
     Its one table holds logit((clicks_j + k·p) / (impressions_j + k)) per candidate id j, with p
     the global click rate and k = `config.smoothing`; it is filled by counting, not by SGD
-    (see `din_ray.train.loop`). Unseen ids get the global rate.
+    (see `din_ray.train.loop.fit_closed_form`). Unseen ids get the global rate.
     """
+
+    closed_form = True
 
     def __init__(self, schema: Schema, config: ModelConfig) -> None:
         super().__init__(schema, config)

@@ -35,7 +35,7 @@ def plot_curves(curves: dict[str, list[list[dict]]], path: str | Path, title: st
 
     Args:
         curves: label -> one per-epoch history per seed; each epoch a dict with `epoch`,
-            `test_gauc` and `train_loss` (the `history` of `din_ray.train.loop.summarize`).
+            `test_gauc` and `train_loss` (the `history` of `din_ray.train.selection.summarize`).
         path: PNG to write.
     Thin lines are single seeds, thick lines with markers their mean over the seeds that ran
     that epoch (early stopping can end seeds at different epochs).

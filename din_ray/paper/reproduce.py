@@ -2,7 +2,7 @@
 
     din-ray reproduce --data out/ml-small --output runs/reproduce --seeds 3 --epochs 4
 
-Every run goes through `din_ray.train.loop.run_local`, the path of `din-ray train`, into
+Every run goes through `din_ray.train.local.run_local`, the path of `din-ray train`, into
 OUTPUT/runs/<model>-<reg>-seed<k>/ (a finished run is reused when the command is repeated, an
 interrupted one resumes from its checkpoint). The grid follows the paper's two tables:
 
@@ -35,12 +35,16 @@ import torch
 
 from din_ray import checkpoint as ckpt
 from din_ray import io as atomic
+from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.embeddings.regularization import REGULARIZERS
 from din_ray.metrics import rela_impr
 from din_ray.paper import figures as plots
 from din_ray.schema import NUM_RESERVED_IDS, PAD_ID
-from din_ray.train.loop import TrainConfig, run_local, summarize, to_torch
+from din_ray.train.forward import to_torch
+from din_ray.train.local import run_local
+from din_ray.train.outputs import OutputInUseError, check_output_is_this_run, clear_output
+from din_ray.train.selection import summarize
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +156,7 @@ def train_config(cfg: ReproduceConfig, dataset: PreparedDataset, entry: str, reg
                   patience=cfg.patience, threads=1)
     if reg == "filter":
         values["filter_top_k"] = cfg.filter_top_k or default_filter_top_k(dataset)
-    return TrainConfig(**values)
+    return TrainConfig.create(**values)
 
 
 def default_filter_top_k(dataset: PreparedDataset) -> int:
@@ -166,6 +170,11 @@ def _train_one(cfg_dict: dict) -> dict:
     """Process-pool entry point: one run through the `din-ray train` path."""
     cfg = TrainConfig.from_dict(cfg_dict)
     torch.set_num_threads(1)
+    try:
+        check_output_is_this_run(cfg)  # an interrupted run of this cell resumes
+    except OutputInUseError as e:  # the cell's directory from another configuration
+        log.info("reproduce: retraining %s (%s)", cfg.output, e)
+        clear_output(cfg)
     return run_local(cfg)
 
 
@@ -176,14 +185,16 @@ def _load_result(run_dir: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
-def _same_config(done: dict, want: dict) -> bool:
-    """A finished run is reused when its recorded config agrees on every field both know
-    (fields added to TrainConfig since it ran are not held against it)."""
-    def norm(v):  # JSON turned tuples into lists
-        return list(v) if isinstance(v, tuple) else v
-
-    return all(norm(done[k]) == norm(want[k]) for k in done.keys() & want.keys()
-               if k not in ("output", "data"))
+def _same_config(done: dict, want: TrainConfig, source: str) -> bool:
+    """A finished run (its metrics.json's config, `done`) is reused when it was trained with
+    `want`, where it lives aside. The recorded config is read under the one rule for configs on
+    disk: a field added to TrainConfig since it ran takes today's default."""
+    where = {"output": want.output, "data": want.data}
+    try:
+        return TrainConfig.from_dict(done, source).replace(**where) == want
+    except ValueError as e:  # a config this version cannot read: train the cell again
+        log.info("reproduce: %s", e)
+        return False
 
 
 def train_all(cfg: ReproduceConfig) -> list[dict]:
@@ -197,7 +208,8 @@ def train_all(cfg: ReproduceConfig) -> list[dict]:
     todo = []
     for i, (*_, tc) in enumerate(jobs):
         done = _load_result(Path(tc.output))
-        if done is not None and _same_config(done.get("config", {}), tc.to_dict()):
+        if done is not None and _same_config(done.get("config", {}), tc,
+                                             f"{tc.output}/metrics.json [config]"):
             records[i] = done
         else:
             todo.append(i)

@@ -35,7 +35,13 @@ from torch import Tensor, nn
 from torch.export import Dim
 
 from din_ray import io as atomic
-from din_ray.checkpoint import ID_FILTER, MANIFEST, CheckpointError, load_model
+from din_ray.checkpoint import (
+    ID_FILTER,
+    MANIFEST,
+    CheckpointError,
+    load_model,
+    resolve_checkpoint,
+)
 from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model import CTRModel
 from din_ray.schema import OOV_ID, Schema
@@ -83,9 +89,7 @@ def example_batch(schema: Schema, rows: int = 4) -> dict[str, Tensor]:
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *,
                       overwrite: bool = False) -> Path:
     """Write the export directory (see the module docstring) atomically; returns it."""
-    checkpoint, output = Path(checkpoint), Path(output)
-    if not (checkpoint / MANIFEST).exists() and (checkpoint / "checkpoint" / MANIFEST).exists():
-        checkpoint = checkpoint / "checkpoint"
+    checkpoint, output = resolve_checkpoint(checkpoint), Path(output)
     if output.exists() and not overwrite:
         raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite)")
     if (checkpoint / ID_FILTER).exists():
@@ -112,7 +116,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *,
                 mapping = dict(zip(t.column("raw").to_pylist(), t.column("id").to_pylist(),
                                    strict=True))
                 (tmp / "vocab" / f"{table}.json").write_text(json.dumps(mapping))
-        info = {"model": c.config.get("model"), "checkpoint": str(checkpoint.resolve()),
+        info = {"model": c.model_config().model, "checkpoint": str(checkpoint.resolve()),
                 "version": _version(checkpoint), "torch": torch.__version__,
                 "encoded_elsewhere": sorted(hashed)}
         (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -19,7 +19,6 @@ runs (and is tested) without Ray.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +29,13 @@ import torch
 from torch import Tensor
 
 from din_ray.allocator import keep_freed_memory
-from din_ray.checkpoint import ID_FILTER, MANIFEST, Checkpoint, CheckpointError, load_model
+from din_ray.checkpoint import (
+    ID_FILTER,
+    MANIFEST,
+    Checkpoint,
+    load_model,
+    resolve_checkpoint,
+)
 from din_ray.data.ids import Vocabulary, load_encoders
 from din_ray.embeddings.tables import EmbeddingTables, SparseRequests
 from din_ray.model import CTRModel
@@ -43,31 +48,6 @@ USER_SIDE = ("user", "behavior", "context")  # groups shared by all candidates o
 
 
 # --- checkpoints --------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory behind `path`.
-
-    Accepts a checkpoint (has manifest.json), a `din-ray train` output directory (has
-    checkpoint/), or a `din-ray tune` output directory (has best.json naming the best trial's
-    checkpoint; a relative name is taken relative to that directory).
-    """
-    path = Path(path)
-    if (path / MANIFEST).exists():
-        return path
-    best = path / "best.json"
-    if best.exists():
-        try:
-            target = json.loads(best.read_text())["checkpoint"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{best}: expected a JSON object with a 'checkpoint' path "
-                                  f"({type(e).__name__}: {e})") from None
-        target = Path(target) if Path(target).is_absolute() else path / target
-        return resolve_checkpoint(target)
-    if (path / "checkpoint" / MANIFEST).exists():
-        return path / "checkpoint"
-    raise CheckpointError(f"{path}: not a checkpoint (no {MANIFEST}), a train output (no "
-                          "checkpoint/) or a tune output (no best.json)")
-
-
 def checkpoint_version(path: Path) -> str:
     """Short content hash of the manifest: changes whenever a different checkpoint is served."""
     return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()[:12]
@@ -191,7 +171,7 @@ class ServedModel:
         keep_freed_memory()  # a request's activations reuse the last one's pages
         model, tables, ckpt = load_model(path)
         parser = RequestParser(ckpt.schema, load_vocabularies(path, ckpt.schema), limits)
-        name = str(ckpt.config.get("model", type(model).__name__))
+        name = ckpt.model_config().model
         served = cls(path, ckpt, parser, Scorer(model, tables, ckpt.schema, device), name,
                      checkpoint_version(path))
         log.info("serving %s version %s from %s on %s", name, served.version, path, device)

@@ -20,7 +20,13 @@ from pathlib import Path
 
 import torch
 
-from din_ray.checkpoint import ID_FILTER, MANIFEST, Checkpoint, CheckpointError
+from din_ray.checkpoint import (
+    ID_FILTER,
+    MANIFEST,
+    Checkpoint,
+    CheckpointError,
+    resolve_checkpoint,
+)
 from din_ray.data.vocab_extend import schema_differences
 from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.tables import EmbeddingTables
@@ -38,7 +44,7 @@ def check_architecture(c: Checkpoint, schema: Schema, model_config: ModelConfig,
     """Raise CheckpointError naming everything that keeps `c` from initialising this model:
     model fields, schema structure, table widths, tables larger than the new vocabulary."""
     diffs = []
-    saved = asdict(ModelConfig.from_dict(c.config))
+    saved = asdict(c.model_config())
     for key, value in asdict(model_config).items():
         if key not in TRAINING_ONLY and saved.get(key) != value:
             diffs.append(f"model {key}: {saved.get(key)!r} in the checkpoint, {value!r} now")
@@ -70,7 +76,7 @@ def init_from_checkpoint(path: str | Path, model: CTRModel, tables: EmbeddingTab
     path = Path(path)
     if not (path / MANIFEST).exists() and (path / "checkpoint" / MANIFEST).exists():
         path = path / "checkpoint"
-    c = Checkpoint.open(path)
+    c = Checkpoint.open(resolve_checkpoint(path))
     if (c.path / ID_FILTER).exists():
         raise CheckpointError(f"--init-from {c.path}: trained with reg='filter', whose ids are "
                               "remapped; continue from a checkpoint without the id filter")

@@ -28,9 +28,10 @@ How it fits together (Ray 2.60, Train V2):
     again the epochs before it (`_report_earlier_epochs`: Tune restarts it with empty result
     files). A search killed before Tune first saved its state starts afresh (`_has_saved_state`).
 
-Outputs in OUTPUT: trials.csv (one row per trial), best.json (config, metrics, checkpoint),
-best_checkpoint/ (a copy of the winner's best epoch; what `din-ray serve OUTPUT` loads), tune.png
-(validation metric per epoch for every trial) and settings.json (what a resume must match).
+Outputs in OUTPUT (`din_ray.tune.results`): trials.csv (one row per trial), best.json (config,
+metrics, checkpoint), best_checkpoint/ (a copy of the winner's best epoch; what `din-ray serve
+OUTPUT` loads), tune.png (validation metric per epoch for every trial); and settings.json (what a
+resume must match).
 
 The known trap: a trial that ASHA stops must release its Train run's placement group, or later
 trials wait forever. On Ray 2.60 that cleanup goes through the dashboard, so for multi-worker
@@ -44,16 +45,20 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from din_ray import checkpoint as ckpt
-from din_ray import io as atomic
+from din_ray.config import TrainConfig, knob
 from din_ray.ray_session import connect
-from din_ray.train.loop import TrainConfig
+from din_ray.train.outputs import ray_storage, storage_join
+from din_ray.tune.results import (
+    history_record,
+    plain,
+    trial_record,
+    write_json,
+    write_outputs,
+)
 from din_ray.tune.space import SearchSpace, load_space
 
 log = logging.getLogger(__name__)
@@ -63,12 +68,6 @@ log = logging.getLogger(__name__)
 TRIAL_CPUS = 0.01
 # CPUs besides the workers' that a running trial needs for Ray Data's read tasks.
 READ_CPUS = 1.0
-STATUSES = ("completed", "early-stopped", "patience-stopped", "errored", "unfinished",
-            "not-run")
-
-
-class NoResultError(RuntimeError):
-    """No trial has reported a metric (all errored, or none got through an epoch yet)."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,7 @@ class TuneSettings:
         trials: number of configurations tried.
         workers_per_trial: Ray Train workers of each trial.
         max_concurrent: trials run at once; 0 = as many as the cluster's CPUs hold.
-        seed: seed of Optuna's TPE sampler (trainings use the TrainConfig's seed).
+        sampler_seed: seed of Optuna's TPE sampler (trainings use the TrainConfig's seed).
         grace_period: epochs every trial runs before ASHA may stop it.
         reduction_factor: ASHA's η; a trial continues past a rung only in the top 1/η there.
         startup_trials: TPE's random trials before it models the results; 0 = a third of
@@ -94,20 +93,27 @@ class TuneSettings:
         num_cpus: logical CPUs of a local Ray; 0 = enough for the concurrent trials, at least 4.
     """
 
-    output: str
-    space: str = "default"  # a packaged space's name (din_ray/resources/tune_spaces) or a path
-    trials: int = 12
-    workers_per_trial: int = 1
-    max_concurrent: int = 0
-    seed: int = 0
-    grace_period: int = 1
-    reduction_factor: int = 3
-    startup_trials: int = 0
-    default_trial: bool = True
-    storage_path: str = ""
-    name: str = "tune"
-    address: str = ""
-    num_cpus: int = 0
+    output: str = knob("", "directory for trials.csv, best.json, best_checkpoint/, tune.png; "
+                           "rerunning the same command resumes the search there")
+    space: str = knob("default", "search space: a YAML file, or a packaged space's name "
+                                 "(default, extended: din_ray/resources/tune_spaces/)")
+    trials: int = knob(12, "configurations to try")
+    workers_per_trial: int = knob(1, "Ray Train workers of each trial")
+    max_concurrent: int = knob(0, "trials at once (0 = as many as the cluster's CPUs hold)")
+    sampler_seed: int = knob(0, "seed of Optuna's sampler (--seed is every trial's training "
+                                "seed)")
+    grace_period: int = knob(1, "epochs before ASHA may stop a trial")
+    reduction_factor: int = knob(3, "ASHA's η: a trial goes on past a rung only in the top 1/η")
+    startup_trials: int = knob(0, "random trials before TPE models the results (0 = a third "
+                                  "of --trials)")
+    default_trial: bool = knob(True, "do not spend the first trial on the untuned defaults",
+                               flag="--no-default-trial")
+    storage_path: str = knob("", "Ray storage (local dir or s3:// / gs:// URI); default "
+                                 "OUTPUT/ray")
+    name: str = knob("tune", "experiment name under the storage")
+    address: str = knob("", "Ray cluster to join (default $RAY_ADDRESS, else a local Ray)")
+    num_cpus: int = knob(0, "logical CPUs of a local Ray (0 = enough for the concurrent "
+                            "trials)")
 
     def __post_init__(self) -> None:
         checks = {"trials": self.trials >= 1, "workers_per_trial": self.workers_per_trial >= 1,
@@ -124,16 +130,10 @@ class TuneSettings:
             raise ValueError(f"name must be a plain directory name, got {self.name!r}")
 
     def storage(self) -> str:
-        path = self.storage_path or str(Path(self.output) / "ray")
-        return path if "://" in path else str(Path(path).resolve())
+        return ray_storage(self.storage_path, self.output)
 
 
 # --- the trial ----------------------------------------------------------------------------------
-def _plain(value):
-    """numpy scalars from the sampler as Python values (TrainConfig and JSON want those)."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
 def _trial(config: dict, base: dict, runs_storage: str, in_memory_splits: dict) -> None:
     """One trial: a training run of `base` with the sampled `config` values; with one worker in
     this process (`din_ray.tune.trial`), else a distributed run on the splits the search put
@@ -144,16 +144,16 @@ def _trial(config: dict, base: dict, runs_storage: str, in_memory_splits: dict) 
     from din_ray.train.distributed import build_trainer, check_config
 
     trial_id = tune.get_context().get_trial_id()
-    values = {**base, **{k: _plain(v) for k, v in config.items()},
-              "storage_path": runs_storage, "run_name": f"trial-{trial_id}"}
-    cfg = TrainConfig.from_dict(values)
-    if in_process(cfg.workers):
+    cfg = TrainConfig.from_dict(base, "the search's base config").replace(
+        **{k: plain(v) for k, v in config.items()}, storage_path=runs_storage,
+        run_name=f"trial-{trial_id}")
+    if in_process(cfg.execution.workers):
         from din_ray.tune.trial import run_trial_in_process
 
-        run_trial_in_process(cfg, _join(runs_storage, cfg.run_name))
+        run_trial_in_process(cfg, storage_join(runs_storage, cfg.execution.run_name))
         return
     dataset = check_config(cfg)
-    _report_earlier_epochs(_join(runs_storage, cfg.run_name))
+    _report_earlier_epochs(storage_join(runs_storage, cfg.execution.run_name))
     # A failed trial is reported by Tune as errored; the TrainingFailedError names the cause.
     build_trainer(cfg, dataset, callbacks=[TuneReportCallback()],
                   in_memory_splits=in_memory_splits).fit()
@@ -183,7 +183,7 @@ def _settings_record(settings: TuneSettings, space: SearchSpace, base: TrainConf
     record = {k: v for k, v in asdict(settings).items()
               if k not in ("address", "num_cpus", "max_concurrent", "output", "space")}
     record["space"] = space.to_dict()  # its content: the same file may be named another way
-    record["train"] = json.loads(json.dumps(base.to_dict()))  # tuples as lists, as on disk
+    record["train"] = json.loads(json.dumps(base.flat()))  # tuples as lists, as on disk
     return record
 
 
@@ -194,10 +194,11 @@ def _check_resume(path: Path, record: dict) -> None:
     if not path.exists():
         return
     old = json.loads(path.read_text())
-    defaults = json.loads(json.dumps(TrainConfig(data="").to_dict()))
-    old_train = {**{k: v for k, v in defaults.items() if k not in old.get("train", {})},
-                 **old.get("train", {})}
-    old = {**old, "train": old_train}
+    if "seed" in old:  # recorded before the sampler's seed had a name of its own
+        old["sampler_seed"] = old.pop("seed")
+    # The one rule for configs read back: an unknown key fails, a missing one is today's default.
+    old_train = TrainConfig.from_dict(old.get("train", {}), f"{path} [train]")
+    old = {**old, "train": json.loads(json.dumps(old_train.flat()))}
     for key in sorted(set(old) | set(record)):
         if old.get(key) != record.get(key):
             if isinstance(old.get(key), dict) and isinstance(record.get(key), dict):
@@ -210,7 +211,7 @@ def _check_resume(path: Path, record: dict) -> None:
 
 
 def _connect(settings: TuneSettings, base: TrainConfig, max_concurrent: int) -> bool:
-    per_trial = trial_cpus(settings.workers_per_trial, base.cpus_per_worker)
+    per_trial = trial_cpus(settings.workers_per_trial, base.execution.cpus_per_worker)
     return connect(settings.address,
                    settings.num_cpus or max(4, math.ceil(per_trial * max(max_concurrent, 1))),
                    dashboard=not in_process(settings.workers_per_trial))
@@ -232,21 +233,21 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
     dataset = check_config(base)  # the data and the fixed fields, before any Ray work
     record = _settings_record(settings, space, base)
     _check_resume(out / "settings.json", record)
-    _write_json(out / "settings.json", record)
+    write_json(out / "settings.json", record)
 
     connected = _connect(settings, base, settings.max_concurrent)
     try:
         check_gpus(base)
         max_concurrent = settings.max_concurrent or concurrent_trials(
             ray.cluster_resources().get("CPU", 1.0), settings.workers_per_trial,
-            base.cpus_per_worker)
+            base.execution.cpus_per_worker)
         storage = settings.storage()
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=base.to_dict(),
-                                 runs_storage=_join(storage, f"{settings.name}-runs"),
+                                 runs_storage=storage_join(storage, f"{settings.name}-runs"),
                                  in_memory_splits=_shared_splits(dataset, base)),
             _trial_resources(base))
-        experiment = _join(storage, settings.name)
+        experiment = storage_join(storage, settings.name)
         if tune.Tuner.can_restore(experiment) and _has_saved_state(experiment):
             log.info("resuming the tuning run in %s", experiment)
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
@@ -258,7 +259,7 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
             tuner = _new_tuner(settings, space, base, trainable, storage, max_concurrent,
                                TPESampler, ASHAScheduler, OptunaSearch)
         grid = tuner.fit()
-        return write_outputs(out, space, base, [_trial_record(r, base) for r in grid])
+        return write_outputs(out, space, base, [trial_record(r, base) for r in grid])
     finally:
         if connected:
             ray.shutdown()
@@ -269,15 +270,16 @@ def _shared_splits(dataset, base: TrainConfig) -> dict:
     the files as `--local` does and need none."""
     from din_ray.train.distributed import put_small_splits
 
-    return {} if in_process(base.workers) else put_small_splits(dataset, base)
+    return {} if in_process(base.execution.workers) else put_small_splits(dataset, base)
 
 
 def _trial_resources(base: TrainConfig) -> dict:
     """What Tune reserves for the trial function: an in-process trial's worker, or a sliver
     for one that only waits on its Train run (whose workers reserve their own)."""
-    if not in_process(base.workers):
+    if not in_process(base.execution.workers):
         return {"CPU": TRIAL_CPUS}
-    return {"CPU": base.cpus_per_worker, **({"GPU": 1} if base.use_gpu else {})}
+    return {"CPU": base.execution.cpus_per_worker,
+            **({"GPU": 1} if base.execution.use_gpu else {})}
 
 
 def summarize_tune(settings: TuneSettings, base: TrainConfig) -> dict:
@@ -287,11 +289,11 @@ def summarize_tune(settings: TuneSettings, base: TrainConfig) -> dict:
 
     space, base, out = _prepare(settings, base)
     _check_resume(out / "settings.json", _settings_record(settings, space, base))
-    experiment = _join(settings.storage(), settings.name)
+    experiment = storage_join(settings.storage(), settings.name)
     analysis = ExperimentAnalysis(experiment)
     frames = analysis.trial_dataframes
-    records = [_record(t.trial_id, t.config, frames.get(t.trial_id), _error_line(t), t.status,
-                       base) for t in analysis.trials]
+    records = [history_record(t.trial_id, t.config, frames.get(t.trial_id), _error_line(t),
+                              t.status, base) for t in analysis.trials]
     return write_outputs(out, space, base, records)
 
 
@@ -311,8 +313,8 @@ def _error_line(trial) -> str | None:
 def _prepare(settings: TuneSettings, base: TrainConfig) -> tuple[SearchSpace, TrainConfig, Path]:
     space = load_space(settings.space)
     out = Path(settings.output).resolve()
-    base = replace(base, data=str(Path(base.data).resolve()), output=str(out),
-                   workers=settings.workers_per_trial)
+    base = base.replace(data=str(Path(base.data).resolve()), output=str(out),
+                        workers=settings.workers_per_trial)
     out.mkdir(parents=True, exist_ok=True)
     return space, base, out
 
@@ -324,10 +326,10 @@ def _new_tuner(settings, space, base, trainable, storage, max_concurrent, sample
     startup = settings.startup_trials or max(2, settings.trials // 3)
     defaults = default_point(space, base) if settings.default_trial else None
     searcher = searcher_cls(
-        sampler=sampler_cls(seed=settings.seed, n_startup_trials=startup),
+        sampler=sampler_cls(seed=settings.sampler_seed, n_startup_trials=startup),
         points_to_evaluate=[defaults] if defaults else None)
-    scheduler = scheduler_cls(time_attr="epoch", max_t=base.epochs,
-                              grace_period=min(settings.grace_period, base.epochs),
+    scheduler = scheduler_cls(time_attr="epoch", max_t=base.optim.epochs,
+                              grace_period=min(settings.grace_period, base.optim.epochs),
                               reduction_factor=settings.reduction_factor)
     return tune.Tuner(
         trainable, param_space=space.to_tune(),
@@ -341,7 +343,7 @@ def default_point(space: SearchSpace, base: TrainConfig) -> dict | None:
     """The fixed config's values of the searched parameters, if all lie in the space."""
     point = {}
     for name, p in space.params.items():
-        value = getattr(base, name)
+        value = base.get(name)
         inside = (value in p.args if p.distribution == "choice"
                   else p.args[0] <= value <= p.args[1])
         if not inside:
@@ -380,7 +382,8 @@ def _report_earlier_epochs(run_dir: str) -> None:
     the earlier ones would be missing from the trial's history (trials.csv, best.json) and from
     ASHA's view. No work is repeated: the metrics come from the history in the latest complete
     checkpoint. That may be one written as the driver died but never registered, whose epoch
-    Train then trains again; `_record` counts a twice-reported epoch once (the latest wins).
+    Train then trains again; `history_record` counts a twice-reported epoch once (the latest
+    wins).
     """
     import ray.train
     from ray import tune
@@ -390,7 +393,7 @@ def _report_earlier_epochs(run_dir: str) -> None:
                      if is_dir and name.startswith("epoch-")), reverse=True)
     for name in epochs:
         try:
-            with ray.train.Checkpoint(_join(run_dir, name)).as_directory() as local:
+            with ray.train.Checkpoint(storage_join(run_dir, name)).as_directory() as local:
                 history = json.loads(ckpt.Checkpoint.open(local).dense_state()["history"])
             break
         except ckpt.CheckpointError:
@@ -399,165 +402,4 @@ def _report_earlier_epochs(run_dir: str) -> None:
         return  # a first start, or killed before its first checkpoint
     for row in history:
         kept = f"epoch-{int(row['epoch']):04d}"  # Train keeps the best and the latest epochs
-        tune.report({**row, "checkpoint_path": _join(run_dir, kept) if kept in epochs else None})
-
-
-def _join(storage: str, name: str) -> str:
-    return f"{storage.rstrip('/')}/{name}" if "://" in storage else str(Path(storage) / name)
-
-
-# --- results ------------------------------------------------------------------------------------
-def _trial_record(result, base: TrainConfig) -> dict:
-    """A finished trial's row from its Tune Result."""
-    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
-    error = None
-    if result.error is not None:
-        first = str(result.error).splitlines()[0] if str(result.error) else ""
-        error = f"{type(result.error).__name__}: {first}"
-    return _record(trial_id, result.config, result.metrics_dataframe, error, "TERMINATED", base)
-
-
-def _record(trial_id: str, config: dict, df: pd.DataFrame | None, error: str | None,
-            tune_status: str, base: TrainConfig) -> dict:
-    """One trial's row: its config, status, and its per-epoch history (rank 0's reports)."""
-    rows: list[dict] = []
-    if df is not None and len(df) and "epoch" in df:
-        # A restarted trial may repeat the epochs it reported before; the latest report wins.
-        df = df.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last").sort_values("epoch")
-        rows = df.to_dict("records")
-    record = {"trial_id": trial_id, "config": {k: _plain(v) for k, v in config.items()},
-              "history": rows, "error": error}
-    if error is not None or tune_status == "ERROR":
-        record["status"] = "errored"
-    elif tune_status in ("PENDING", "RUNNING", "PAUSED"):
-        record["status"] = "unfinished"  # only when summarizing a search still under way
-    elif not rows:
-        record["status"] = "not-run"
-    elif int(rows[-1]["epoch"]) >= base.epochs:
-        record["status"] = "completed"
-    elif base.patience and _since_best(rows) >= base.patience:
-        record["status"] = "patience-stopped"  # the training loop's own early stop
-    else:
-        record["status"] = "early-stopped"  # ASHA stopped it at a rung
-    return record
-
-
-def _since_best(rows: list[dict]) -> int:
-    gaucs = [r["valid_gauc"] if not math.isnan(r["valid_gauc"]) else -math.inf for r in rows]
-    return len(rows) - 1 - int(np.argmax(gaucs))
-
-
-def _best_row(rows: list[dict], metric: str, mode: str) -> dict | None:
-    scored = [r for r in rows if r.get(metric) is not None and not math.isnan(r[metric])]
-    if not scored:
-        return None
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda r: r[metric])
-
-
-def write_outputs(out: Path, space: SearchSpace, base: TrainConfig, records: list[dict]) -> dict:
-    """trials.csv, best.json, best_checkpoint/ and tune.png from the trial records."""
-    table = []
-    best_record, best_row = None, None
-    sign = 1 if space.mode == "max" else -1
-    for rec in records:
-        row = _best_row(rec["history"], space.metric, space.mode)
-        rec["best"] = row
-        table.append({"trial_id": rec["trial_id"], **rec["config"], "status": rec["status"],
-                      "epochs_run": len(rec["history"]),
-                      f"best_{space.metric}": row[space.metric] if row else float("nan"),
-                      "best_epoch": int(row["epoch"]) if row else 0,
-                      "test_gauc_at_best": row.get("test_gauc") if row else float("nan"),
-                      "error": rec["error"] or ""})
-        # Ties (e.g. trials that all still rank as their popularity warm start) go to the
-        # smallest trial id, so a restored search, whose trials come back in another order,
-        # names the same winner.
-        if row is not None and (best_row is None
-                                or (sign * row[space.metric], best_record["trial_id"])
-                                > (sign * best_row[space.metric], rec["trial_id"])):
-            best_record, best_row = rec, row
-    frame = pd.DataFrame(table)
-    atomic.write_with(out / "trials.csv", lambda p: frame.to_csv(p, index=False))
-    paths = {"trials": str(out / "trials.csv")}
-    if best_record is None:
-        raise NoResultError(f"no trial reported a {space.metric} yet; see {out / 'trials.csv'} "
-                            "for each trial's status and error")
-    checkpoint = _copy_checkpoint(best_row.get("checkpoint_path"), out / "best_checkpoint")
-    metric_keys = [k for k in best_row if k.startswith(("valid_", "test_"))] + ["epoch"]
-    best = {"trial_id": best_record["trial_id"], "config": best_record["config"],
-            "metric": space.metric, "mode": space.mode,
-            "metrics": {k: _plain(best_row[k]) for k in metric_keys},
-            "status": best_record["status"],
-            "checkpoint": str(checkpoint), "ray_checkpoint": best_row.get("checkpoint_path"),
-            "train_config": {**base.to_dict(), **best_record["config"]},
-            "statuses": {s: sum(r["status"] == s for r in records) for s in STATUSES}}
-    _write_json(out / "best.json", best)
-    paths["best"] = str(out / "best.json")
-    paths["checkpoint"] = str(checkpoint)
-    paths["plot"] = str(plot_trials(records, space, out / "tune.png", best["trial_id"]))
-    return {**best, "trials": table, "paths": paths}
-
-
-def _copy_checkpoint(source: str | None, dest: Path) -> Path:
-    """Copy a Ray checkpoint (local path or URI) to `dest`, atomically; returns `dest`."""
-    import ray.train
-
-    if not source:
-        raise RuntimeError("the best epoch reported no checkpoint_path")
-    with atomic.staged_dir(dest) as tmp:
-        ray.train.Checkpoint(source).to_directory(str(tmp))
-        if not (tmp / ckpt.MANIFEST).exists():
-            raise RuntimeError(f"{source}: incomplete checkpoint (no {ckpt.MANIFEST})")
-    return dest
-
-
-def plot_trials(records: list[dict], space: SearchSpace, path: Path, best_id: str) -> Path:
-    """Validation metric per epoch for every trial; ASHA-stopped trials dashed, ending in x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {"completed": ("-", "o"), "early-stopped": ("--", "x"),
-              "patience-stopped": (":", "s"), "errored": (":", "v"), "unfinished": ("-.", ".")}
-    seen = set()
-    for rec in records:
-        h = rec["history"]
-        if not h:
-            continue
-        line, marker = styles.get(rec["status"], ("-", "o"))
-        is_best = rec["trial_id"] == best_id
-        label = None if rec["status"] in seen else rec["status"]
-        seen.add(rec["status"])
-        color = "black" if is_best else None
-        ax.plot([r["epoch"] for r in h], [r[space.metric] for r in h], linestyle=line,
-                marker=marker, linewidth=2.5 if is_best else 1.0, alpha=1.0 if is_best else 0.7,
-                color=color, label=label if not is_best else None)
-    best = next(r for r in records if r["trial_id"] == best_id)
-    ax.plot([], [], color="black", linewidth=2.5,
-            label="best: " + ", ".join(f"{k}={_fmt(v)}" for k, v in best["config"].items()))
-    if best.get("best"):  # the epoch whose checkpoint is handed over
-        ax.plot([best["best"]["epoch"]], [best["best"][space.metric]], marker="*",
-                markersize=16, color="gold", markeredgecolor="black", linestyle="none",
-                label="best checkpoint")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(space.metric)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    stopped = sum(r["status"] == "early-stopped" for r in records)
-    ax.set_title(f"{len(records)} trials, {stopped} stopped early by ASHA "
-                 f"({', '.join(space.params)})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    atomic.write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, bbox_inches="tight"),
-                      suffix=path.suffix)
-    plt.close(fig)
-    return path
-
-
-def _fmt(v) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
-
-
-def _write_json(path: Path, obj) -> None:
-    atomic.write_json(path, obj, default=_plain)
+        tune.report({**row, "checkpoint_path": storage_join(run_dir, kept) if kept in epochs else None})

@@ -21,14 +21,13 @@ workers, epochs, seed, ...) are set on the command line, not searched.
 from __future__ import annotations
 
 import math
-import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from din_ray.train.loop import TrainConfig
+from din_ray.config import TrainConfig, knob_types
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "lograndint", "choice")
 METRICS = ("valid_gauc", "valid_auc", "valid_logloss")
@@ -161,8 +160,8 @@ def parse_space(raw: Any, source: str = "<dict>") -> SearchSpace:
     return SearchSpace(metric=metric, mode=mode, params=out, source=source)
 
 
-_HINTS = typing.get_type_hints(TrainConfig)
-_FIELDS = {f.name for f in fields(TrainConfig)}
+_HINTS = knob_types()
+_FIELDS = set(_HINTS)
 
 
 def _parse_param(name: str, spec: Any, fail) -> Param:
@@ -204,7 +203,7 @@ def _parse_param(name: str, spec: Any, fail) -> Param:
         values = (low, high)
     for v in values:  # the field's own validation, so every trial's config constructs
         try:
-            TrainConfig(data="<space>", **{name: v})
+            TrainConfig.create(data="<space>", **{name: v})
         except ValueError as e:
             raise fail(key, f"value {v!r} is not a valid {name}: {e}") from None
     return Param(name=name, distribution=dist, args=values)

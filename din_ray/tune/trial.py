@@ -34,8 +34,11 @@ import torch
 
 from din_ray import checkpoint as ckpt
 from din_ray import io as atomic
+from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset
-from din_ray.train.loop import LocalEnv, TrainConfig, best_index, train_loop
+from din_ray.train.local import LocalEnv
+from din_ray.train.loop import train_loop
+from din_ray.train.selection import best_index
 
 
 class TrialEnv(LocalEnv):
@@ -44,7 +47,7 @@ class TrialEnv(LocalEnv):
     def __init__(self, cfg: TrainConfig, dataset: PreparedDataset, run_dir: str) -> None:
         super().__init__(cfg, dataset)
         # With use_gpu Tune gave this process one GPU (CUDA_VISIBLE_DEVICES): it is cuda:0.
-        self.device = torch.device("cuda" if cfg.use_gpu else "cpu")
+        self.device = torch.device("cuda" if cfg.execution.use_gpu else "cpu")
         self.run_dir = run_dir.rstrip("/")
         self.fs, self.path = pafs.FileSystem.from_uri(run_dir)
         self.local = isinstance(self.fs, pafs.LocalFileSystem)
@@ -63,7 +66,7 @@ class TrialEnv(LocalEnv):
         """The latest complete epoch, whose report is sent (again) before training resumes: a
         driver killed after the checkpoint was written and before Tune saved its report would
         otherwise leave that epoch unreported (a repeated report is dropped by ASHA and by
-        `din_ray.tune.run._record`, which keeps the last of an epoch)."""
+        `din_ray.tune.results`, which keeps the last of an epoch)."""
         from ray import tune
 
         done = self._complete()
@@ -123,8 +126,8 @@ class TrialEnv(LocalEnv):
 def run_trial_in_process(cfg: TrainConfig, run_dir: str) -> dict:
     """Train `cfg` (1 worker) in this Tune trial's process, checkpoints under `run_dir`, one
     `tune.report` per epoch. Returns the training summary (`train.summarize`)."""
-    if cfg.workers != 1:
-        raise ValueError(f"an in-process trial has 1 worker, got workers={cfg.workers}")
+    if cfg.execution.workers != 1:
+        raise ValueError(f"an in-process trial has 1 worker, got workers={cfg.execution.workers}")
     # As a Ray Train worker would: the trial holds cpus_per_worker CPUs.
-    torch.set_num_threads(cfg.threads or max(1, int(cfg.cpus_per_worker)))
+    torch.set_num_threads(cfg.execution.threads or max(1, int(cfg.execution.cpus_per_worker)))
     return train_loop(cfg, TrialEnv(cfg, PreparedDataset.open(cfg.data), run_dir))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from builders import random_columns, tiny_schema, write_tiny_dataset
 
+from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset
 from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import (
@@ -20,17 +21,10 @@ from din_ray.embeddings.regularization import (
 from din_ray.embeddings.tables import EmbeddingTables, TableSpec
 from din_ray.model import ModelConfig, build_model
 from din_ray.schema import OOV_ID, PAD_ID
-from din_ray.train.loop import (
-    BatchRegularizer,
-    LocalEnv,
-    TrainConfig,
-    bias_prior,
-    embedding_regularizer,
-    evaluate_checkpoint,
-    run_local,
-    table_counts,
-    tables_without_counts,
-)
+from din_ray.train.counts import bias_prior, table_counts, tables_without_counts
+from din_ray.train.evaluate import evaluate_checkpoint
+from din_ray.train.local import LocalEnv, run_local
+from din_ray.train.regularizers import BatchRegularizer, embedding_regularizer
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +77,9 @@ def test_build_regularizer_names_and_validation():
     with pytest.raises(ValueError, match="reg must be one of"):
         build_regularizer("l1", 0.01, counts)
     with pytest.raises(ValueError, match="reg must be one of"):
-        TrainConfig(data="x", reg="bogus")
+        TrainConfig.create(data="x", reg="bogus")
     with pytest.raises(ValueError, match="filter_top_k"):
-        TrainConfig(data="x", reg="filter")
+        TrainConfig.create(data="x", reg="filter")
 
 
 def test_filter_keeps_the_most_frequent_ids_in_every_feature_of_a_table():
@@ -124,11 +118,11 @@ def test_dropout_discards_half_the_ids_and_whole_behaviours():
 def test_batch_regularizer_drops_in_training_only_and_filters_everywhere(data):
     ds = PreparedDataset.open(data)
     batch = ds.read_split("valid")
-    dropout = BatchRegularizer(TrainConfig(data=str(data), reg="dropout"), ds)
+    dropout = BatchRegularizer(TrainConfig.create(data=str(data), reg="dropout"), ds)
     assert next(dropout.eval(iter([batch])))["item_id"] is batch["item_id"]
     trained = next(dropout.train(iter([batch]), epoch=0))
     assert (trained["item_id"] == PAD_ID).any()
-    filt = BatchRegularizer(TrainConfig(data=str(data), reg="filter", filter_top_k=3), ds)
+    filt = BatchRegularizer(TrainConfig.create(data=str(data), reg="filter", filter_top_k=3), ds)
     for out in (next(filt.eval(iter([batch]))), next(filt.train(iter([batch]), 0))):
         assert len(set(out["item_id"].tolist()) - {OOV_ID}) <= 3
 
@@ -150,7 +144,7 @@ def test_cross_tables_get_counted_for_mba(data):
 
 @pytest.mark.parametrize("reg", ["mba", "l2", "difacto", "dropout", "filter", "none"])
 def test_each_regularizer_trains_and_its_checkpoint_evaluates_identically(data, tmp_path, reg):
-    cfg = TrainConfig(data=str(data), output=str(tmp_path / reg), model="base", reg=reg,
+    cfg = TrainConfig.create(data=str(data), output=str(tmp_path / reg), model="base", reg=reg,
                       filter_top_k=5, epochs=1, batch_size=64, embedding_dim=4,
                       mlp_hidden=(8, 4), patience=0, lam=0.5)
     result = run_local(cfg)
@@ -161,7 +155,7 @@ def test_each_regularizer_trains_and_its_checkpoint_evaluates_identically(data, 
 
 def test_regularizers_change_the_trained_weights(data, tmp_path):
     def item_table(reg):
-        cfg = TrainConfig(data=str(data), output=str(tmp_path / reg), model="base", reg=reg,
+        cfg = TrainConfig.create(data=str(data), output=str(tmp_path / reg), model="base", reg=reg,
                           epochs=1, batch_size=64, embedding_dim=4, mlp_hidden=(8, 4),
                           patience=0, lam=1.0, optimizer="sgd", lr=0.05)
         run_local(cfg)
@@ -203,9 +197,9 @@ def test_decoupled_adam_shrinks_in_proportion_to_lambda_where_coupled_ignores_it
     assert max(coupled) - min(coupled) < 1e-4 and coupled[0] == pytest.approx(0.03, abs=1e-3)
     # Under SGD the two forms are the same update.
     assert sgd == [one_row_after_touches(lam, "decoupled", "sgd", lr=0.2) for lam in lams]
-    assert TrainConfig(data="x").reg_form == "decoupled"
+    assert TrainConfig.create(data="x").regularization.reg_form == "decoupled"
     with pytest.raises(ValueError, match="reg_form must be one of"):
-        TrainConfig(data="x", reg_form="adamw")
+        TrainConfig.create(data="x", reg_form="adamw")
 
 
 def penalty_against_data(batch_size, world_size, lam=0.5):
@@ -244,8 +238,8 @@ class _TwoWorkerEnv(LocalEnv):
 
 def test_training_loop_counts_bias_rows_per_candidate_and_centres_them_on_the_prior(data):
     ds = PreparedDataset.open(data)
-    cfg = TrainConfig(data=str(data), model="din", batch_size=32, lam=0.1)
-    model = build_model(ds.schema, cfg.model_config())
+    cfg = TrainConfig.create(data=str(data), model="din", batch_size=32, lam=0.1)
+    model = build_model(ds.schema, cfg.model)
     env = LocalEnv(cfg, ds)
     prior = bias_prior(model, env, cfg)
     reg = embedding_regularizer(cfg, model, ds, env, BatchRegularizer(cfg, ds), prior)

@@ -13,8 +13,8 @@ from din_ray.checkpoint import load_model
 from din_ray.data.format import PreparedDataset
 from din_ray.embeddings.sharding import REPLICATED, SHARDED, ShardedEmbeddingTables, plan_tables
 from din_ray.embeddings.tables import EmbeddingTables, TableSpec
-from din_ray.train.loop import forward as model_forward
-from din_ray.train.loop import to_torch
+from din_ray.train.forward import forward as model_forward
+from din_ray.train.forward import to_torch
 
 STEPS, GLOBAL_BATCH = 6, 64
 

@@ -3,8 +3,9 @@ part of the history related to the candidate (the synthetic generator's planted 
 
 import pytest
 
+from din_ray.config import TrainConfig
 from din_ray.data.synthetic import prepare_synthetic
-from din_ray.train.loop import TrainConfig, run_local
+from din_ray.train.local import run_local
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +15,7 @@ def strong_signal(tmp_path_factory):
 
 def train(data, out, model):
     # Embedding rows need a larger rate than dense layers to learn within two epochs.
-    cfg = TrainConfig(data=str(data), output=str(out), model=model, epochs=2, patience=0,
+    cfg = TrainConfig.create(data=str(data), output=str(out), model=model, epochs=2, patience=0,
                       sparse_lr=0.05, threads=2, seed=0)
     return run_local(cfg)
 
@@ -22,7 +23,7 @@ def train(data, out, model):
 def test_din_beats_base_model_on_strong_local_activation(strong_signal, tmp_path):
     din = train(strong_signal, tmp_path / "din", "din")
     base = train(strong_signal, tmp_path / "base", "base")
-    pop = run_local(TrainConfig(data=str(strong_signal), output=str(tmp_path / "pop"),
+    pop = run_local(TrainConfig.create(data=str(strong_signal), output=str(tmp_path / "pop"),
                                 model="popularity"))
     # The history carries the signal, so both history models beat the no-history baseline,
     # and DIN, which can weight the behaviours of the candidate's category, beats sum pooling.

@@ -7,8 +7,9 @@ import pytest
 from builders import write_tiny_dataset
 
 from din_ray.cli import main as cli_main
+from din_ray.config import TrainConfig
 from din_ray.paper.reproduce import ENTRIES, ReproduceConfig, build_tables, markdown
-from din_ray.train.loop import evaluate_checkpoint
+from din_ray.train.evaluate import evaluate_checkpoint
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -49,7 +50,8 @@ def test_quick_reproduce_writes_tables_and_figures(data, tmp_path):
     # Each run went through the `din-ray train` path: its checkpoint re-evaluates identically.
     run = out / "runs" / "din_dice-none-seed1"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["config"]["activation"] == "dice" and metrics["config"]["seed"] == 1
+    cfg = TrainConfig.from_dict(metrics["config"])
+    assert cfg.model.activation == "dice" and cfg.optim.seed == 1
     assert len(metrics["history"]) == 2 and "test_gauc" in metrics["history"][0]
     again = evaluate_checkpoint(run / "checkpoint", data)
     assert again["gauc"] == pytest.approx(metrics["gauc"], abs=1e-12)

@@ -24,13 +24,16 @@ from builders import random_columns, tiny_schema, write_tiny_dataset
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+from din_ray.config import TrainConfig
 from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import MiniBatchAware
 from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model import ModelConfig, build_model
 from din_ray.serve.request import ParsedRequest
 from din_ray.serve.scoring import Scorer
-from din_ray.train.loop import TrainConfig, run_local, to_torch, train_step
+from din_ray.train.forward import to_torch
+from din_ray.train.local import run_local
+from din_ray.train.loop import train_step
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 FAKE = torch.device("meta")
@@ -119,7 +122,8 @@ def _train(tmp_path: Path, precision: str) -> dict:
     data = tmp_path / "data"
     if not data.exists():
         write_tiny_dataset(data, rows=512)
-    cfg = TrainConfig(data=str(data), output=str(tmp_path / precision), epochs=1, batch_size=64,
+    cfg = TrainConfig.create(data=str(data), output=str(tmp_path / precision), epochs=1,
+                             batch_size=64,
                       embedding_dim=4, attention_hidden=(8, 4), mlp_hidden=(16, 8),
                       precision=precision)
     return run_local(cfg)
@@ -135,11 +139,11 @@ def test_bf16_trains_on_the_cpu_close_to_fp32(tmp_path):
 
 def test_bad_precision_and_device_are_refused(tmp_path):
     with pytest.raises(ValueError, match="precision must be one of"):
-        TrainConfig(data="x", precision="fp16")
+        TrainConfig.create(data="x", precision="fp16")
     with pytest.raises(ValueError, match="device='cuda' is for local runs"):
-        TrainConfig(data="x", device="cuda", use_gpu=True)
+        TrainConfig.create(data="x", device="cuda", use_gpu=True)
     with pytest.raises(RuntimeError):
-        TrainConfig(data="x", device="gpu")
+        TrainConfig.create(data="x", device="gpu")
 
 
 @gpu

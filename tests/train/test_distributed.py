@@ -6,7 +6,6 @@ bad configurations failing before any worker starts."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shutil
@@ -20,10 +19,13 @@ from builders import write_tiny_dataset
 
 from din_ray import checkpoint as ckpt
 from din_ray.cli import main as cli_main
+from din_ray.config import TrainConfig
 from din_ray.data.format import DataError, PreparedDataset
 from din_ray.schema import SchemaError
-from din_ray.train.distributed import FAIL_KEY, check_config, run_ray
-from din_ray.train.loop import TrainConfig, evaluate_checkpoint, run_local
+from din_ray.train.distributed import check_config, run_ray
+from din_ray.train.evaluate import evaluate_checkpoint
+from din_ray.train.faults import FAULTS_ENV
+from din_ray.train.local import run_local
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,7 @@ def small_config(data: Path, output: Path, **overrides) -> TrainConfig:
                   embedding_dim=4, attention_hidden=(8, 4), mlp_hidden=(16, 8), patience=0,
                   replicate_below=50, max_failures=1)
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.create(**values)
 
 
 # First in the file: it checks that no Ray was started, which holds only before the module's
@@ -68,16 +70,17 @@ def test_bad_configuration_fails_before_any_worker_starts(data, tmp_path):
 
 
 @pytest.mark.timeout(1200)  # 150 s quiet: two runs, a restart after the kill
-def test_killed_worker_recovers_and_rerun_resumes(ray_cluster, data, tmp_path):
+def test_killed_worker_recovers_and_rerun_resumes(ray_cluster, data, tmp_path, monkeypatch):
     marker = tmp_path / "killed"
-    cfg = small_config(data, tmp_path / "run", extra={
-        FAIL_KEY: {"rank": 1, "epoch": 2, "step": 1, "marker": str(marker)}})
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"rank": 1, "epoch": 2, "step": 1,
+                                               "marker": str(marker)}))
+    cfg = small_config(data, tmp_path / "run")
     result = run_ray(cfg)
 
     # Rank 1 died in the middle of epoch 2; the group restarted from epoch 1's checkpoint.
     assert marker.read_text() == "rank 1 epoch 2 step 1"
     assert [h["epoch"] for h in result["history"]] == [1, 2]
-    run_dir = tmp_path / "run" / "ray" / cfg.run_name
+    run_dir = tmp_path / "run" / "ray" / cfg.execution.run_name
     assert sorted(p.name for p in run_dir.glob("epoch-*")) == ["epoch-0001", "epoch-0002"]
 
     # The final checkpoint was written by two workers: one row block per worker and table.
@@ -99,7 +102,7 @@ def test_killed_worker_recovers_and_rerun_resumes(ray_cluster, data, tmp_path):
     # run's snapshot under the same storage path and name): epochs 1-2 are not retrained. This
     # run streams every split through Ray Data (the path of splits above cache_below_mb); the
     # first one got its splits whole from the driver through the object store.
-    again = run_ray(dataclasses.replace(cfg, epochs=3, cache_below_mb=0))
+    again = run_ray(cfg.replace(epochs=3, cache_below_mb=0))
     assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
     assert again["history"][:2] == result["history"]
     assert sorted(p.name for p in run_dir.glob("epoch-*"))[-1] == "epoch-0003"
@@ -113,21 +116,22 @@ def test_use_gpu_without_a_gpu_fails_at_once(ray_cluster, data, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_workers_killed_in_evaluation_and_in_checkpoint_writing_recover(ray_cluster, data,
-                                                                        tmp_path):
+                                                                        tmp_path, monkeypatch):
     """A worker dies while evaluating epoch 1 (nothing reported yet: epoch 1 is trained again
     from scratch), rank 0 dies after writing epoch 2's files but before reporting them (the
     group resumes from epoch 1's checkpoint). Each epoch is counted once and the final
     checkpoint is complete: all its files verify against the manifest's digests."""
     in_eval, in_ckpt = tmp_path / "eval-killed", tmp_path / "ckpt-killed"
-    cfg = small_config(data, tmp_path / "run", max_failures=2, extra={FAIL_KEY: [
+    monkeypatch.setenv(FAULTS_ENV, json.dumps([
         # Any rank: a small split may all go to one worker (Ray Data splits by blocks).
         {"phase": "eval", "epoch": 1, "step": 0, "marker": str(in_eval)},
-        {"phase": "checkpoint", "rank": 0, "epoch": 2, "step": 0, "marker": str(in_ckpt)}]})
+        {"phase": "checkpoint", "rank": 0, "epoch": 2, "step": 0, "marker": str(in_ckpt)}]))
+    cfg = small_config(data, tmp_path / "run", max_failures=2)
     result = run_ray(cfg)
     assert re.fullmatch(r"rank [01] epoch 1 step 0 eval", in_eval.read_text())
     assert in_ckpt.read_text() == "rank 0 epoch 2 step 0 checkpoint"
     assert [h["epoch"] for h in result["history"]] == [1, 2]
-    run_dir = tmp_path / "run" / "ray" / cfg.run_name
+    run_dir = tmp_path / "run" / "ray" / cfg.execution.run_name
     assert sorted(p.name for p in run_dir.glob("epoch-*")) == ["epoch-0001", "epoch-0002"]
     final = ckpt.Checkpoint.open(tmp_path / "run" / "checkpoint")  # verifies every digest
     assert final.manifest["world_size"] == 2 and final.metrics["epoch"] == result["best_epoch"]

@@ -17,9 +17,11 @@ from din_ray.checkpoint import (
     write_worker_files,
 )
 from din_ray.cli import main as cli_main
+from din_ray.config import TrainConfig
 from din_ray.data.format import DataError
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.train.loop import TrainConfig, evaluate_checkpoint, run_local
+from din_ray.train.evaluate import evaluate_checkpoint
+from din_ray.train.local import run_local
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,20 @@ def data(tmp_path_factory):
 def config(data, out, **kw):
     base = dict(data=str(data), output=str(out), epochs=2, batch_size=64, embedding_dim=4,
                 attention_hidden=(8, 4), mlp_hidden=(16, 8), patience=0)
-    return TrainConfig(**{**base, **kw})
+    return TrainConfig.create(**{**base, **kw})
+
+
+@pytest.mark.parametrize("train_dim, expected", [(0, 6), (3, 3)])
+def test_embedding_width_defaults_to_the_prepared_datas(tmp_path, train_dim, expected):
+    """`prepare --embedding-dim` is what training uses unless training names its own width."""
+    prepared = write_tiny_dataset(tmp_path / "data", rows=200, dim=6)
+    cfg = TrainConfig.create(data=str(prepared), output=str(tmp_path / "run"), epochs=1,
+                             attention_hidden=(4,), mlp_hidden=(4,), embedding_dim=train_dim)
+    assert TrainConfig().embedding_dim == 0  # the default: the prepared data's width
+    run_local(cfg)
+    c = Checkpoint.open(tmp_path / "run" / "checkpoint")
+    assert c.table_specs()["item_id"].dim == c.table_specs()["cate_id"].dim == expected
+    assert c.schema.features[0].embedding_dim == expected
 
 
 @pytest.mark.parametrize("model", ["din", "base", "popularity"])
@@ -111,7 +126,7 @@ def test_incomplete_checkpoint_and_bad_inputs_fail_clearly(data, tmp_path):
     with pytest.raises(ValueError, match="unknown training config keys"):
         TrainConfig.from_dict({"data": "x", "learning_rate": 1})
     with pytest.raises(ValueError, match="epochs"):
-        TrainConfig(data="x", epochs=0)
+        TrainConfig.create(data="x", epochs=0)
 
 
 def test_missing_truncated_or_corrupted_checkpoint_files_fail_at_load_naming_the_file(
@@ -172,6 +187,45 @@ def test_cli_train_and_evaluate(data, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_rerun_into_the_output_of_another_configuration_fails_before_training(data, tmp_path,
+                                                                             capsys):
+    out = tmp_path / "run"
+    args = ["train", "--local", "--data", str(data), "--output", str(out), "--epochs", "1",
+            "--embedding-dim", "4", "--batch-size", "64", "--attention-hidden", "8,4",
+            "--mlp-hidden", "16,8"]
+    assert cli_main(args) == 0  # Dice
+    before = (out / "metrics.json").read_text()
+    capsys.readouterr()
+    assert cli_main([*args, "--activation", "prelu"]) == 2
+    err = capsys.readouterr().err
+    assert "activation: 'dice' there, 'prelu' now" in err
+    assert "--overwrite" in err and "another --output" in err
+    assert (out / "metrics.json").read_text() == before  # nothing was trained or written
+    # The same configuration with more epochs is a resume, not another run.
+    assert cli_main([*args, "--epochs", "2"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["epochs_run"] == 2
+    assert cli_main([*args, "--activation", "prelu", "--overwrite"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert TrainConfig.from_dict(metrics["config"]).model.activation == "prelu"
+    assert metrics["epochs_run"] == 1  # a fresh run, not a resume of the Dice one
+
+
+def test_evaluate_takes_what_serve_takes(data, tmp_path, capsys):
+    """A checkpoint, a train output and a tune output (best.json naming a checkpoint)."""
+    out = tmp_path / "run"
+    run_local(config(data, out, epochs=1))
+    tune_out = tmp_path / "tune"
+    tune_out.mkdir()
+    (tune_out / "best.json").write_text(json.dumps({"checkpoint": str(out / "checkpoint")}))
+    results = []
+    for path in (out / "checkpoint", out, tune_out):
+        assert cli_main(["evaluate", "--checkpoint", str(path), "--data", str(data)]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0] == results[1] == results[2]
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        evaluate_checkpoint(tmp_path, data)
+
+
 def test_warm_started_model_ranks_like_popularity_at_epoch_zero(data, tmp_path):
     pop = run_local(config(data, tmp_path / "pop", model="popularity"))
     din = run_local(config(data, tmp_path / "din", epochs=1, eval_at_start=True))
@@ -204,7 +258,7 @@ def test_every_worker_evaluates_with_the_checkpoints_dice_statistics(data, tmp_p
 
 def test_local_train_order_is_set_by_the_seed_and_changes_every_epoch(data, tmp_path):
     from din_ray.data.format import PreparedDataset
-    from din_ray.train.loop import LocalEnv
+    from din_ray.train.local import LocalEnv
 
     def order(seed: int, epoch: int) -> list[tuple]:
         env = LocalEnv(config(data, tmp_path, seed=seed), PreparedDataset.open(data))

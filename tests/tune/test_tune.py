@@ -19,12 +19,14 @@ import pytest
 import torch
 from builders import write_tiny_dataset
 
-from din_ray.checkpoint import load_model
+from din_ray.checkpoint import load_model, resolve_checkpoint
+from din_ray.config import TrainConfig
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.resources import tune_space_path
-from din_ray.serve.scoring import resolve_checkpoint
-from din_ray.train.loop import TrainConfig, forward, run_local, to_torch
-from din_ray.tune.run import TuneSettings, run_tune, write_outputs
+from din_ray.train.forward import forward, to_torch
+from din_ray.train.local import run_local
+from din_ray.tune.results import write_outputs
+from din_ray.tune.run import TuneSettings, run_tune
 from din_ray.tune.space import load_space
 
 ray = pytest.importorskip("ray")
@@ -41,7 +43,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def small_config(data: Path) -> TrainConfig:
-    return TrainConfig(data=str(data), epochs=3, patience=0, embedding_dim=4,
+    return TrainConfig.create(data=str(data), epochs=3, patience=0, embedding_dim=4,
                        attention_hidden=(8, 4), mlp_hidden=(16, 8), batch_size=64, threads=1)
 
 
@@ -58,7 +60,7 @@ def wait_for_released_placement_groups(timeout_s: float = 120.0) -> list[str]:
 
 def test_search_stops_trials_early_and_hands_over_a_loadable_best(ray_tune_cluster, data, tmp_path):
     settings = TuneSettings(output=str(tmp_path / "tune"), space=str(SPACE), trials=4,
-                            workers_per_trial=1, reduction_factor=2, seed=0)
+                            workers_per_trial=1, reduction_factor=2, sampler_seed=0)
     result = run_tune(settings, small_config(data))
     out = Path(settings.output)
 
@@ -83,8 +85,8 @@ def test_search_stops_trials_early_and_hands_over_a_loadable_best(ray_tune_clust
 
     # The best checkpoint loads, carries the winning config and predicts.
     model, tables, c = load_model(best["checkpoint"])
-    assert c.config["lam"] == best["config"]["lam"]
-    assert c.config["activation"] == best["config"]["activation"]
+    assert c.train_config().regularization.lam == best["config"]["lam"]
+    assert c.model_config().activation == best["config"]["activation"]
     assert c.metrics["epoch"] == best["metrics"]["epoch"]
     dataset = PreparedDataset.open(data)
     batch = next(iter_numpy_batches(dataset.files("test"), dataset.schema, 32))
@@ -105,15 +107,15 @@ def test_search_stops_trials_early_and_hands_over_a_loadable_best(ray_tune_clust
     with pytest.raises(ValueError, match="trials differs"):
         run_tune(replace(settings, trials=5), small_config(data))
     with pytest.raises(ValueError, match=r"train\.lr_decay differs"):
-        run_tune(settings, replace(small_config(data), lr_decay=0.5))
+        run_tune(settings, small_config(data).replace(lr_decay=0.5))
 
 
 def test_two_worker_trials_run_one_after_another(ray_tune_cluster, data, tmp_path):
     # One trial at a time: each one's two workers must give their CPUs back (also when ASHA
     # stops it) before the next can start, or this search never finishes.
     settings = TuneSettings(output=str(tmp_path / "tune2"), space=str(SPACE), trials=2,
-                            workers_per_trial=2, max_concurrent=1, reduction_factor=2, seed=1)
-    cfg = replace(small_config(data), epochs=2, cpus_per_worker=0.5)
+                            workers_per_trial=2, max_concurrent=1, reduction_factor=2, sampler_seed=1)
+    cfg = small_config(data).replace(epochs=2, cpus_per_worker=0.5)
     result = run_tune(settings, cfg)
     trials = pd.read_csv(Path(settings.output) / "trials.csv")
     assert len(trials) == 2
@@ -125,7 +127,7 @@ def test_two_worker_trials_run_one_after_another(ray_tune_cluster, data, tmp_pat
 
 def test_outputs_rank_trials_and_copy_the_best_epoch(data, tmp_path):
     # Trial records as `run_tune` builds them from Tune's results, around a real checkpoint.
-    trained = run_local(replace(small_config(data), epochs=1, output=str(tmp_path / "run")))
+    trained = run_local(small_config(data).replace(epochs=1, output=str(tmp_path / "run")))
     ckpt_dir = str(tmp_path / "run" / "checkpoint")
     epoch = {k: v for k, v in trained["history"][0].items()}
 
@@ -144,13 +146,14 @@ def test_outputs_rank_trials_and_copy_the_best_epoch(data, tmp_path):
     ]
     out = tmp_path / "tune"
     out.mkdir()
-    cfg = replace(small_config(data), epochs=3)
+    cfg = small_config(data).replace(epochs=3)
     best = write_outputs(out, load_space(SPACE), cfg, records)
 
     assert best["trial_id"] == "a" and best["metrics"]["epoch"] == 2
     assert math.isclose(best["metrics"]["test_gauc"], 0.61)
     assert best["statuses"]["early-stopped"] == 1 and best["statuses"]["errored"] == 1
-    assert best["train_config"]["lam"] == 0.01 and best["train_config"]["epochs"] == 3
+    trained = TrainConfig.from_dict(best["train_config"])
+    assert trained.regularization.lam == 0.01 and trained.optim.epochs == 3
     trials = pd.read_csv(out / "trials.csv")
     assert list(trials["trial_id"]) == ["a", "b", "c"]
     assert list(trials["epochs_run"]) == [3, 1, 0]

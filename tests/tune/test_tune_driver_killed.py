@@ -28,8 +28,7 @@ import ray_processes
 from builders import write_tiny_dataset
 
 from din_ray import checkpoint as ckpt
-from din_ray.checkpoint import load_model
-from din_ray.serve.scoring import resolve_checkpoint
+from din_ray.checkpoint import load_model, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 SPACE = REPO / "tune_spaces" / "default.yaml"
@@ -234,4 +233,4 @@ def test_killed_tune_driver_rerun_resumes_the_search(tmp_path):
     assert set(manifest["sha256"]) >= set(manifest["files"])
     _, _, c = load_model(out / "best_checkpoint")
     assert c.metrics["epoch"] == best["metrics"]["epoch"]
-    assert c.config["lam"] == best["config"]["lam"]
+    assert c.train_config().regularization.lam == best["config"]["lam"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from din_ray.config import TrainConfig
 from din_ray.resources import resource_path, tune_space_names
-from din_ray.train.loop import TrainConfig
 from din_ray.tune.run import TuneSettings, concurrent_trials, default_point
 from din_ray.tune.space import SpaceError, load_space, parse_space
 
@@ -21,7 +21,7 @@ def test_default_space_is_the_papers_search():
     assert space.params["lr"].distribution == "loguniform"
     assert set(space.params["activation"].args) == {"dice", "prelu"}
     # The untuned defaults lie inside it, so the default trial is evaluated.
-    assert default_point(space, TrainConfig(data="x")) == {"lam": 0.01, "lr": 1e-3,
+    assert default_point(space, TrainConfig.create(data="x")) == {"lam": 0.01, "lr": 1e-3,
                                                             "activation": "dice"}
 
 
@@ -45,7 +45,7 @@ def test_every_bundled_space_loads_and_samples_valid_configs():
         for name, domain in domains.items():
             assert isinstance(domain, Domain)
             for value in domain.sample(size=20):
-                TrainConfig(data="x", **{name: value})  # every sample constructs
+                TrainConfig.create(data="x", **{name: value})  # every sample constructs
         assert parse_space(space.to_dict()) == parse_space(space.to_dict())
 
 
@@ -77,7 +77,8 @@ def test_yaml_exponent_without_dot_is_read_as_a_number(tmp_path):
     ({"lr": {"loguniform": [1e-4, 1e-2], "choice": [1e-3]}}, "params.lr",
      "exactly one distribution"),
     ({"embedding_dim": {"uniform": [4, 32]}}, "params.embedding_dim.uniform", "int-valued"),
-    ({"embedding_dim": {"randint": [0, 8]}}, "params.embedding_dim.randint", "valid embedding_dim"),
+    ({"embedding_dim": {"randint": [-1, 8]}}, "params.embedding_dim.randint",
+         "valid embedding_dim"),
     ({"lam": {"randint": [1, 3]}}, "params.lam.randint", "integer fields"),
     ({"dropout": {"uniform": [0.0, 1.0]}}, "params.dropout.uniform", "valid dropout"),
     ({"epochs": {"randint": [1, 5]}}, "params.epochs", "fixed for a tuning run"),
@@ -124,3 +125,29 @@ def test_concurrency_follows_cluster_cpus():
     assert concurrent_trials(8, workers=2, cpus_per_worker=1.0) == 2
     assert concurrent_trials(2, workers=2, cpus_per_worker=1.0) == 1
     assert concurrent_trials(16, workers=2, cpus_per_worker=0.5) == 7
+
+
+def test_resume_check_reads_an_older_record_under_the_one_rule(tmp_path):
+    """settings.json of a search recorded before the config had sections, before the sampler's
+    seed had its own name and before `init_std` existed: it resumes; a changed knob is named;
+    an unknown one fails naming it."""
+    import json
+
+    from din_ray.tune.run import TuneSettings, _check_resume, _settings_record
+
+    space = load_space(SPACES / "default.yaml")
+    base = TrainConfig.create(data="d", output=str(tmp_path), embedding_dim=16)
+    record = _settings_record(TuneSettings(output=str(tmp_path)), space, base)
+    old = {k: v for k, v in record.items() if k != "sampler_seed"}
+    old["seed"] = record["sampler_seed"]
+    old["train"] = {k: v for k, v in record["train"].items() if k != "init_std"}
+    path = tmp_path / "settings.json"
+    path.write_text(json.dumps(old))
+    _check_resume(path, record)  # missing init_std: today's default; "seed": the sampler's
+    path.write_text(json.dumps({**old, "train": {**old["train"], "lr": 0.5}}))
+    with pytest.raises(ValueError, match=r"train\.lr differs"):
+        _check_resume(path, record)
+    path.write_text(json.dumps({**old, "train": {**old["train"], "bogus": 1}}))
+    with pytest.raises(ValueError, match=r"settings.json \[train\]: unknown training config "
+                                         r"keys \['bogus'\]"):
+        _check_resume(path, record)

@@ -1,0 +1,73 @@
+"""Training in this process: one worker, batches streamed from the Parquet files, checkpoints
+under OUTPUT/checkpoints; what `din-ray train --local` runs.
+
+    din-ray train --local --data runs/ml --model din --epochs 5 --output runs/din
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from din_ray import checkpoint as ckpt
+from din_ray import io as atomic
+from din_ray.config import TrainConfig
+from din_ray.data.format import PreparedDataset, iter_numpy_batches
+from din_ray.train.env import WorkerEnv
+from din_ray.train.loop import train_loop
+from din_ray.train.outputs import check_output_is_this_run, finalize_output
+from din_ray.train.selection import best_epoch_dir
+
+log = logging.getLogger(__name__)
+
+
+class LocalEnv(WorkerEnv):
+    """One process, batches streamed from the Parquet files, checkpoints under OUTPUT/checkpoints.
+
+    Keeps the latest and the best epoch's checkpoints; rerunning the same command resumes from
+    the latest.
+    """
+
+    def __init__(self, cfg: TrainConfig, dataset: PreparedDataset) -> None:
+        self.cfg, self.dataset = cfg, dataset
+        self.root = Path(cfg.output) / "checkpoints"
+        self.device = torch.device(cfg.execution.device or "cpu")
+
+    def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        return iter_numpy_batches(self.dataset.files("train"), self.dataset.schema,
+                                  self.cfg.optim.batch_size, shuffle=self.cfg.optim.shuffle,
+                                  seed=self.cfg.optim.seed * 10_007 + epoch)
+
+    def eval_batches(self, split: str) -> Iterator[dict[str, np.ndarray]]:
+        return iter_numpy_batches(self.dataset.files(split), self.dataset.schema,
+                                  self.cfg.optim.eval_batch_size)
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.root.glob("epoch-*") if (p / ckpt.MANIFEST).exists())
+        return done[-1] if done else None
+
+    def report(self, metrics: dict, write_checkpoint: Callable[[Path], None]) -> None:
+        final = self.root / f"epoch-{metrics['epoch']:04d}"
+        with atomic.staged_dir(final) as tmp:
+            write_checkpoint(tmp)
+        # Retain only the latest and the best epoch (the one `summarize` names).
+        keep = {final.name, best_epoch_dir(self.root)}
+        for p in self.root.glob("epoch-*"):
+            if p.name not in keep:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def run_local(cfg: TrainConfig) -> dict:
+    """Train in this process (one worker, no Ray) and write OUTPUT/{metrics.json,checkpoint}."""
+    dataset = PreparedDataset.open(cfg.data)
+    check_output_is_this_run(cfg)  # before any training: another run's output is refused
+    env = LocalEnv(cfg, dataset)
+    result = train_loop(cfg, env)
+    best = best_epoch_dir(env.root)
+    finalize_output(cfg, result, env.root / best if best else None)
+    return result
