@@ -7,7 +7,7 @@ import json
 
 from din_ray.model import ACTIVATIONS, model_names
 from din_ray.regularization import REG_FORMS, REGULARIZERS
-from din_ray.train import PRECISIONS, TrainConfig, evaluate_checkpoint, run_local
+from din_ray.train import PRECISIONS, SPARSE_ADAM, TrainConfig, evaluate_checkpoint, run_local
 
 
 def _widths(text: str) -> tuple[int, ...]:
@@ -56,6 +56,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--sparse-lr", type=float, default=d.sparse_lr,
                    help="learning rate of embedding rows (0 = --lr)")
+    p.add_argument("--sparse-adam", default=d.sparse_adam, choices=SPARSE_ADAM,
+                   help="Adam on the touched embedding rows only (lazy) or on every row every "
+                        "step (dense, O(table) per step)")
     p.add_argument("--bias-init", default=d.bias_init, choices=("popularity", "zero"),
                    help="start ad bias rows at the smoothed training click rate, or at zero")
     p.add_argument("--eval-at-start", action="store_true",
@@ -81,7 +84,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         bias_init=args.bias_init, eval_at_start=args.eval_at_start, precision=args.precision,
         init_from=str(args.init_from or ""), attention_activation=args.attention_activation,
         dice_momentum=args.dice_momentum, zero_logit=bool(args.zero_logit),
-        init_std=args.init_std)
+        init_std=args.init_std, sparse_adam=args.sparse_adam)
     if getattr(args, "output", None):
         values["output"] = args.output
     if getattr(args, "workers", None):
