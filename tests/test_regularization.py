@@ -85,6 +85,12 @@ def test_build_regularizer_names_and_validation():
         TrainConfig(data="x", reg="bogus")
     with pytest.raises(ValueError, match="filter_top_k"):
         TrainConfig(data="x", reg="filter")
+    # Dense Adam touches every row every step, so MBA's "rows of this mini-batch" is every row.
+    with pytest.raises(ValueError, match="sparse_adam='dense'"):
+        TrainConfig(data="x", sparse_adam="dense")
+    assert TrainConfig(data="x", sparse_adam="dense", reg="none").sparse_adam == "dense"
+    with pytest.raises(ValueError, match="sparse_adam must be one of"):
+        TrainConfig(data="x", sparse_adam="eager")
 
 
 def test_filter_keeps_the_most_frequent_ids_in_every_feature_of_a_table():
