@@ -17,10 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
-from din_ray.embedding import EmbeddingTables, RowWiseOptimizer
-from din_ray.model import ModelConfig, build_model
+from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
+from din_ray.model.din import ModelConfig, build_model
 from din_ray.schema import PAD_ID
-from din_ray.train import forward, to_torch
+from din_ray.train.loop import forward, to_torch
 
 ITEM, CATE, HIST_ITEM, HIST_CATE = "item_id", "cate_id", "hist_item_id", "hist_cate_id"
 
@@ -65,7 +65,7 @@ def load_batches(data: str | Path, batch_size: int, count: int,
 
 
 class DinRayTrainer:
-    """din-ray's training step exactly as `din_ray.train._train_epoch` runs it: numpy batch ->
+    """din-ray's training step exactly as `din_ray.train.loop._train_epoch` runs it: numpy batch ->
     tensors, `EmbeddingTables.lookup` (deduplicated ids), the dense model, BCE-with-logits, dense
     Adam, lazy row-wise Adam on the touched rows. No regularizer (deepctr's side runs none either).
     """

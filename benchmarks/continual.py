@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from din_ray.continual import DayConfig, run_day
-from din_ray.data.logs import prepare_logs
-from din_ray.data.synthetic_logs import write_synthetic_days
-from din_ray.train import TrainConfig, run_local
+from din_ray.data.logs.pipeline import prepare_logs
+from din_ray.data.logs.synthetic import write_synthetic_days
+from din_ray.train.loop import TrainConfig, run_local
 
 RESULTS = Path(__file__).parent / "results" / "continual.json"
 

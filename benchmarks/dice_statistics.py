@@ -2,7 +2,7 @@
 
     python benchmarks/dice_statistics.py --data /tmp/ml --output /tmp/dice-stats --epochs 1
 
-Trains one local run (`din_ray.train.run_local`, defaults unless given) while recording every
+Trains one local run (`din_ray.train.loop.run_local`, defaults unless given) while recording every
 Dice layer's batch statistics (mean and variance over the real rows, as Dice normalises with in
 training) at every step. Training never reads the moving averages, so the recorded sequence lets
 each way of keeping them be replayed after the fact on the same weights:
@@ -29,13 +29,13 @@ import argparse
 import json
 from pathlib import Path
 
+import din_ray.train.loop.loop as train_module
 import torch
 
-import din_ray.train as train_module
 from din_ray import checkpoint as ckpt
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
-from din_ray.model import Dice
-from din_ray.train import TrainConfig, WorkerEnv, evaluate_split, forward, run_local, to_torch
+from din_ray.model.din import Dice
+from din_ray.train.loop import TrainConfig, WorkerEnv, evaluate_split, forward, run_local, to_torch
 
 RESULTS = Path(__file__).parent / "results" / "dice_statistics.json"
 

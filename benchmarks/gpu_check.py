@@ -5,12 +5,12 @@
 
 Sections (all by default; `--sections` picks some):
 
-  tests       the GPU-marked tests (`pytest -m gpu tests/test_device.py`), in a subprocess;
-  ray_losses  a 1-worker `TorchTrainer` run (`din_ray.distributed.run_ray`) with use_gpu=True on
+  tests       the GPU-marked tests (`pytest -m gpu tests/train/test_device.py`), in a subprocess;
+  ray_losses  a 1-worker `TorchTrainer` run (`din_ray.train.distributed.run_ray`) with use_gpu=True on
               a small synthetic set, and the same run on a CPU worker: their first 50 per-step
               losses (fp32) must agree within --loss-tol (TF32 matmuls and GPU reduction order
               make them differ in the last digits, not more);
-  throughput  training samples/s of the device-aware step (`din_ray.train.train_step`: host
+  throughput  training samples/s of the device-aware step (`din_ray.train.loop.train_step`: host
               batch -> pinned copy -> lookup, DIN, dense Adam, row-wise Adam) at batch 8k, 32k
               and 64k, fp32 and bf16, at the benchmark's architecture (history 50, embedding 16
               per field, attention 80-40, MLP 200-80; `benchmarks.common.Arch`), with the peak
@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Arch, load_batches  # noqa: E402
 from din_ray.data.format import PreparedDataset  # noqa: E402
-from din_ray.embedding import EmbeddingTables, RowWiseOptimizer  # noqa: E402
-from din_ray.model import ModelConfig, build_model  # noqa: E402
-from din_ray.train import (  # noqa: E402
+from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer  # noqa: E402
+from din_ray.model.din import ModelConfig, build_model  # noqa: E402
+from din_ray.train.loop import (  # noqa: E402
     STEP_LOSSES_KEY,
     TrainConfig,
     enable_tf32,
@@ -114,7 +114,7 @@ def run_ray_losses(work: Path, sizes: Sizes, dry_run: bool, tol: float) -> dict:
     """First `loss_steps` losses of a 1-worker Ray Train run on the GPU and on the CPU."""
     import ray
 
-    from din_ray.local_ray import connect
+    from din_ray.ray_session import connect
 
     data = synthetic(work, sizes.loss_rows)
     losses = {}
@@ -136,7 +136,7 @@ def run_ray_losses(work: Path, sizes: Sizes, dry_run: bool, tol: float) -> dict:
 
 def _ray_run(work: Path, data: PreparedDataset, sizes: Sizes, name: str, use_gpu: bool) -> dict:
     """One epoch on one Ray Train worker; its per-step losses from STEP_LOSSES_KEY's file."""
-    from din_ray.distributed import run_ray
+    from din_ray.train.distributed import run_ray
 
     log_file = work / f"losses-{name}.jsonl"
     log_file.unlink(missing_ok=True)
@@ -200,7 +200,7 @@ def run_throughput(work: Path, sizes: Sizes, device: torch.device, arch: Arch) -
 def run_serving(work: Path, sizes: Sizes, device: torch.device, arch: Arch) -> dict:
     """Latency of parse + score of one 200-candidate request, model on `device`."""
     from benchmarks.serve_latency import make_bodies
-    from din_ray.serving import ServedModel
+    from din_ray.serve.scoring import ServedModel
 
     # The CPU worker's checkpoint of ray_losses (TrainConfig's defaults are the benchmark
     # architecture with Dice) when that section ran; checkpoints are device-independent.

@@ -1,10 +1,10 @@
-"""Throughput and peak memory of `din_ray.data.logs.prepare_logs` on synthetic logs.
+"""Throughput and peak memory of `din_ray.data.logs.pipeline.prepare_logs` on synthetic logs.
 
     python benchmarks/prepare_logs.py --impressions 20000000 --rows-per-bucket 1000000
     python benchmarks/prepare_logs.py --impressions 1000000 --work /tmp/pl-1m
 
 Generates (once, reused when present) a synthetic impression log with `--behaviors-per-impression`
-times as many behaviours plus its ad and user-profile tables (`din_ray.data.synthetic_logs`),
+times as many behaviours plus its ad and user-profile tables (`din_ray.data.logs.synthetic`),
 then prepares it with the Ray Data pipeline on a local Ray started here, so that every Ray
 process (GCS, raylet, workers) is a descendant of this one. A sampler thread reads /proc every
 `--sample-every` seconds and records the peak over time of the summed resident memory of this
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from din_ray.data.logs import prepare_logs
-from din_ray.data.synthetic_logs import write_synthetic_logs
+from din_ray.data.logs.pipeline import prepare_logs
+from din_ray.data.logs.synthetic import write_synthetic_logs
 
 RESULTS = Path(__file__).parent / "results" / "prepare_logs.json"
 
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"generated {raw} in {gen_seconds:.0f}s")
     input_disk = dir_bytes(raw)
 
-    from din_ray.data.log_spec import load_spec
+    from din_ray.data.logs.spec import load_spec
     spec = load_spec(spec_path)
     if args.rows_per_bucket:
         from dataclasses import replace

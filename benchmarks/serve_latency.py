@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # serve/app.py lives beside din_ray, not inside it
+sys.path.insert(0, str(ROOT))  # this checkout's din_ray, installed or not
 
 
 # --- client (runs in its own process) -----------------------------------------------------------
@@ -105,7 +105,7 @@ def make_bodies(checkpoint: Path, n: int, candidates: int, seed: int) -> list[di
     """`n` requests with a full-length history and `candidates` ads, raw ids from the
     checkpoint's vocabularies (dense ids where a table has none)."""
     from din_ray.checkpoint import Checkpoint
-    from din_ray.serving import load_vocabularies
+    from din_ray.serve.scoring import load_vocabularies
 
     ckpt = Checkpoint.open(checkpoint)
     schema = ckpt.schema
@@ -143,7 +143,7 @@ def compute_profile(checkpoint: Path, bodies: list[dict], threads: int,
     steadier figure on a shared machine."""
     import torch
 
-    from din_ray.serving import ServedModel
+    from din_ray.serve.scoring import ServedModel
 
     torch.set_num_threads(threads)
     served = ServedModel.load(checkpoint)
@@ -202,7 +202,7 @@ def matmul_profile(checkpoint: Path, bodies: list[dict], rounds: int = 30,
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from din_ray.serving import ServedModel
+    from din_ray.serve.scoring import ServedModel
 
     torch.set_num_threads(1)
     served = ServedModel.load(checkpoint)
@@ -297,8 +297,8 @@ def server_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from din_ray.serve_cli import load_app_module
-    from din_ray.serving import resolve_checkpoint
+    from din_ray.cli.serve import load_app_module
+    from din_ray.serve.scoring import resolve_checkpoint
 
     app = load_app_module()
     checkpoint = resolve_checkpoint(args.checkpoint).resolve()

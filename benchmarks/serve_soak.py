@@ -245,8 +245,8 @@ def server_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from din_ray.serve_cli import load_app_module
-    from din_ray.serving import resolve_checkpoint
+    from din_ray.cli.serve import load_app_module
+    from din_ray.serve.scoring import resolve_checkpoint
 
     app = load_app_module()
     checkpoint = resolve_checkpoint(args.checkpoint).resolve()

@@ -25,7 +25,7 @@ Same data and architecture in both: synthetic data (`din_ray.data.synthetic`, hi
   data        rows/s of din-ray's Parquet reader (`iter_numpy_batches`) and of Ray Data
               (`read_parquet(...).iter_batches`, pyarrow batches then `to_numpy`, as the
               distributed workers read), against the trainer's samples/s.
-  scaling     `din_ray.distributed.run_ray` (Ray Train, sharded embeddings) with 1 and 2
+  scaling     `din_ray.train.distributed.run_ray` (Ray Train, sharded embeddings) with 1 and 2
               workers for one epoch, alternately, samples/s from the epoch metrics.
 
 The machine is shared: absolute numbers move with the load, so ratios are taken from rounds run
@@ -61,7 +61,7 @@ from benchmarks.common import (  # noqa: E402
     time_steps,
 )
 from din_ray.data.format import PreparedDataset, iter_numpy_batches, to_numpy  # noqa: E402
-from din_ray.model import TargetAttention  # noqa: E402
+from din_ray.model.din import TargetAttention  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 SECTIONS = ("throughput", "loss", "ablation", "roofline", "data", "scaling")
@@ -237,8 +237,10 @@ def data_rates(ds, args, trainer_rate: float | None) -> dict:
     out["iter_numpy_batches_rows_per_s"] = statistics.median(rates)
     import ray
 
+    from din_ray.ray_session import start_local_ray
+
     tmp = tempfile.mkdtemp(prefix="ray-tt-", dir="/tmp")
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tmp, log_to_driver=False)
+    start_local_ray(4, temp_dir=tmp, dashboard=False, log_to_driver=False)
     try:
         ray_rates, ray_np_rates = [], []
         for _ in range(3):
@@ -272,7 +274,9 @@ def scaling(ds, args) -> dict:
 
     # One local Ray for all runs (run_ray joins it): its own temp dir on this shared machine, and
     # logical CPUs beyond the workers' so Ray Data has some to read with.
-    ray.init(num_cpus=4, _temp_dir=tempfile.mkdtemp(prefix="ray-tts-", dir="/tmp"))
+    from din_ray.ray_session import start_local_ray
+
+    start_local_ray(4, temp_dir=tempfile.mkdtemp(prefix="ray-tts-", dir="/tmp"), dashboard=False)
     try:
         runs = _scaling_rounds(ds, args)
     finally:
@@ -284,8 +288,8 @@ def scaling(ds, args) -> dict:
 
 
 def _scaling_rounds(ds, args) -> list[dict]:
-    from din_ray.distributed import run_ray
-    from din_ray.train import TrainConfig
+    from din_ray.train.distributed import run_ray
+    from din_ray.train.loop import TrainConfig
 
     runs = []
     for r in range(args.scaling_repeats):

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from din_ray.embedding import EmbeddingTables, RowWiseOptimizer, row_block
-from din_ray.model import CTRModel, ModelConfig, TableSpec, build_model
+from din_ray import io as atomic
+from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer, row_block
+from din_ray.model.din import CTRModel, ModelConfig, TableSpec, build_model
 from din_ray.schema import Schema
 
 FORMAT_VERSION = 1
@@ -55,35 +54,6 @@ class CheckpointError(ValueError):
 
 def shard_file(table: str, start: int, end: int) -> str:
     return f"tables/{table}.{start}-{end}.pt"
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's or a directory's contents to disk (a read-only descriptor suffices)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sync_tree(directory: str | Path) -> None:
-    """fsync every file and folder under `directory`, itself last: call before the rename that
-    publishes it, so a crash after the rename cannot leave names pointing at unwritten data."""
-    for root, _, files in os.walk(directory, topdown=False):
-        for name in files:
-            _fsync(Path(root) / name)
-        _fsync(Path(root))
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Rename the complete file or directory `tmp` to `final` durably: contents on disk before
-    the rename, the rename itself on disk after it (the parent directory's entry)."""
-    if tmp.is_dir():
-        sync_tree(tmp)
-    else:
-        _fsync(tmp)
-    os.replace(tmp, final)
-    _fsync(final.parent)
 
 
 def file_digest(path: Path) -> str:
@@ -112,23 +82,14 @@ def gather_shard_digests(local: dict[str, str], specs: dict[str, TableSpec], wor
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    publish(tmp, path)
+    atomic.write_with(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _atomic_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    publish(tmp, path)
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    publish(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+            np.savez(f, **arrays)
+    atomic.write_with(path, write)
 
 
 def write_worker_files(directory: str | Path, tables: EmbeddingTables,
@@ -164,16 +125,14 @@ def write_manifest(directory: str | Path, *, schema: Schema, config: dict, metri
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     _atomic_torch_save(dense, directory / "dense.pt")
-    _atomic_text(directory / "schema.json", json.dumps(schema.to_dict(), indent=2) + "\n")
-    _atomic_text(directory / "config.json", json.dumps(config, indent=2, default=str) + "\n")
-    _atomic_text(directory / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic.write_json(directory / "schema.json", schema.to_dict())
+    atomic.write_json(directory / "config.json", config)
+    atomic.write_json(directory / "metrics.json", metrics)
     listed_files = []
     if vocab_dir is not None and Path(vocab_dir).is_dir():
         (directory / "vocab").mkdir(exist_ok=True)
         for f in sorted(Path(vocab_dir).glob("*.parquet")):
-            tmp = directory / "vocab" / f".{f.name}.tmp-{os.getpid()}"
-            shutil.copyfile(f, tmp)
-            publish(tmp, directory / "vocab" / f.name)
+            atomic.copy_file(f, directory / "vocab" / f.name)
             listed_files.append(f"vocab/{f.name}")
     if id_remap:
         _atomic_arrays(directory / ID_FILTER, id_remap)
@@ -197,7 +156,7 @@ def write_manifest(directory: str | Path, *, schema: Schema, config: dict, metri
         shard_digests = {f: file_digest(directory / f) for f in shards}
     manifest["sha256"] = {**{f: file_digest(directory / f) for f in manifest["files"]},
                           **{f: shard_digests[f] for f in shards}}
-    _atomic_text(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    atomic.write_json(directory / MANIFEST, manifest)
 
 
 def _check_inside(root: Path, entry: str, name) -> None:

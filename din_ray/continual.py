@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from din_ray import io as atomic
 from din_ray.checkpoint import Checkpoint, load_model
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.data.vocab_extend import schema_differences
@@ -81,7 +81,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test",
              batch_size: int = 8192) -> Evaluation:
     """Score `checkpoint` on `split` of `data`, a dataset whose vocabularies may extend the
     checkpoint's: ids beyond the checkpoint's tables are OOV to it."""
-    from din_ray.train import WorkerEnv, evaluate_split  # the loop's own evaluation
+    from din_ray.train.loop import WorkerEnv, evaluate_split  # the loop's own evaluation
 
     model, tables, c = load_model(checkpoint)
     dataset = PreparedDataset.open(data)
@@ -133,18 +133,12 @@ def decide(candidate: Evaluation, champion: Evaluation | None, margin: float) ->
 
 
 # --- the output directory -----------------------------------------------------------------------
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{time.time_ns()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def append_ledger(output: Path, record: dict) -> None:
     """Add one line to OUTPUT/ledger.jsonl: the file is rewritten to a temporary and renamed,
     so a reader never sees half a line."""
     path = output / LEDGER
     old = path.read_text() if path.exists() else ""
-    _write_atomic(path, old + json.dumps(record, default=str) + "\n")
+    atomic.write_text(path, old + json.dumps(record, default=str) + "\n")
 
 
 def read_ledger(output: str | Path) -> list[dict]:
@@ -166,14 +160,11 @@ def promote(output: Path, day: str, decision: Decision, state: dict) -> Path:
     """Copy the candidate to champions/<day> (temporary, verified, renamed), then point state.json
     at it. Until that last rename the old champion stays the champion."""
     final = output / "champions" / day
-    tmp = final.with_name(f".{day}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(decision.candidate.checkpoint, tmp)
-    Checkpoint.open(tmp)  # complete and readable before it can become the champion
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    with atomic.staged_dir(final) as tmp:
+        shutil.copytree(decision.candidate.checkpoint, tmp, dirs_exist_ok=True)
+        Checkpoint.open(tmp)  # complete and readable before it can become the champion
     evaluation = asdict(decision.candidate) | {"checkpoint": str(final)}
-    _write_atomic(output / STATE, json.dumps({**state, "champion": evaluation}, indent=2) + "\n")
+    atomic.write_text(output / STATE, json.dumps({**state, "champion": evaluation}, indent=2) + "\n")
     return final
 
 
@@ -213,8 +204,8 @@ class DayConfig:
 def run_day(cfg: DayConfig) -> dict:
     """Prepare, train from the champion, evaluate both, gate, promote; returns the ledger
     record (also appended to OUTPUT/ledger.jsonl)."""
-    from din_ray.data.logs import prepare_logs
-    from din_ray.train import TrainConfig, run_local
+    from din_ray.data.logs.pipeline import prepare_logs
+    from din_ray.train.loop import TrainConfig, run_local
 
     output = Path(cfg.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -235,7 +226,7 @@ def run_day(cfg: DayConfig) -> dict:
     train_cfg = TrainConfig(**{**cfg.train, "data": str(data), "output": str(run),
                                "init_from": init_from})
     if train_cfg.workers > 1:
-        from din_ray.distributed import run_ray
+        from din_ray.train.distributed import run_ray
 
         run_ray(train_cfg)
     else:
@@ -257,7 +248,7 @@ def run_day(cfg: DayConfig) -> dict:
     if decision.promote:
         record["champion_checkpoint"] = str(promote(output, cfg.day, decision, state))
     else:
-        _write_atomic(output / STATE, json.dumps(state, indent=2) + "\n")
+        atomic.write_text(output / STATE, json.dumps(state, indent=2) + "\n")
         record["champion_checkpoint"] = current.checkpoint if current else None
     append_ledger(output, record)
     log.info("%s: %s (%s)", cfg.day, "promoted" if decision.promote else "kept the champion",

@@ -30,8 +30,9 @@ import pyarrow.parquet as pq
 import torch
 
 from din_ray import checkpoint as ckpt
+from din_ray import io as atomic
 from din_ray.data.format import SPLITS, DataError, PreparedDataset, to_numpy
-from din_ray.train import BatchRegularizer, TrainConfig, forward, to_torch
+from din_ray.train.loop import BatchRegularizer, TrainConfig, forward, to_torch
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +144,7 @@ def _resolve(path: str) -> Path:
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():  # overwrite: swap, then delete the old copy
-        trash = out.with_name(f".{out.name}.old-{time.time_ns()}")
-        out.rename(trash)
-        ckpt.publish(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        ckpt.publish(tmp, out)
+    atomic.publish(tmp, out)  # an existing output is swapped out, then deleted
 
 
 def _predict_local(cfg: PredictConfig, checkpoint: str, files: list[Path], tmp: Path) -> int:
@@ -180,7 +175,7 @@ def _predict_ray(cfg: PredictConfig, checkpoint: str, files: list[Path], tmp: Pa
     sees, like the data)."""
     import ray
 
-    from din_ray.local_ray import connect
+    from din_ray.ray_session import connect
 
     connected = connect(cfg.address, num_cpus=max(4, int(cfg.actors * cfg.cpus_per_actor) + 2))
     try:

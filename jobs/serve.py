@@ -28,8 +28,8 @@ import sys
 
 from din_ray.checkpoint import CheckpointError
 from din_ray.cli import build_parser
-from din_ray.serve_cli import app_config, load_app_module
-from din_ray.serving import resolve_checkpoint
+from din_ray.cli.serve import app_config, load_app_module
+from din_ray.serve.scoring import resolve_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    ray.init(address=address, log_to_driver=args.verbose)
+    from din_ray.ray_session import connect
+
+    connect(address, log_to_driver=args.verbose)
     try:
         load_app_module().deploy(config)
     finally:
@@ -70,8 +72,4 @@ def _cluster_address(address: str | None, num_cpus: int | None, temp_dir: str | 
 
 
 if __name__ == "__main__":
-    # `python jobs/serve.py` puts jobs/ first on sys.path, where this file would shadow the
-    # repository's `serve` package (serve/app.py, which the deployment imports).
-    here = os.path.dirname(os.path.realpath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.realpath(p or ".") != here]
     sys.exit(main())

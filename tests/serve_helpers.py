@@ -4,8 +4,6 @@ real test rows, and offline scores computed the way `din-ray evaluate` does."""
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +14,7 @@ from builders import write_tiny_dataset
 from din_ray.checkpoint import load_model
 from din_ray.data.format import PreparedDataset
 from din_ray.schema import OOV_ID, PAD_ID
-from din_ray.train import TrainConfig, forward, run_local
-
-
-def start_local_ray(num_cpus: int = 4, attempts: int = 3) -> str:
-    """`ray.init` a local cluster in its own short temp dir (returned), retried: on a heavily
-    loaded machine the raylet can miss Ray's fixed 30 s registration window."""
-    import ray
-
-    for attempt in range(attempts):
-        temp = f"/tmp/rs-{uuid.uuid4().hex[:6]}"  # short: Ray's unix socket paths must stay short
-        try:
-            ray.init(num_cpus=num_cpus, _temp_dir=temp, log_to_driver=False)
-            return temp
-        except Exception:  # Ray raises a bare Exception for a startup timeout
-            ray.shutdown()
-            shutil.rmtree(temp, ignore_errors=True)
-            if attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
+from din_ray.train.loop import TrainConfig, forward, run_local
 
 
 def train_tiny(root: Path, model: str = "din", name: str | None = None, **overrides) -> Path:

@@ -13,7 +13,7 @@ import pytest
 from builders import write_tiny_dataset
 
 from din_ray.checkpoint import MANIFEST, Checkpoint, CheckpointError
-from din_ray.train import TrainConfig, best_epoch_dir, run_local, summarize
+from din_ray.train.loop import TrainConfig, best_epoch_dir, run_local, summarize
 
 
 @pytest.fixture(scope="module")

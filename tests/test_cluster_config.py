@@ -18,7 +18,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
 from din_ray.cli import build_parser
-from din_ray.serve_cli import load_app_module
+from din_ray.cli.serve import load_app_module
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster.yaml"
@@ -165,7 +165,7 @@ def test_rayservice_serve_config_is_a_serve_config():
     schema = ServeDeploySchema.model_validate(config)
     assert schema.http_options.host == "0.0.0.0"  # KubeRay's Service reaches the proxies
     (app,) = schema.applications
-    assert app.import_path == "din_ray.serve_cli:build_app"
+    assert app.import_path == "din_ray.cli.serve:build_app"
     serve_app = load_app_module()
     assert set(app.args) <= set(serve_app.BUILD_ARGS), sorted(app.args)
     (deployment,) = config["applications"][0]["deployments"]

@@ -23,8 +23,8 @@ from din_ray.continual import (
     run_day,
 )
 from din_ray.data.format import PreparedDataset
-from din_ray.data.log_spec import SpecError
-from din_ray.data.synthetic_logs import write_synthetic_days
+from din_ray.data.logs.spec import SpecError
+from din_ray.data.logs.synthetic import write_synthetic_days
 
 TRAIN = dict(epochs=1, batch_size=128, embedding_dim=8, attention_hidden=(16, 8),
              mlp_hidden=(16, 8), threads=1, sparse_lr=0.05, eval_batch_size=4096)

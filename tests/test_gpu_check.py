@@ -1,7 +1,7 @@
 """benchmarks/gpu_check.py's CPU dry run: the device check works before it meets a GPU.
 
 The sections run in-process on tiny sizes. Left out here: `tests` (the GPU-marked tests in a
-subprocess; the suite runs tests/test_device.py itself) and `ray_losses` (two Ray Train runs,
+subprocess; the suite runs tests/train/test_device.py itself) and `ray_losses` (two Ray Train runs,
 about two minutes on a loaded 2-core machine, too much for the suite; its dry run is
 `python benchmarks/gpu_check.py --dry-run-cpu --sections ray_losses`).
 """

@@ -155,7 +155,7 @@ class LocalCluster:
             self.dashboard = f"http://127.0.0.1:{dash}"
             # Ray Train's placement-group cleaner finds the dashboard from this, else from the
             # address file under /tmp/ray, which names another cluster or several (see
-            # din_ray.local_ray).
+            # din_ray.ray_session).
             self.env["RAY_API_SERVER_ADDRESS"] = self.dashboard
             cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
                    "--port", str(gcs), "--dashboard-port", str(dash), "--include-dashboard",

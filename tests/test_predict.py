@@ -16,7 +16,7 @@ from din_ray.cli import main as cli_main
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
 from din_ray.metrics import evaluate_predictions
 from din_ray.predict import CTR, PredictConfig, predict, read_predictions, to_arrays
-from din_ray.train import (
+from din_ray.train.loop import (
     BatchRegularizer,
     TrainConfig,
     WorkerEnv,

@@ -16,7 +16,7 @@ Raw files (`prepare_amazon`), as the original public DIN code builds its data se
     share of users (seeded) have their last training pair moved to the validation split, so
     early stopping sees the same kind of prediction as the test. "Before" is strictly
     earlier: reviews of the same day (`unixReviewTime` is day-granular) are left out of each
-    other's histories, as in the log pipeline (`din_ray.data.logs`); `history_ties="keep"`
+    other's histories, as in the log pipeline (`din_ray.data.logs.pipeline`); `history_ties="keep"`
     (`--history-ties keep`) keeps those earlier in the file, as the original code did.
 
 Processed files (`prepare_amazon_processed`): one sample per line
@@ -48,21 +48,25 @@ from pathlib import Path
 
 import numpy as np
 
-from din_ray.data.format import DataError, DatasetWriter
-from din_ray.data.movielens import (
-    RESERVED_RAW,
+from din_ray.data.common import (
+    CHUNK_ROWS,
+    SortedBehaviours,
     check_history_ties,
+    check_max_history,
     check_split_fracs,
     history_ends,
     item_category_schema,
+    order_by_user_time,
     train_rows_per_file,
+    user_runs,
+    vocab_entries,
 )
+from din_ray.data.format import DataError, DatasetWriter, refuse_existing
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, PAD_ID
 
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1 << 20
-CHUNK_ROWS = 250_000
 # An asin can be found in a meta line without parsing it: only lines of wanted items are parsed.
 _ASIN = re.compile(r"""["']asin["']\s*:\s*["']([^"']+)["']""")
 
@@ -204,33 +208,19 @@ def read_categories(path: str | Path, wanted: set[str]) -> tuple[dict[str, str],
 
 
 @dataclass
-class _Samples:
-    """Reviews sorted by (user, time, file line) with dense ids; samples index into them."""
+class _Samples(SortedBehaviours):
+    """Reviews sorted by (user, time, file line) (`user` the dense reviewer, `item` >= 2, `cate`
+    OOV when unknown); samples index into them."""
 
-    user: np.ndarray  # (N,) int64 dense user
-    item: np.ndarray  # (N,) int32 dense item id (>= 2)
-    cate: np.ndarray  # (N,) int32 dense category id (OOV when unknown)
-    user_start: np.ndarray  # (N,) int64
-    hist_end: np.ndarray  # (N,) int64 position the history ends before (`history_ends`)
     item_cate: np.ndarray  # (V_item,) category of each dense item id
 
     def columns(self, target: np.ndarray, cand: np.ndarray, label: np.ndarray,
                 max_history: int) -> dict[str, np.ndarray]:
         """Rows predicting review position `target` (B,) with candidate items `cand` (B,): the
         history is the user's reviews before `target`, the most recent `max_history`."""
-        end = self.hist_end[target]  # (B,)
-        k = np.minimum(end - self.user_start[target], max_history)  # (B,)
-        slot = np.arange(max_history)
-        real = slot < k[:, None]  # (B, L)
-        src = np.where(real, end[:, None] - k[:, None] + slot, 0)  # (B, L) oldest first
-        return {
-            "label": label.astype(np.int8),
-            "user": self.user[target],
-            "item_id": cand.astype(np.int32),
-            "cate_id": self.item_cate[cand].astype(np.int32),
-            "hist_item_id": np.where(real, self.item[src], PAD_ID).astype(np.int32),
-            "hist_cate_id": np.where(real, self.cate[src], PAD_ID).astype(np.int32),
-        }
+        return {"label": label.astype(np.int8), "user": self.user[target],
+                "item_id": cand.astype(np.int32), "cate_id": self.item_cate[cand].astype(np.int32),
+                **self.histories(target, max_history)}
 
 
 def prepare_amazon(
@@ -269,12 +259,10 @@ def prepare_amazon(
     """
     del test_frac
     reviews, meta, output_dir = Path(reviews), Path(meta), Path(output_dir)
-    if max_history <= 0:
-        raise ValueError(f"max_history must be > 0, got {max_history}")
+    check_max_history(max_history)
     check_split_fracs(valid_frac, 0.0)
     check_history_ties(history_ties)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite)")
+    refuse_existing(output_dir, overwrite)
     r = read_reviews(reviews)
     asins = sorted(set(r.asin))
     categories, meta_truncated = read_categories(meta, set(asins))
@@ -294,10 +282,9 @@ def prepare_amazon(
 
     n = len(user)
     time = np.array(r.time, dtype=np.int64)
-    order = np.lexsort((np.arange(n), time, user))
+    order = order_by_user_time(user, time)
     user, item, time = user[order], item[order].astype(np.int32), time[order]
-    first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])  # (U,)
-    count = np.diff(np.r_[first, n])  # (U,)
+    first, count = user_runs(user)  # (U,), (U,)
     s = _Samples(user=user, item=item, cate=item_cate[item], user_start=np.repeat(first, count),
                  hist_end=history_ends(user, time, history_ties), item_cate=item_cate)
 
@@ -346,8 +333,8 @@ def prepare_amazon(
                 cand = np.stack([item[p], negatives[p]], axis=1).reshape(-1)
                 label = np.tile(np.array([1, 0], np.int8), p.size)
                 w.write(split, s.columns(target, cand, label, max_history))
-        w.add_vocab("item_id", list(RESERVED_RAW) + asins)
-        w.add_vocab("cate_id", list(RESERVED_RAW) + cate_raw)
+        w.add_vocab("item_id", vocab_entries(asins))
+        w.add_vocab("cate_id", vocab_entries(cate_raw))
     return output_dir
 
 
@@ -452,11 +439,9 @@ def prepare_amazon_processed(
     """
     processed, output_dir = Path(processed), Path(output_dir)
     files = [processed] + ([Path(processed_test)] if processed_test else [])
-    if max_history <= 0:
-        raise ValueError(f"max_history must be > 0, got {max_history}")
+    check_max_history(max_history)
     check_split_fracs(valid_frac, 0.0 if processed_test else test_frac)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite)")
+    refuse_existing(output_dir, overwrite)
     ends = chain_ends(LineReader(processed))
     max_item = max_cate = -1
     for path in files:
@@ -501,8 +486,8 @@ def prepare_amazon_processed(
             for split, chunk in rows.items():
                 w.write(split, _processed_columns(chunk, max_history))
             params["truncated_lines_skipped"] += reader.truncated_lines  # the manifest's dict
-        w.add_vocab("item_id", list(RESERVED_RAW) + [str(i) for i in range(max_item + 1)])
-        w.add_vocab("cate_id", list(RESERVED_RAW) + [str(c) for c in range(max_cate + 1)])
+        w.add_vocab("item_id", vocab_entries(range(max_item + 1)))
+        w.add_vocab("cate_id", vocab_entries(range(max_cate + 1)))
     return output_dir
 
 

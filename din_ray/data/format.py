@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from din_ray import io as atomic
 from din_ray.schema import PAD_ID, Schema, SchemaError
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,13 @@ COUNTS = "counts.npz"
 
 class DataError(ValueError):
     """Bad input data; the message names the file, row and field where known."""
+
+
+def refuse_existing(output: str | Path, overwrite: bool) -> None:
+    """Raise FileExistsError when `output` exists and `overwrite` is off: every preparation
+    checks this before reading any input, and the writer again before writing."""
+    if Path(output).exists() and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite)")
 
 
 def arrow_schema(schema: Schema) -> pa.Schema:
@@ -361,9 +369,7 @@ class DatasetWriter:
     def __init__(self, output: str | Path, schema: Schema, source: str, params: dict | None = None,
                  overwrite: bool = False, rows_per_file: int = 200_000) -> None:
         self.output = Path(output)
-        if self.output.exists() and not overwrite:
-            raise FileExistsError(
-                f"{self.output} already exists; pass overwrite=True (--overwrite)")
+        refuse_existing(self.output, overwrite)
         self.schema = schema
         self.source = source
         self.params = params or {}
@@ -439,11 +445,5 @@ class DatasetWriter:
                               {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                               for p in files}}
         (self.tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if self.output.exists():  # overwrite: swap, then delete the old copy
-            trash = self.output.with_name(f".{self.output.name}.old-{time.time_ns()}")
-            self.output.rename(trash)
-            self.tmp.rename(self.output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            self.tmp.rename(self.output)
+        atomic.publish(self.tmp, self.output)  # an existing copy is swapped out, then deleted
         log.info("wrote %s: %s", self.output, self.rows)

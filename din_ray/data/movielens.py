@@ -26,8 +26,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from din_ray.data.format import DataError, DatasetWriter
-from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, PAD_ID, Feature, Schema
+from din_ray.data.common import (
+    CHUNK_ROWS,
+    RESERVED_RAW,
+    SortedBehaviours,
+    check_history_ties,
+    check_max_history,
+    check_split_fracs,
+    history_ends,
+    item_category_schema,
+    order_by_user_time,
+    split_users,
+    train_rows_per_file,
+    user_runs,
+    vocab_entries,
+)
+from din_ray.data.format import DataError, DatasetWriter, refuse_existing
+from din_ray.schema import NUM_RESERVED_IDS, OOV_ID
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +55,6 @@ ML100K_GENRES = (
     "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
     "Thriller", "War", "Western",
 )
-
-# Rows gathered at once when building (rows, max_history) history matrices: bounds memory to
-# about CHUNK_ROWS * max_history * 4 bytes per feature whatever the dataset size.
-CHUNK_ROWS = 250_000
-
-# Placeholders stored for the reserved dense ids in the vocab files (format.add_vocab skips them).
-RESERVED_RAW = ("<pad>", "<oov>")
-
-# What a history does with behaviours at the sample's own timestamp: "exclude" (strictly earlier
-# only, as the log pipeline and a live request, which cannot see what happens in the same
-# second) or "keep" (in file order, the older behaviour of this module).
-HISTORY_TIES = ("exclude", "keep")
-
 
 @dataclass(frozen=True)
 class Layout:
@@ -88,63 +90,6 @@ class Movies:
     ids: np.ndarray  # (M,) int64
     genre: np.ndarray  # (M,) int32
     genre_names: list[str]
-
-
-# --- shared by the item/category sources --------------------------------------------------------
-def item_category_schema(name: str, item_vocab_size: int, cate_vocab_size: int, max_history: int,
-                         embedding_dim: int) -> Schema:
-    """The paper's public-dataset features: candidate item and category, and the user's behaviour
-    sequences of items and categories (sharing the candidate's embedding tables)."""
-    return Schema(
-        (
-            Feature("item_id", "ad", "item_id", item_vocab_size, embedding_dim),
-            Feature("cate_id", "ad", "cate_id", cate_vocab_size, embedding_dim),
-            Feature("hist_item_id", "behavior", "item_id", item_vocab_size, embedding_dim,
-                    max_len=max_history, aligned_with="item_id"),
-            Feature("hist_cate_id", "behavior", "cate_id", cate_vocab_size, embedding_dim,
-                    max_len=max_history, aligned_with="cate_id"),
-        ),
-        label="label",
-        user_column="user",
-        name=name,
-    )
-
-
-def train_rows_per_file(n_train: int) -> int:
-    """Rows per train Parquet file: at least 8 files so Ray Data can shard them evenly, none
-    tiny, none huge."""
-    return max(10_000, min(math.ceil(n_train / 8), 1_000_000))
-
-
-def check_history_ties(history_ties: str) -> None:
-    if history_ties not in HISTORY_TIES:
-        raise ValueError(f"history_ties must be one of {HISTORY_TIES}, got {history_ties!r}")
-
-
-def history_ends(user: np.ndarray, time: np.ndarray, history_ties: str) -> np.ndarray:
-    """Per behaviour sorted by (user, time, line), the position its history ends before.
-
-    Args:
-        user, time: (N,) sorted by (user, time), ties in file order.
-        history_ties: "exclude": the first position of its (user, time) run, so the history is
-            strictly earlier; "keep": its own position (earlier lines of the same second count).
-    Returns:
-        (N,) int64 end positions; the history of p is [user_start[p], end[p]).
-    """
-    n = len(user)
-    if history_ties == "keep":
-        return np.arange(n, dtype=np.int64)
-    run = np.flatnonzero(np.r_[True, (user[1:] != user[:-1]) | (time[1:] != time[:-1])])
-    return np.repeat(run, np.diff(np.r_[run, n])).astype(np.int64)
-
-
-def check_split_fracs(valid_frac: float, test_frac: float) -> None:
-    for name, v in (("valid_frac", valid_frac), ("test_frac", test_frac)):
-        if not 0.0 <= v < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {v}")
-    if valid_frac + test_frac >= 1.0:
-        raise ValueError(f"valid_frac + test_frac must be < 1 to leave training data, got "
-                         f"{valid_frac} + {test_frac}")
 
 
 # --- reading ------------------------------------------------------------------------------------
@@ -217,32 +162,46 @@ def _csv_header(path: Path) -> list[str]:
     return [h.strip() for h in header]
 
 
-def _ratings_lines(path: Path, layout: Layout) -> Iterator[tuple[int, list[str]]]:
-    """(1-based line number, the four rating fields) for every non-blank data line."""
-    if layout.name == "csv":
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            reader = csv.reader(f)
-            header = [h.strip() for h in next(reader)]
-            cols = [header.index(c) for c in RATING_FIELDS]
-            for row in reader:
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise DataError(f"{path} line {reader.line_num}: expected {len(header)} "
-                                    f"fields, got {len(row)}")
-                yield reader.line_num, [row[i] for i in cols]
-        return
-    sep = "::" if layout.name == "dat" else "\t"
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, fields) of every non-blank data row of a CSV file with a header line; a row
+    whose field count is not the header's is an error naming its line."""
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        reader = csv.reader(f)
+        width = len(next(reader, []))
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != width:
+                raise DataError(f"{path} line {reader.line_num}: expected {width} fields, got "
+                                f"{len(row)}")
+            yield reader.line_num, row
+
+
+def _latin1_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line without its line break) of every non-blank line of a `.dat`
+    or ml-100k file, decoded as Latin-1 (these releases are not UTF-8)."""
     with open(path, encoding="latin-1", newline="") as f:
         for lineno, line in enumerate(f, start=1):
             line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split(sep)
-            if len(fields) != 4:
-                raise DataError(f"{path} line {lineno}: expected 4 {sep!r}-separated fields "
-                                f"(user, movie, rating, timestamp), got {len(fields)}: {line!r}")
-            yield lineno, fields
+            if line.strip():
+                yield lineno, line
+
+
+def _ratings_lines(path: Path, layout: Layout) -> Iterator[tuple[int, list[str]]]:
+    """(1-based line number, the four rating fields) for every non-blank data line."""
+    if layout.name == "csv":
+        header = _csv_header(path)
+        cols = [header.index(c) for c in RATING_FIELDS]
+        for lineno, row in _csv_rows(path):
+            yield lineno, [row[i] for i in cols]
+        return
+    sep = "::" if layout.name == "dat" else "\t"
+    for lineno, line in _latin1_lines(path):
+        fields = line.split(sep)
+        if len(fields) != 4:
+            raise DataError(f"{path} line {lineno}: expected 4 {sep!r}-separated fields "
+                            f"(user, movie, rating, timestamp), got {len(fields)}: {line!r}")
+        yield lineno, fields
 
 
 def _scan_ratings(path: Path, layout: Layout) -> None:
@@ -294,42 +253,29 @@ def read_movies(path: Path, layout: Layout) -> Movies:
         if missing:
             raise DataError(f"{path} line 1: missing column(s) {missing}; header is {header}")
         id_col, genre_col = header.index("movieId"), header.index("genres")
-        with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-            reader = csv.reader(f)
-            next(reader)
-            for row in reader:
-                if not row:
-                    continue
-                if len(row) != len(header):
-                    raise DataError(f"{path} line {reader.line_num}: expected {len(header)} "
-                                    f"fields, got {len(row)}")
-                add(reader.line_num, row[id_col], _first_genre(path, reader.line_num,
-                                                               row[genre_col]))
+        for lineno, row in _csv_rows(path):
+            add(lineno, row[id_col], _first_genre(path, lineno, row[genre_col]))
     else:
         # Titles are never used, so Latin-1 (which decodes any byte) is safe for both releases.
-        with open(path, encoding="latin-1", newline="") as f:
-            for lineno, line in enumerate(f, start=1):
-                line = line.rstrip("\r\n")
-                if not line.strip():
-                    continue
-                if layout.name == "dat":
-                    fields = line.split("::")
-                    if len(fields) < 3:
-                        raise DataError(f"{path} line {lineno}: expected movieId::title::genres, "
-                                        f"got {line!r}")
-                    add(lineno, fields[0], _first_genre(path, lineno, fields[-1]))
-                else:
-                    fields = line.split("|")
-                    if len(fields) < 5 + len(ML100K_GENRES):
-                        raise DataError(f"{path} line {lineno}: expected {5 + len(ML100K_GENRES)}"
-                                        f" '|'-separated fields, got {len(fields)}")
-                    flags = fields[-len(ML100K_GENRES):]
-                    bad = [v for v in flags if v not in ("0", "1")]
-                    if bad:
-                        raise DataError(f"{path} line {lineno}: genre flag {bad[0]!r} is not 0/1")
-                    first = next((g for g, v in zip(ML100K_GENRES, flags, strict=True)
-                                  if v == "1"), NO_GENRE)
-                    add(lineno, fields[0], first)
+        for lineno, line in _latin1_lines(path):
+            if layout.name == "dat":
+                fields = line.split("::")
+                if len(fields) < 3:
+                    raise DataError(f"{path} line {lineno}: expected movieId::title::genres, "
+                                    f"got {line!r}")
+                add(lineno, fields[0], _first_genre(path, lineno, fields[-1]))
+            else:
+                fields = line.split("|")
+                if len(fields) < 5 + len(ML100K_GENRES):
+                    raise DataError(f"{path} line {lineno}: expected {5 + len(ML100K_GENRES)}"
+                                    f" '|'-separated fields, got {len(fields)}")
+                flags = fields[-len(ML100K_GENRES):]
+                bad = [v for v in flags if v not in ("0", "1")]
+                if bad:
+                    raise DataError(f"{path} line {lineno}: genre flag {bad[0]!r} is not 0/1")
+                first = next((g for g, v in zip(ML100K_GENRES, flags, strict=True)
+                              if v == "1"), NO_GENRE)
+                add(lineno, fields[0], first)
     if not ids:
         raise DataError(f"{path}: empty file (no data rows)")
     names = sorted(set(genres))
@@ -402,14 +348,12 @@ def prepare_movielens(
             and field. Nothing is written then.
     """
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if max_history <= 0:
-        raise ValueError(f"max_history must be > 0, got {max_history}")
+    check_max_history(max_history)
     if split not in ("user", "time"):
         raise ValueError(f"split must be 'user' or 'time', got {split!r}")
     check_split_fracs(valid_frac, test_frac)
     check_history_ties(history_ties)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"{output_dir} already exists; pass overwrite=True (--overwrite)")
+    refuse_existing(output_dir, overwrite)
 
     layout = detect_layout(input_dir)
     movies = read_movies(input_dir / layout.movies, layout)
@@ -446,25 +390,17 @@ def prepare_movielens(
             pos = np.flatnonzero(seq.split == code)  # (user, time) order
             for s in range(0, pos.size, CHUNK_ROWS):
                 writer.write(name, seq.columns(pos[s:s + CHUNK_ROWS], max_history))
-        writer.add_vocab("item_id", list(RESERVED_RAW) + [str(m) for m in seq.item_raw[2:]])
-        writer.add_vocab("cate_id", list(RESERVED_RAW) + list(seq.cate_raw[2:]))
+        writer.add_vocab("item_id", vocab_entries(seq.item_raw[2:]))
+        writer.add_vocab("cate_id", vocab_entries(seq.cate_raw[2:]))
     return output_dir
 
 
 @dataclass
-class _Sequences:
-    """All ratings sorted by (user, timestamp, file line), with dense ids and split codes.
+class _Sequences(SortedBehaviours):
+    """All ratings sorted by (user, timestamp, file line) (`user` the raw userId, `item` the
+    dense movie id, `cate` the dense genre id), with labels and split codes."""
 
-    A user's ratings are contiguous, so the history of the rating at sorted position p is the
-    slice [max(user_start[p], end[p] - L), end[p]): histories are gathered by index arithmetic.
-    """
-
-    user: np.ndarray  # (N,) int64 raw userId
     label: np.ndarray  # (N,) int8
-    item: np.ndarray  # (N,) int32 dense movie id
-    cate: np.ndarray  # (N,) int32 dense genre id
-    user_start: np.ndarray  # (N,) int64 sorted position of the user's first rating
-    hist_end: np.ndarray  # (N,) int64 position the history ends before (`history_ends`)
     split: np.ndarray  # (N,) int8: 0 train, 1 valid, 2 test
     item_raw: np.ndarray  # (V_item,) raw movieId of each dense id (0, 1 unused)
     cate_raw: np.ndarray  # (V_cate,) genre of each dense id (0, 1 unused)
@@ -475,24 +411,14 @@ class _Sequences:
     def build(cls, r: Ratings, movies: Movies, split: str, valid_frac: float, test_frac: float,
               rng: np.random.Generator, history_ties: str = "exclude") -> _Sequences:
         n = len(r.user)
-        # lexsort is stable and its last key is the primary one; the explicit line index makes
-        # the file-order tie-break independent of that guarantee.
-        order = np.lexsort((np.arange(n), r.timestamp, r.user))
+        order = order_by_user_time(r.user, r.timestamp)
         user = r.user[order]
         movie = r.movie[order]
-        first = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])  # (U,) run starts
-        counts = np.diff(np.r_[first, n])  # (U,)
+        first, counts = user_runs(user)  # (U,), (U,)
         user_start = np.repeat(first, counts)  # (N,)
 
         if split == "user":
-            n_users = len(first)
-            perm = rng.permutation(n_users)
-            n_test = math.floor(n_users * test_frac + 0.5)
-            n_valid = math.floor(n_users * valid_frac + 0.5)
-            code = np.zeros(n_users, np.int8)
-            code[perm[:n_test]] = 2
-            code[perm[n_test:n_test + n_valid]] = 1
-            split_code = np.repeat(code, counts)
+            split_code = np.repeat(split_users(len(first), valid_frac, test_frac, rng), counts)
         else:
             rank = np.arange(n) - user_start
             total = np.repeat(counts, counts)
@@ -533,19 +459,8 @@ class _Sequences:
 
     def columns(self, pos: np.ndarray, max_history: int) -> dict[str, np.ndarray]:
         """Prepared columns for the ratings at sorted positions `pos` (B,)."""
-        end = self.hist_end[pos]  # (B,)
-        k = np.minimum(end - self.user_start[pos], max_history)  # (B,) history lengths
-        slot = np.arange(max_history)  # (L,)
-        real = slot < k[:, None]  # (B, L)
-        src = np.where(real, end[:, None] - k[:, None] + slot, 0)  # (B, L) oldest first
-        return {
-            "label": self.label[pos],
-            "user": self.user[pos],
-            "item_id": self.item[pos],
-            "cate_id": self.cate[pos],
-            "hist_item_id": np.where(real, self.item[src], PAD_ID).astype(np.int32),
-            "hist_cate_id": np.where(real, self.cate[src], PAD_ID).astype(np.int32),
-        }
+        return {"label": self.label[pos], "user": self.user[pos], "item_id": self.item[pos],
+                "cate_id": self.cate[pos], **self.histories(pos, max_history)}
 
 
 def _lookup(vocab: np.ndarray, raw: np.ndarray) -> np.ndarray:

@@ -31,19 +31,20 @@ grow with `rows` and the same arguments always give byte-identical Parquet data.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from din_ray.data.format import DatasetWriter
-from din_ray.data.movielens import (
-    RESERVED_RAW,
+from din_ray.data.common import (
+    check_max_history,
     check_split_fracs,
     item_category_schema,
+    split_users,
     train_rows_per_file,
+    vocab_entries,
 )
+from din_ray.data.format import DatasetWriter
 from din_ray.schema import NUM_RESERVED_IDS, PAD_ID
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,7 @@ class SyntheticConfig:
         if self.items < self.categories:
             raise ValueError(f"items must be >= categories ({self.categories}) so every "
                              f"category has an item, got {self.items}")
-        if self.max_history <= 0:
-            raise ValueError(f"max_history must be > 0, got {self.max_history}")
+        check_max_history(self.max_history)
         if self.signal < 0:
             raise ValueError(f"signal must be >= 0, got {self.signal}")
         if self.chunk_rows <= 0:
@@ -181,9 +181,8 @@ def prepare_synthetic(
                     keep = rng.permutation(keep)
                 for s in range(0, keep.size, rows_per_file):  # never a single huge train file
                     writer.write(name, {k: v[keep[s:s + rows_per_file]] for k, v in cols.items()})
-        writer.add_vocab("item_id", list(RESERVED_RAW) + [f"item_{i}" for i in range(cfg.items)])
-        writer.add_vocab("cate_id", list(RESERVED_RAW) + [f"cate_{c}" for c in
-                                                          range(cfg.categories)])
+        writer.add_vocab("item_id", vocab_entries(f"item_{i}" for i in range(cfg.items)))
+        writer.add_vocab("cate_id", vocab_entries(f"cate_{c}" for c in range(cfg.categories)))
     return Path(output_dir)
 
 
@@ -208,12 +207,7 @@ class _World:
         item_effect = rng.normal(0.0, ITEM_EFFECT_STD, cfg.items)
         # Every user gets at least one sample; the rest are spread at random.
         samples = 1 + rng.multinomial(cfg.rows - cfg.users, np.full(cfg.users, 1 / cfg.users))
-        perm = rng.permutation(cfg.users)
-        n_test = math.floor(cfg.users * cfg.test_frac + 0.5)
-        n_valid = math.floor(cfg.users * cfg.valid_frac + 0.5)
-        split = np.zeros(cfg.users, np.int8)
-        split[perm[:n_test]] = 2
-        split[perm[n_test:n_test + n_valid]] = 1
+        split = split_users(cfg.users, cfg.valid_frac, cfg.test_frac, rng)
         return cls(cfg, item_cate, cate_items, cate_start, cate_size, item_effect, samples, split)
 
     def chunks(self) -> list[tuple[int, int]]:

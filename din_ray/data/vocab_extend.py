@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from din_ray.data.format import DatasetWriter, PreparedDataset, to_numpy
+from din_ray.data.format import DatasetWriter, PreparedDataset, refuse_existing, to_numpy
 from din_ray.schema import NUM_RESERVED_IDS, Schema, SchemaError
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def decayed_counts(new: np.ndarray, old: np.ndarray | None, decay: float | None)
     return np.rint(new + decay * padded).astype(np.int64)
 
 
-def _check_decay(count_decay: float | None) -> None:
+def check_decay(count_decay: float | None) -> None:
     if count_decay is not None and not 0 <= count_decay <= 1:
         raise ValueError(f"count_decay must be in [0, 1], got {count_decay}")
 
@@ -154,10 +154,9 @@ def prepare_onto(vocab_from: str | Path, output: str | Path,
     Nothing is written at `output` unless everything succeeds (the fresh copy lives in a hidden
     sibling and is deleted either way).
     """
-    _check_decay(count_decay)
+    check_decay(count_decay)
     output = Path(output)
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite)")
+    refuse_existing(output, overwrite)
     previous = open_previous(vocab_from, source)
     fresh_dir = output.with_name(f".{output.name}.fresh-{time.time_ns()}")
     try:
