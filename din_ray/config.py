@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from din_ray.embeddings.regularization import REG_FORMS, REGULARIZERS
+from din_ray.embeddings.regularization import GRADIENT_REGULARIZERS, REG_FORMS, REGULARIZERS
 from din_ray.model import ModelConfig, model_names
 from din_ray.model.layers import ACTIVATIONS
 from din_ray.schema import Schema
@@ -95,6 +95,13 @@ class OptimConfig:
     # A row moves about lr per touch under Adam and rare ids are touched a few times an epoch,
     # so tables usually need a larger rate than dense layers.
     sparse_lr: float = knob(0.0, "learning rate of embedding rows (0 = --lr)")
+    # "lazy": Adam on the rows a step touched (torch.optim.SparseAdam's rule, O(touched rows));
+    # "dense": every row every step, untouched ones on their decaying moments, as torch.optim.Adam
+    # on a dense table (O(table) per step; for comparisons with a plain PyTorch DIN: on the
+    # planted synthetic set both gave the same GAUC, docs/results.md "Defaults vs a plain DIN").
+    sparse_adam: str = knob("lazy", "Adam on the touched embedding rows only (lazy) or on every "
+                                    "row every step (dense, O(table) per step)",
+                            choices=("lazy", "dense"))
     lr_decay: float = knob(0.9, "per-epoch factor of both learning rates")
     batch_size: int = knob(256, "samples per worker and step (a step's global batch is "
                                 "batch_size x workers)")
@@ -235,6 +242,12 @@ class TrainConfig:
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(f"TrainConfig.{name} must be a {cls.__name__}, got "
                                 f"{type(getattr(self, name)).__name__}")
+        reg = self.regularization
+        if (self.optim.sparse_adam == "dense" and reg.reg in GRADIENT_REGULARIZERS
+                and reg.lam > 0):
+            # Every row would be "touched" every step, so MBA's α_mj = 1 for all rows.
+            raise ValueError(f"sparse_adam='dense' updates every row every step, which is not "
+                             f"what reg={reg.reg!r} is defined on; use --reg none or --lam 0")
 
     # --- flat knob names ---------------------------------------------------------------------
     @classmethod

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from din_ray.embeddings.tables import EmbeddingTables
+from din_ray.schema import PAD_ID
 
 
 class RowWiseOptimizer:
@@ -35,17 +36,21 @@ class RowWiseOptimizer:
                      decoupled weight decay), so the shrinkage stays proportional to λ.
 
     Under SGD both forms are the same update.
+
+    `lazy=False` (Adam only) updates every row of every table each step, untouched rows with a
+    zero gradient, which is torch.optim.Adam on dense tables: O(table) per step, kept for
+    comparisons with a plain PyTorch DIN (benchmarks/reference_din.py).
     """
 
     def __init__(self, tables: EmbeddingTables, kind: str = "adam", lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 reg_form: str = "decoupled") -> None:
+                 reg_form: str = "decoupled", lazy: bool = True) -> None:
         if kind not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
         if reg_form not in ("decoupled", "coupled"):
             raise ValueError(f"reg_form must be 'decoupled' or 'coupled', got {reg_form!r}")
         self.tables, self.kind, self.lr, self.betas, self.eps = tables, kind, lr, betas, eps
-        self.reg_form = reg_form
+        self.reg_form, self.lazy = reg_form, lazy
         self.step_count = 0
         self.state: dict[str, dict[str, Tensor]] = {}
         if kind == "adam":
@@ -59,6 +64,8 @@ class RowWiseOptimizer:
         """Update the rows in `gradients` (table -> (global ids (U,), grad (U, dim))), with the
         penalty of `regularizer` (None: none) in this optimizer's `reg_form`."""
         self.step_count += 1
+        if self.kind == "adam" and not self.lazy:
+            gradients = self._every_row(gradients)
         for table, (ids, grad) in gradients.items():
             start, _ = self.tables.blocks[table]
             local = ids - start
@@ -82,6 +89,23 @@ class RowWiseOptimizer:
             if penalty is not None and self.reg_form == "decoupled":
                 new = new - self.lr * penalty
             weight[local] = new
+
+    def _every_row(self, gradients: dict[str, tuple[Tensor, Tensor]]
+                   ) -> dict[str, tuple[Tensor, Tensor]]:
+        """Dense Adam: every row of every table (but PAD) with a zero gradient where untouched.
+        -> table -> (ids (R,), grad (R, dim)) over the worker's whole block."""
+        out = {}
+        for table in self.tables.specs:
+            start, end = self.tables.blocks[table]
+            w = self.tables.weight(table)
+            ids = torch.arange(start, end, device=w.device)
+            full = torch.zeros_like(w)
+            if table in gradients:
+                touched, grad = gradients[table]
+                full[touched - start] = grad
+            keep = ids != PAD_ID
+            out[table] = (ids[keep], full[keep])
+        return out
 
     def state_rows(self, table: str) -> dict[str, Tensor]:
         return self.state.get(table, {})

@@ -142,7 +142,8 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
         dense_opt = (torch.optim.Adam(params, lr=cfg.optim.lr) if cfg.optim.optimizer == "adam"
                      else torch.optim.SGD(params, lr=cfg.optim.lr))
     sparse_opt = RowWiseOptimizer(tables, cfg.optim.optimizer, lr=cfg.optim.sparse_rate(),
-                                  reg_form=cfg.regularization.reg_form)
+                                  reg_form=cfg.regularization.reg_form,
+                                  lazy=cfg.optim.sparse_adam == "lazy")
     data_reg = BatchRegularizer(cfg, dataset, env.rank)
     run = EpochReporter(cfg, env, dataset, schema, model, tables, dense_opt, sparse_opt,
                         data_reg)

@@ -82,6 +82,28 @@ def test_rowwise_adam_matches_torch_sparse_adam_on_touched_rows():
     assert (tables.weight("item_id")[[0, 8, 9]] == ref.weight.data[[0, 8, 9]]).all()
 
 
+def test_rowwise_adam_not_lazy_matches_dense_torch_adam_on_every_row():
+    """lazy=False: rows keep moving on their decaying moments while untouched, as under dense
+    Adam (the reference DIN's optimizer): rows 4 and 7 in the last two steps, where only row 1
+    is looked up."""
+    torch.manual_seed(0)
+    tables = EmbeddingTables({"item_id": SPEC}, init_std=1.0).train()
+    ref = torch.nn.Embedding(10, 3)
+    ref.weight.data.copy_(tables.weight("item_id"))
+    opt = RowWiseOptimizer(tables, "adam", lr=0.1, lazy=False)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.1)
+    for step in range(5):
+        ids = torch.tensor([[1, 4, 4], [7, 1, 2 + step]]) if step < 3 else torch.tensor([[1]])
+        target = torch.randn(*ids.shape, 3)
+        ((tables.lookup({"x": ("item_id", ids)})["x"] - target) ** 2).sum().backward()
+        opt.step(tables.touched_gradients())
+        ref_opt.zero_grad()
+        ((ref(ids) - target) ** 2).sum().backward()
+        ref_opt.step()
+    torch.testing.assert_close(tables.weight("item_id"), ref.weight.data)
+    assert (tables.weight("item_id")[PAD_ID] == 0).all()
+
+
 def test_mba_adds_lambda_over_count_times_weight_for_touched_rows_only():
     counts = {"item_id": np.array([0, 0, 4, 1, 0, 10, 0, 0, 0, 0])}
     reg = MiniBatchAware(0.5, counts)

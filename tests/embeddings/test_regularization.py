@@ -80,6 +80,13 @@ def test_build_regularizer_names_and_validation():
         TrainConfig.create(data="x", reg="bogus")
     with pytest.raises(ValueError, match="filter_top_k"):
         TrainConfig.create(data="x", reg="filter")
+    # Dense Adam touches every row every step, so MBA's "rows of this mini-batch" is every row.
+    with pytest.raises(ValueError, match="sparse_adam='dense'"):
+        TrainConfig.create(data="x", sparse_adam="dense")
+    assert TrainConfig.create(data="x", sparse_adam="dense", reg="none").optim.sparse_adam == \
+        "dense"
+    with pytest.raises(ValueError, match="sparse_adam"):
+        TrainConfig.create(data="x", sparse_adam="eager")
 
 
 def test_filter_keeps_the_most_frequent_ids_in_every_feature_of_a_table():
