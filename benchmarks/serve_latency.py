@@ -8,8 +8,14 @@ each scenario's load client in a SEPARATE process (this script with --client: ai
 127.0.0.1, bodies pre-encoded so the client does little work per request):
 
   * concurrency 1: one request of 200 candidates at a time, batching on and off;
-  * concurrency 32 and 64: batching on (max_batch_size counts candidates) versus
-    max_batch_size=1 (every request is its own forward pass).
+  * concurrency 16 (--concurrency): batching on (max_batch_size counts candidates) versus
+    max_batch_size=1 (every request is its own forward pass);
+  * concurrency 1 against a no-op deployment behind the same proxy: the proxy -> replica hop.
+
+With --throughput-optimized, Ray starts with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's gRPC
+data plane between proxy and replicas, direct ingress, no separate user-code thread). The goals
+of issue 15 (p99 at concurrency 1 over the in-process model time, requests/s at concurrency 16
+over the in-process model's) are computed from the same run (`in_process.goals`).
 
 Batch settings change between scenarios through `user_config` (the replica is reconfigured, not
 restarted). Every request carries a full-length history and --candidates ads with raw ids drawn
@@ -168,7 +174,7 @@ def _reference_forms():
     gathered (C·L, D) rows) for a side-by-side figure; returns the function that swaps back."""
     import torch
 
-    from din_ray import model as m
+    from din_ray.model import din as m
 
     saved = m.Dice._folded, m.TargetAttention.shared
 
@@ -185,6 +191,28 @@ def _reference_forms():
 
     def restore():
         m.Dice._folded, m.TargetAttention.shared = saved
+    return restore
+
+
+def _unfused_one_history():
+    """Swap in the one-history attention as it was before the fused path (the first layer's
+    bias copied into the output, Dice in five passes, the pooling as a (C, L, D) product and a
+    sum); returns the function that swaps back."""
+    from din_ray.model import din as m
+
+    saved = m.TargetAttention.shared
+
+    def shared(self, query, keys, mask, owner):
+        if keys.shape[0] != 1:
+            return saved(self, query, keys, mask, owner)
+        h = self._first_layer(query, keys[0])
+        mask = mask.expand(query.shape[0], -1)
+        return self._pool(self.rest(self.first_act(h, mask), mask).squeeze(-1), keys, mask)
+
+    m.TargetAttention.shared = shared
+
+    def restore():
+        m.TargetAttention.shared = saved
     return restore
 
 
@@ -210,7 +238,17 @@ def matmul_profile(checkpoint: Path, bodies: list[dict], rounds: int = 30,
     scorer, model = served.scorer, served.scorer.model
     with FlopCounterMode(display=False) as counter:
         eager_logits = scorer.logits(request)[0]
+    fused_flops = counter.get_total_flops()
+    # The shares count the model's matmul work as the unfused path does it: the fused path's
+    # column of ones and its pooling matmul add ~2 % of FLOPs that are bookkeeping, not work.
+    restore = _unfused_one_history()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            scorer.logits(request)
+    finally:
+        restore()
     flops = counter.get_total_flops()
+
     def reference(r):
         restore = _reference_forms()
         try:
@@ -218,9 +256,18 @@ def matmul_profile(checkpoint: Path, bodies: list[dict], rounds: int = 30,
         finally:
             restore()
 
-    variants = {"eager": scorer.logits, "eager_reference_forms": reference}
+    def unfused(r):
+        restore = _unfused_one_history()
+        try:
+            return scorer.logits(r)
+        finally:
+            restore()
+
+    variants = {"eager": scorer.logits, "eager_unfused": unfused,
+                "eager_reference_forms": reference}
     out = {"candidates": request[0].num_candidates, "history": request[0].history_length,
-           "matmul_gflop": round(flops / 1e9, 4), "rounds": rounds}
+           "matmul_gflop": round(flops / 1e9, 4),
+           "matmul_gflop_as_fused_runs_it": round(fused_flops / 1e9, 4), "rounds": rounds}
     if compile_model:
         try:
             t0 = time.perf_counter()
@@ -257,6 +304,8 @@ def matmul_profile(checkpoint: Path, bodies: list[dict], rounds: int = 30,
                 passes.append(time.perf_counter() - t0)
             ms[name].append(float(np.median(passes)) * 1e3)
     out["mm_1024_gflops_1_thread"] = round(float(np.median(mm_rates)), 1)
+    out["unfused_over_eager"] = round(float(np.median(
+        [u / e for u, e in zip(ms["eager_unfused"], ms["eager"])])), 2)
     out["reference_over_eager"] = round(float(np.median(
         [r / e for r, e in zip(ms["eager_reference_forms"], ms["eager"])])), 2)
     for name in variants:
@@ -293,6 +342,26 @@ def start_ray(num_cpus: int, attempts: int = 3) -> str:
     raise AssertionError("unreachable")
 
 
+def noop_latency(port: int, bodies: Path, requests: int, seconds: float) -> dict:
+    """The proxy -> replica hop alone: a deployment that answers every POST with a constant,
+    through the same proxy, client and bodies (concurrency 1). Run after the model's
+    scenarios, on the same Ray cluster."""
+    from ray import serve
+    from starlette.responses import Response
+
+    @serve.deployment(ray_actor_options={"num_cpus": 1})
+    class Noop:
+        async def __call__(self, request) -> Response:
+            await request.body()
+            return Response(b"{}", media_type="application/json")
+
+    serve.run(Noop.bind(), name="noop", route_prefix="/noop")
+    try:
+        return run_client(f"http://127.0.0.1:{port}/noop", bodies, 1, requests, seconds)
+    finally:
+        serve.delete("noop")
+
+
 def server_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -314,7 +383,8 @@ def server_main(args: argparse.Namespace) -> int:
           f"{m['matmul_gflop']} GFLOP of matmul; eager {m['eager']['model_ms']} ms = "
           f"{m['eager']['matmul_gflops']} GFLOP/s, {100 * m['eager']['share_of_mm_rate']:.0f} % "
           f"of this machine's 1-thread torch.mm ({m['mm_1024_gflops_1_thread']} GFLOP/s); "
-          f"the forms before issue 15 take {m['reference_over_eager']}x as long; "
+          f"the unfused one-history path takes {m['unfused_over_eager']}x as long, the forms "
+          f"before issue 15 {m['reference_over_eager']}x; "
           f"compiled: {json.dumps(m.get('compiled'))}", flush=True)
     if args.in_process_only:
         _write_report(args, checkpoint, profile, [], os.getloadavg())
@@ -333,6 +403,8 @@ def server_main(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     results = []
     temp = ""
+    if args.throughput_optimized:  # read by every Serve process: set before Ray starts
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     try:
         temp = start_ray(args.num_cpus)
         app.deploy(app.app_config(build_args, port=port, user_config=batched))
@@ -355,6 +427,17 @@ def server_main(args: argparse.Namespace) -> int:
             print(f"{name:24s} p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  "
                   f"{r['qps']:8.1f} req/s  {r['requests_per_batch']:6.2f} req/batch  "
                   f"({r['requests']} requests, {r['errors']} errors)", flush=True)
+        serve.delete("din")
+        try:
+            r = noop_latency(port, bodies_path, args.single_requests, args.seconds)
+            r.update(scenario="c1-noop-deployment", concurrency=1)
+            print(f"{'c1-noop-deployment':24s} p50 {r['p50_ms']:8.2f} ms  p99 "
+                  f"{r['p99_ms']:8.2f} ms  {r['qps']:8.1f} req/s", flush=True)
+        except Exception as e:  # keep the model's figures whatever the no-op run does
+            r = {"scenario": "c1-noop-deployment", "concurrency": 1,
+                 "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print("no-op deployment failed:", r["error"], flush=True)
+        results.append(r)
     finally:
         if ray.is_initialized():
             serve.shutdown()
@@ -362,8 +445,35 @@ def server_main(args: argparse.Namespace) -> int:
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+    profile["goals"] = serving_goals(profile, results)
+    print("goals:", json.dumps(profile["goals"]), flush=True)
     _write_report(args, checkpoint, profile, results, load_before)
     return 0
+
+
+def serving_goals(profile: dict, results: list[dict]) -> dict:
+    """Issue 15, goal 3, through Serve against the in-process model time of the same run:
+    p99 at concurrency 1 over the model time (goal <= 2) and a replica's requests/s at
+    concurrency 16 over the in-process model's (goal >= 0.7), each for the best scenario."""
+    model_ms = profile["score_1_request"]["wall_ms"]
+    replica_ms = model_ms + profile["parse_one_request"]["wall_ms"]
+    c1 = [r for r in results if r["concurrency"] == 1 and "noop" not in r["scenario"]]
+    c16 = [r for r in results if r["concurrency"] == 16]
+    noop = [r for r in results if "noop" in r["scenario"] and "error" not in r]
+    out: dict = {"in_process_model_ms": model_ms, "in_process_parse_and_model_ms": replica_ms,
+                 "in_process_model_rps": round(1e3 / model_ms, 1)}
+    if c1:
+        best = min(c1, key=lambda r: r["p99_ms"])
+        out.update(c1_scenario=best["scenario"], c1_p50_ms=best["p50_ms"],
+                   c1_p99_ms=best["p99_ms"],
+                   c1_p99_over_model_ms=round(best["p99_ms"] / model_ms, 2))
+    if c16:
+        best = max(c16, key=lambda r: r["qps"])
+        out.update(c16_scenario=best["scenario"], c16_rps=best["qps"],
+                   c16_rps_over_model_rps=round(best["qps"] * model_ms / 1e3, 2))
+    if noop:
+        out.update(noop_p50_ms=noop[0]["p50_ms"], noop_p99_ms=noop[0]["p99_ms"])
+    return out
 
 
 def _write_report(args: argparse.Namespace, checkpoint: Path, profile: dict, results: list,
@@ -392,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", help="checkpoint, train output or tune output directory")
     p.add_argument("--output", default=str(ROOT / "benchmarks/results/serve_latency.json"))
     p.add_argument("--candidates", type=int, default=200, help="ads per request")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[16])
+    p.add_argument("--throughput-optimized", action="store_true",
+                   help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve >= 2.55)")
     p.add_argument("--requests", type=int, default=600, help="per concurrent scenario")
     p.add_argument("--single-requests", type=int, default=200, help="per concurrency-1 scenario")
     p.add_argument("--seconds", type=float, default=20.0, help="time limit per scenario")

@@ -291,6 +291,19 @@ class MLP(nn.Module):
         return self.out(x)
 
 
+def _activate_inplace(act: nn.Module, x: Tensor) -> Tensor:
+    """`act(x)` at evaluation without autograd, overwriting x (N, C) where it can: Dice's
+    s·(α + (1 − α)·sigmoid(a·s + b)) in four passes over one extra buffer (`Dice._folded`
+    takes five), PReLU as its one fused kernel."""
+    if not isinstance(act, Dice):
+        return act(x)
+    scale = torch.rsqrt(act.running_var + act.eps)  # (C,)
+    shift = -act.running_mean * scale  # (C,)
+    p = torch.addcmul(shift, x, scale).sigmoid_()  # (N, C)
+    torch.addcmul(act.alpha, p, 1 - act.alpha, out=p)  # α + p·(1 − α), in place
+    return x.mul_(p)
+
+
 # --- the local activation unit ------------------------------------------------------------------
 class TargetAttention(nn.Module):
     """DIN's local activation unit with weighted-sum pooling (Eq. 3, Fig. 2).
@@ -345,13 +358,17 @@ class TargetAttention(nn.Module):
 
     def _pool(self, scores: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Masked (optionally softmaxed) weights (B, L) and the weighted sum of keys (B, D)."""
-        if self.softmax:
-            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
-            weights = torch.nan_to_num(weights)  # users with an empty history: all zero
-        else:
-            weights = scores * mask
+        weights = self._weights(scores, mask)
         pooled = (weights.unsqueeze(-1) * keys).sum(1)  # (B, D)
         return pooled, weights
+
+    def _weights(self, scores: Tensor, mask: Tensor) -> Tensor:
+        """Activation weights (B, L): scores (B, L) with padded slots at 0, softmaxed over the
+        real ones when `softmax`."""
+        if self.softmax:
+            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
+            return torch.nan_to_num(weights)  # users with an empty history: all zero
+        return scores * mask
 
     def shared(self, query: Tensor, keys: Tensor, mask: Tensor,
                owner: Tensor) -> tuple[Tensor, Tensor]:
@@ -362,10 +379,19 @@ class TargetAttention(nn.Module):
         Shapes: query (C, D) candidates; keys (U, L, D), mask (U, L) histories; owner (C,) long,
         the history of each candidate -> pooled (C, D), weights (C, L).
         """
+        consecutive = keys.shape[0] == 1 or bool((owner[1:] >= owner[:-1]).all())
+        if consecutive and len(query) and not (self.training or torch.is_grad_enabled()):
+            # Serving: each history's candidates are consecutive (as the Scorer builds them).
+            counts = torch.bincount(owner, minlength=keys.shape[0]).tolist()
+            parts = [self._one_history(q, k, m) for q, k, m in
+                     zip(query.split(counts), keys, mask) if len(q)]
+            if len(parts) == 1:
+                return parts[0]
+            pooled, weights = zip(*parts)
+            return torch.cat(pooled), torch.cat(weights)
         if keys.shape[0] == 1:
             h = self._first_layer(query, keys[0])  # (C, L, H): one history (a serving request)
-        elif bool((owner[1:] >= owner[:-1]).all()):
-            # Each history's candidates are consecutive (as the serving Scorer builds them).
+        elif consecutive:
             counts = torch.bincount(owner, minlength=keys.shape[0]).tolist()
             h = torch.cat([self._first_layer(q, k) for q, k in zip(query.split(counts), keys)])
         else:
@@ -377,6 +403,35 @@ class TargetAttention(nn.Module):
             keys, mask = keys.index_select(0, owner), mask.index_select(0, owner)  # (C, L, D)
         h = self.first_act(h, mask)
         return self._pool(self.rest(h, mask).squeeze(-1), keys, mask)  # scores (C, L)
+
+    def _one_history(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """`shared` for one history at evaluation without autograd (serving), with every
+        (candidate, behaviour) buffer written as few times as the maths allows:
+
+          * the first layer is ONE matmul that also adds the per-behaviour row, through a column
+            of ones appended to the candidates: [v, 1] @ [M; row] (`_first_layer`'s M), so no
+            pass copies the bias rows into the (C, L·H) output before the product;
+          * each activation runs in place on its layer's output (`_activate_inplace`);
+          * the weighted sum over the history is one (C, L) @ (L, D) matmul, instead of a
+            (C, L, D) product and a sum.
+
+        Shapes: query (C, D) candidates, keys (L, D), mask (L,) bool -> pooled (C, D),
+        weights (C, L). Equals `forward(query, keys, mask)` with the history repeated per
+        candidate, up to float rounding (tests/train/test_speed_equivalence.py)."""
+        C, (L, D), H = len(query), keys.shape, self.first.out_features
+        w_e, w_v, w_d, w_p = self.first.weight.split(self.dim, dim=1)  # each (H, D)
+        rhs = keys.new_empty(D + 1, L, H)  # [M; row], each part written once, in place
+        torch.addcmul((w_v - w_d).T.unsqueeze(1), keys.T.unsqueeze(-1), w_p.T.unsqueeze(1),
+                      out=rhs[:D])  # M (D, L, H)
+        torch.addmm(self.first.bias, keys, (w_e + w_d).T, out=rhs[D])  # row (L, H)
+        lhs = torch.cat([query, query.new_ones(C, 1)], dim=1)  # (C, D + 1)
+        h = (lhs @ rhs.view(D + 1, L * H)).view(C * L, H)  # (C·L, H)
+        h = _activate_inplace(self.first_act, h)
+        for linear, act in zip(self.rest.linears, self.rest.acts):
+            h = _activate_inplace(act, torch.addmm(linear.bias, h, linear.weight.T))
+        scores = torch.addmm(self.rest.out.bias, h, self.rest.out.weight.T).view(C, L)
+        weights = self._weights(scores, mask.expand(C, -1))  # (C, L)
+        return weights @ keys, weights  # (C, D), (C, L)
 
     def _first_layer(self, query: Tensor, keys: Tensor) -> Tensor:
         """The first layer for one history and its candidates as ONE matmul, nothing built per

@@ -56,7 +56,7 @@ from din_ray.allocator import keep_freed_memory
 from din_ray.checkpoint import ID_FILTER, MANIFEST, Checkpoint, CheckpointError, load_model
 from din_ray.data.ids import bin_index, hashed_ids
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.din import CTRModel
+from din_ray.model.din import CTRModel, SparseRequests
 from din_ray.schema import NUM_RESERVED_IDS, OOV_ID, PAD_ID, Feature, Schema
 
 log = logging.getLogger(__name__)
@@ -517,11 +517,23 @@ class Scorer:
         batch, owner = self.batch(requests)
         with torch.inference_mode():  # per thread: the Serve replica calls this off the loop
             if self.shared:
-                emb = self.tables.lookup(self.model.sparse_inputs(batch))
+                emb = self._embed(self.model.sparse_inputs(batch))
                 return self.model.score_candidates(emb, batch, owner)
             full = {k: (v[owner] if k in {f.name for f in self.user_side} else v)
                     for k, v in batch.items()}
-            return self.model(self.tables.lookup(self.model.sparse_inputs(full)), full), None
+            return self.model(self._embed(self.model.sparse_inputs(full)), full), None
+
+    def _embed(self, sparse: SparseRequests) -> dict[str, Tensor]:
+        """`tables.lookup(sparse)` as one row gather per input: key -> ids shape + (dim,).
+
+        A replica holds whole tables and the parser only emits ids inside them (index_select
+        raises on any other), so the training lookup's id deduplication and range check buy
+        nothing for a request's few hundred ids; skipping them halves the lookup's time."""
+        if self.tables.world_size != 1:  # a row block only: the exchange-aware lookup
+            return self.tables.lookup(sparse)
+        return {key: self.tables.weight(table).index_select(0, ids.reshape(-1))
+                .view(*ids.shape, self.tables.specs[table].dim)
+                for key, (table, ids) in sparse.items()}
 
     def score(self, requests: Sequence[ParsedRequest]) -> list[Scores]:
         logits, weights = self.logits(requests)

@@ -206,9 +206,12 @@ def test_user_and_context_features_are_shared_by_candidates():
 
 
 @pytest.mark.parametrize("name", model_names())
-def test_served_scores_equal_forward_for_every_model(name):
-    """Whatever path the Scorer takes (the user side once per user, or the repeated batch), a
-    served model scores what its own `forward` scores on the repeated batch."""
+@pytest.mark.parametrize("attention", ["prelu", "dice"])
+@pytest.mark.parametrize("users", [1, 2])  # one request (one history), a batch of two
+def test_served_scores_equal_forward_for_every_model(name, attention, users):
+    """Whatever path the Scorer takes (the user side once per user with the fused one-history
+    attention, or the repeated batch), a served model scores what its own `forward` in
+    evaluation mode scores on the repeated batch, for one request and for a batch of them."""
     torch.manual_seed(0)
     dim, L = 4, 5
     schema = Schema((
@@ -220,7 +223,8 @@ def test_served_scores_equal_forward_for_every_model(name):
         Feature("hour", "context", "hour", 26, dim),
     ))
     model = build_model(schema, ModelConfig(model=name, attention_hidden=(8, 4),
-                                            mlp_hidden=(8, 4))).eval()
+                                            mlp_hidden=(8, 4),
+                                            attention_activation=attention)).eval()
     for p in model.parameters():  # trained-looking weights: the zero logit layer included
         torch.nn.init.normal_(p, std=0.5)
     for m in model.modules():
@@ -235,7 +239,7 @@ def test_served_scores_equal_forward_for_every_model(name):
                               int((hist_item[u] > 0).sum()), 0,
                               {"item_id": np.array([11, 5, 20]) + u,
                                "cate_id": np.array([3, 2, 6]) + u}, False)
-                 for u in range(2)]
+                 for u in range(users)]
     got, _ = Scorer(model, tables, schema).logits(requests)
 
     owner = torch.tensor([0, 0, 0, 1, 1, 1])
@@ -244,9 +248,10 @@ def test_served_scores_equal_forward_for_every_model(name):
                 "hist_cate_id": torch.from_numpy(hist_cate)[owner],
                 "item_id": torch.tensor([11, 5, 20, 12, 6, 21]),
                 "cate_id": torch.tensor([3, 2, 6, 4, 3, 7])}
+    repeated = {k: v[:3 * users] for k, v in repeated.items()}
     with torch.no_grad():
         want = model(tables.lookup(model.sparse_inputs(repeated)), repeated)
-    assert got.shape == (6,)
+    assert got.shape == (3 * users,)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

@@ -14,7 +14,15 @@ import pytest
 import torch
 
 from din_ray.embeddings.tables import EmbeddingTables, unique_ids
-from din_ray.model.din import MLP, Dice, PReLU, TableSpec, TargetAttention, gather_rows
+from din_ray.model.din import (
+    MLP,
+    Dice,
+    PReLU,
+    TableSpec,
+    TargetAttention,
+    _activate_inplace,
+    gather_rows,
+)
 from din_ray.schema import PAD_ID
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -258,3 +266,60 @@ def test_shared_attention_equals_reference_on_the_repeated_batch(users, order, g
         for a, b in zip(grads(got, [query, keys, *att.parameters()]),
                         grads(want, [query, keys, *att.parameters()])):
             torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("activation", ["dice", "prelu"])
+@pytest.mark.parametrize("softmax", [False, True])
+@pytest.mark.parametrize("users", [1, 3])
+def test_fused_one_history_attention_equals_reference(activation, softmax, users):
+    """Serving's fused path (`_one_history`: the first layer with its bias through a column of
+    ones, activations in place, the pooling as one matmul) against the paper's form, per
+    activation and normalisation, for one history and a batch of several; an empty history
+    gets zero weights."""
+    torch.manual_seed(5)
+    att = TargetAttention(dim=8, hidden=(10, 6, 5), activation=activation,
+                          softmax=softmax).eval()
+    for m in att.modules():
+        if isinstance(m, (Dice, PReLU)):
+            m.alpha.data.uniform_(-0.5, 0.5)
+        if isinstance(m, Dice):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    _, keys, mask = padded_inputs(B=6)
+    keys, mask = keys[:users].clone(), mask[:users]  # row 0 is the empty history
+    owner = torch.arange(users).repeat_interleave(torch.tensor([4, 1, 3][:users]))
+    query = torch.randn(len(owner), 8)
+    with torch.inference_mode():
+        got = att.shared(query, keys, mask, owner)
+        want = ref_attention(att, query, keys[owner], mask[owner])
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    torch.testing.assert_close(got[1], want[1], **TOL)
+    assert bool((got[1][~mask[owner]] == 0).all())
+
+
+def test_fused_path_is_only_taken_without_autograd():
+    """With autograd on, `shared` keeps the differentiable form (its gradients are tested in
+    test_shared_attention_equals_reference_on_the_repeated_batch); the in-place activations
+    would break the graph."""
+    att = TargetAttention(dim=8, hidden=(10, 5), activation="dice").eval()
+    _, keys, mask = padded_inputs(B=6)
+    query = torch.randn(4, 8, requires_grad=True)
+    pooled, _ = att.shared(query, keys[1:2], mask[1:2], torch.zeros(4, dtype=torch.long))
+    assert pooled.requires_grad
+    pooled.sum().backward()
+    assert query.grad is not None and bool(query.grad.abs().sum() > 0)
+
+
+@pytest.mark.parametrize("activation", ["dice", "prelu"])
+def test_activate_inplace_equals_formula(activation):
+    torch.manual_seed(2)
+    act = (Dice(6) if activation == "dice" else PReLU(6)).eval()
+    act.alpha.data.uniform_(-0.5, 0.5)
+    if isinstance(act, Dice):
+        act.running_mean.uniform_(-0.5, 0.5)
+        act.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(40, 6)
+    want = ref_activation(act, x, None)
+    with torch.inference_mode():
+        got = _activate_inplace(act, x.clone())
+    torch.testing.assert_close(got, want, **TOL)
