@@ -207,7 +207,8 @@ def median(rounds: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rounds)
 
 
-def default_section(paths: dict[str, Path], args) -> dict:
+def default_section(paths: dict[str, Path], args, progress=lambda out: None) -> dict:
+    """The default configuration on each dataset; `progress(out)` after each dataset."""
     out = {}
     for name, data in paths.items():
         rounds = []
@@ -241,6 +242,7 @@ def default_section(paths: dict[str, Path], args) -> dict:
         if "speedup_over_baseline" in rounds[0]:
             out[name]["speedup_over_baseline_median"] = median(rounds, "speedup_over_baseline")
             out[name]["baseline_code"] = str(args.baseline)
+        progress(out)
     return out
 
 
@@ -450,7 +452,11 @@ def main(argv: list[str] | None = None) -> dict:
         "datasets": {k: {"path": str(v), "rows": PreparedDataset.open(v).manifest["rows"]}
                      for k, v in paths.items()}}
     previous = json.loads(args.output.read_text()) if args.output.exists() else {}
-    runs = {"default": lambda: default_section(paths, args),
+    def partial_default(out: dict) -> None:
+        results["default"] = out
+        write_results(args, previous, results)
+
+    runs = {"default": lambda: default_section(paths, args, partial_default),
             "profile": lambda: profile_section(paths, args),
             "roofline": lambda: roofline_section(paths, results.get("default")),
             "variants": lambda: variants_section(paths, args),
