@@ -47,15 +47,16 @@ from serve_latency import _free_port, make_bodies, start_ray  # noqa: E402
 
 # --- client (runs in its own process) -----------------------------------------------------------
 async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float,
-                timeout_s: float) -> list[tuple[float, float, str]]:
-    """(start offset s, latency s, outcome) per request; outcome is the HTTP status, "timeout"
-    or the client error's name."""
+                timeout_s: float) -> tuple[float, list[tuple[float, float, str]]]:
+    """The wall-clock time the offsets count from, and (start offset s, latency s, outcome) per
+    request; outcome is the HTTP status, "timeout" or the client error's name."""
     import aiohttp
 
     records: list[tuple[float, float, str]] = []
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
-    t_start = time.perf_counter()
+    # Both clocks read together: the driver places its kill on this axis with time.time().
+    t0_wall, t_start = time.time(), time.perf_counter()
     deadline = t_start + seconds
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         async def worker(k: int) -> None:
@@ -76,14 +77,13 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, seconds: float,
                 i += concurrency
 
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
-    return records
+    return t0_wall, records
 
 
 def client_main(args: argparse.Namespace) -> int:
     bodies = [json.dumps(b).encode() for b in json.loads(Path(args.bodies).read_text())]
-    t0_wall = time.time()  # the records' offsets count from here (the server's clock too)
-    records = asyncio.run(_load(args.url, bodies, args.concurrency, args.seconds,
-                                args.timeout_s))
+    t0_wall, records = asyncio.run(_load(args.url, bodies, args.concurrency, args.seconds,
+                                         args.timeout_s))
     Path(args.records).write_text(json.dumps({"t0_wall": t0_wall, "records": records}))
     return 0
 

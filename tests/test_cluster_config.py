@@ -4,6 +4,7 @@ against the fields they use; every Ray image, in both, of the installed Ray's ve
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 import shlex
 import sys
@@ -18,7 +19,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
 from din_ray.cli import build_parser
-from din_ray.cli.serve import load_app_module
+from din_ray.cli.serve import TOKEN_ENV, is_loopback, load_app_module
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster.yaml"
@@ -171,6 +172,46 @@ def test_rayservice_serve_config_is_a_serve_config():
     (deployment,) = config["applications"][0]["deployments"]
     serve_app.BatchingConfig.from_dict(deployment["user_config"])
     assert deployment["max_ongoing_requests"] >= deployment["user_config"]["max_batch_size"]
+
+
+SERVE_CONFIGS = {"serve/config.yaml": lambda: yaml.safe_load((REPO / "serve/config.yaml")
+                                                             .read_text()),
+                 "k8s/rayservice.yaml": lambda: yaml.safe_load(
+                     load_manifest("rayservice.yaml")["spec"]["serveConfigV2"])}
+
+
+@pytest.mark.parametrize("name", sorted(SERVE_CONFIGS))
+def test_serve_configs_beyond_loopback_require_the_token(name, monkeypatch):
+    config = SERVE_CONFIGS[name]()
+    (app,) = config["applications"]
+    if is_loopback(config["http_options"]["host"]):
+        assert not app["args"].get("require_token"), name  # open only to this machine
+        return
+    assert app["args"].get("require_token") is True, f"{name} binds beyond loopback without a token"
+    serve_app = load_app_module()
+    # Without the token where the app is built, the deploy fails rather than serve openly ...
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    with pytest.raises(ValueError, match="require_token is set but there is no API token"):
+        serve_app.build_app(app["args"])
+    # ... and with it, the replicas get its digest (and check it on every endpoint).
+    token = "k8s-token-0123456789abcdef"
+    monkeypatch.setenv(TOKEN_ENV, token)
+    assert serve_app._token_digest(app["args"]) == hashlib.sha256(token.encode()).hexdigest()
+
+
+def test_rayservice_pods_take_the_token_from_a_secret():
+    spec = cluster_spec(load_manifest("rayservice.yaml"))
+    groups = {"head": spec["headGroupSpec"],
+              **{g["groupName"]: g for g in spec["workerGroupSpecs"]}}
+    for where, group in groups.items():
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e for e in container.get("env", [])}
+            assert TOKEN_ENV in env, f"{where}: {container['name']} has no ${TOKEN_ENV}"
+            # From a Secret, never written into the manifest, and not optional: without the
+            # Secret the pod does not start.
+            assert "value" not in env[TOKEN_ENV], where
+            ref = env[TOKEN_ENV]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "din-ray-serve-token", "key": "token"}, where
 
 
 # --- one Ray everywhere -------------------------------------------------------------------------

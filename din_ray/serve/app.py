@@ -13,7 +13,11 @@ Endpoints: POST /v1/ctr (request format in `din_ray.serve.scoring`), GET /v1/mod
 Access. Given `token_sha256` (the hex SHA-256 of an API token; `din-ray serve` derives it from
 `--token-file` or DIN_RAY_SERVE_TOKEN and requires one to bind beyond loopback), every endpoint
 but /healthz answers 401 unless the request carries `Authorization: Bearer <token>`. Only the
-digest travels in the Serve config, which `serve status` and the dashboard show.
+digest travels in the Serve config, which `serve status` and the dashboard show. A config
+deployed with `serve deploy` or KubeRay (serve/config.yaml, k8s/rayservice.yaml) cannot hold a
+secret: there `build_app` takes the token from $DIN_RAY_SERVE_TOKEN of the process that builds
+the app (k8s/rayservice.yaml sets it from a Kubernetes Secret), and `require_token: true` makes a
+build without any token fail instead of serving openly.
 
 Batching. `@serve.batch` merges concurrent requests into one forward pass. `max_batch_size`
 counts CANDIDATES, not requests (`batch_cost`): the forward pass costs what its candidates cost,
@@ -54,6 +58,7 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException
 
+from din_ray.serve.access import TOKEN_ENV, access_token
 from din_ray.serve.scoring import (
     ParsedRequest,
     RequestError,
@@ -331,22 +336,43 @@ def _actor_options(gpus: float = 0) -> dict:
 
 BUILD_ARGS = ("checkpoint", "max_batch_size", "batch_wait_ms", "max_candidates",
               "max_body_bytes", "threads", "max_ongoing_requests", "num_replicas",
-              "gpus_per_replica", "token_sha256")
+              "gpus_per_replica", "token_sha256", "require_token")
+
+
+def _token_digest(args: dict) -> str | None:
+    """The hex SHA-256 of the API token: `token_sha256` if given, else that of
+    $DIN_RAY_SERVE_TOKEN in this (the app-building) process; None for an open server, which
+    `require_token` refuses."""
+    digest = str(args.get("token_sha256") or "").lower()
+    if digest and (len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest)):
+        raise ValueError("token_sha256 must be the 64 hex digits of the token's SHA-256")
+    if not digest:
+        # Loopback host: access_token only reads and length-checks the variable here; whether
+        # a token is needed is `require_token`'s call (the bound host is not known to the app).
+        token = access_token("127.0.0.1", None, insecure=False)
+        digest = hashlib.sha256(token.encode()).hexdigest() if token else ""
+    require = str(args.get("require_token", False)).lower()  # a YAML bool or a CLI string
+    if require not in ("true", "false"):
+        raise ValueError(f"require_token must be true or false, got {args['require_token']!r}")
+    if not digest and require == "true":
+        raise ValueError(f"require_token is set but there is no API token: set ${TOKEN_ENV} "
+                         "where the app is built (k8s/rayservice.yaml: the din-ray-serve-token "
+                         "Secret) or give token_sha256")
+    return digest or None
 
 
 def build_app(args: dict) -> Application:
     """`serve run din_ray.serve.app:build_app checkpoint=DIR [max_batch_size=N] [batch_wait_ms=MS]
     [max_candidates=N] [max_body_bytes=N] [threads=N] [max_ongoing_requests=N]
-    [num_replicas=N] [gpus_per_replica=N] [token_sha256=HEX]` (values arrive as strings from the
-    command line or as YAML scalars from `serve/config.yaml`'s `args`)."""
+    [num_replicas=N] [gpus_per_replica=N] [token_sha256=HEX] [require_token=true]` (values
+    arrive as strings from the command line or as YAML scalars from `serve/config.yaml`'s
+    `args`). Without token_sha256 the token is $DIN_RAY_SERVE_TOKEN, if set (`_token_digest`)."""
     unknown = sorted(set(args) - set(BUILD_ARGS))
     if unknown:
         raise ValueError(f"unknown build_app arguments {unknown}; known: {list(BUILD_ARGS)}")
     if "checkpoint" not in args:
         raise ValueError("build_app needs checkpoint=DIR (a checkpoint, train or tune output)")
-    digest = str(args.get("token_sha256") or "").lower()
-    if digest and (len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest)):
-        raise ValueError("token_sha256 must be the 64 hex digits of the token's SHA-256")
+    digest = _token_digest(args)
     # Resolved here, where the command was given, so that replicas get an absolute path and a
     # wrong one fails the deploy at once instead of crash-looping replicas.
     checkpoint = str(resolve_checkpoint(args["checkpoint"]).resolve())

@@ -19,7 +19,9 @@ How it fits together (Ray 2.60, Train V2):
     (by validation GAUC) and latest epoch checkpoints;
   * rerunning the same command resumes: `Tuner.restore` on STORAGE/<name> restores the searcher,
     the scheduler and the finished trials, and an unfinished trial restarts its Train run under
-    the same name, which resumes from that run's latest epoch checkpoint.
+    the same name, which resumes from that run's latest epoch checkpoint; the trial first reports
+    again the epochs before it (`_report_earlier_epochs`: Tune restarts it with empty result
+    files). A search killed before Tune first saved its state starts afresh (`_has_saved_state`).
 
 Outputs in OUTPUT: trials.csv (one row per trial), best.json (config, metrics, checkpoint),
 best_checkpoint/ (a copy of the winner's best epoch; what `din-ray serve OUTPUT` loads), tune.png
@@ -138,6 +140,7 @@ def _trial(config: dict, base: dict, runs_storage: str, in_memory_splits: dict) 
               "storage_path": runs_storage, "run_name": f"trial-{trial_id}"}
     cfg = TrainConfig.from_dict(values)
     dataset = check_config(cfg)
+    _report_earlier_epochs(_join(runs_storage, cfg.run_name))
     # A failed trial is reported by Tune as errored; the TrainingFailedError names the cause.
     build_trainer(cfg, dataset, callbacks=[TuneReportCallback()],
                   in_memory_splits=in_memory_splits).fit()
@@ -217,7 +220,7 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
                                  in_memory_splits=put_small_splits(dataset, base)),
             {"CPU": TRIAL_CPUS})
         experiment = _join(storage, settings.name)
-        if tune.Tuner.can_restore(experiment):
+        if tune.Tuner.can_restore(experiment) and _has_saved_state(experiment):
             log.info("resuming the tuning run in %s", experiment)
             tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_unfinished=True,
                                        resume_errored=False)
@@ -303,6 +306,57 @@ def default_point(space: SearchSpace, base: TrainConfig) -> dict | None:
             return None
         point[name] = value
     return point
+
+
+def _listing(directory: str) -> dict[str, bool]:
+    """Entries of a local directory or URI: name -> whether it is a directory ({} if absent)."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(directory) if "://" in directory else (
+        pyarrow.fs.LocalFileSystem(), directory)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return {Path(f.path).name: f.type == pyarrow.fs.FileType.Directory for f in found}
+
+
+def _has_saved_state(experiment: str) -> bool:
+    """Whether Tune saved the state of the experiment (local directory or URI). The Tuner writes
+    tuner.pkl, what `Tuner.can_restore` looks for, when it is created; its first experiment
+    state comes with the first step of the search. A driver killed in between leaves nothing to
+    restore, and `Tuner.restore` would then fail on every rerun: start afresh instead."""
+    return any(name.startswith("experiment_state-") for name in _listing(experiment))
+
+
+def _report_earlier_epochs(run_dir: str) -> None:
+    """Report again, to this trial's Tune session, the epochs its Train run (`run_dir`) had
+    finished before this start of the trial.
+
+    A search resumed after its driver was killed restarts an unfinished trial with empty result
+    files: the trial holds no Tune checkpoint, so Tune restores none of its reports (they lived
+    in the killed session's staging directory). Its Train run resumes after its latest
+    registered epoch checkpoint and reports only the epochs after it, so without these reports
+    the earlier ones would be missing from the trial's history (trials.csv, best.json) and from
+    ASHA's view. No work is repeated: the metrics come from the history in the latest complete
+    checkpoint. That may be one written as the driver died but never registered, whose epoch
+    Train then trains again; `_record` counts a twice-reported epoch once (the latest wins).
+    """
+    import ray.train
+    from ray import tune
+
+    entries = _listing(run_dir)
+    epochs = sorted((name for name, is_dir in entries.items()
+                     if is_dir and name.startswith("epoch-")), reverse=True)
+    for name in epochs:
+        try:
+            with ray.train.Checkpoint(_join(run_dir, name)).as_directory() as local:
+                history = json.loads(ckpt.Checkpoint.open(local).dense_state()["history"])
+            break
+        except ckpt.CheckpointError:
+            continue  # cut short by the kill; Train resumes from the one before
+    else:
+        return  # a first start, or killed before its first checkpoint
+    for row in history:
+        kept = f"epoch-{int(row['epoch']):04d}"  # Train keeps the best and the latest epochs
+        tune.report({**row, "checkpoint_path": _join(run_dir, kept) if kept in epochs else None})
 
 
 def _join(storage: str, name: str) -> str:
