@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= runs/demo
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test wheel-check lint clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,10 @@ demo: setup
 # 2 quiet cores (11 min for .ci/run with the install); --durations names the slow ones.
 test: setup
 	$(PY) -m pytest -q -ra --durations=10
+
+# The built wheel in a fresh venv, run from outside the checkout (.ci/run runs it after test).
+wheel-check:
+	PYTHON=$(PYTHON) .ci/wheel_check.sh
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model.din import ModelConfig, build_model
+from din_ray.embeddings.optim import RowWiseOptimizer
+from din_ray.embeddings.tables import EmbeddingTables
+from din_ray.model import ModelConfig, build_model
 from din_ray.schema import PAD_ID
 from din_ray.train.loop import forward, to_torch
 

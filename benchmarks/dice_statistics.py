@@ -34,7 +34,7 @@ import torch
 
 from din_ray import checkpoint as ckpt
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
-from din_ray.model.din import Dice
+from din_ray.model.layers import Dice
 from din_ray.train.loop import TrainConfig, WorkerEnv, evaluate_split, forward, run_local, to_torch
 
 RESULTS = Path(__file__).parent / "results" / "dice_statistics.json"

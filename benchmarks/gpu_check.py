@@ -44,8 +44,12 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import Arch, load_batches  # noqa: E402
 from din_ray.data.format import PreparedDataset  # noqa: E402
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer  # noqa: E402
-from din_ray.model.din import ModelConfig, build_model  # noqa: E402
+from din_ray.embeddings.optim import RowWiseOptimizer  # noqa: E402
+from din_ray.embeddings.tables import EmbeddingTables  # noqa: E402
+from din_ray.model import (
+    ModelConfig,  # noqa: E402
+    build_model,  # noqa: E402
+)
 from din_ray.train.loop import (  # noqa: E402
     STEP_LOSSES_KEY,
     TrainConfig,

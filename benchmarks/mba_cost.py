@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import MiniBatchAware, WholeTableL2
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model.din import TableSpec
+from din_ray.embeddings.tables import EmbeddingTables, TableSpec
 
 RESULTS = Path(__file__).parent / "results" / "mba_cost.json"
 

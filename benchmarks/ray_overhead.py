@@ -31,7 +31,10 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "ray_overhead.json"
-SPACE = "tune_spaces/default.yaml"  # lam, lr, activation: each trial is a --local command too
+SPACE = "default"  # lam, lr, activation: each trial is a --local command too
+# `din-ray ARGS` with this interpreter and the PYTHONPATH given (the console script would take
+# whichever din_ray is installed).
+RUN_CLI = "import sys; from din_ray.cli import main; sys.argv[0] = 'din-ray'; sys.exit(main())"
 
 
 @contextlib.contextmanager
@@ -51,7 +54,7 @@ def locked(path: str):
 def din_ray(args: list[str], env: dict) -> float:
     """Run `din-ray ARGS` in a fresh process; its wall time in seconds (raises on failure)."""
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "din_ray.cli", *args], env=env,
+    proc = subprocess.run([sys.executable, "-c", RUN_CLI, *args], env=env,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -66,6 +69,21 @@ def epoch_seconds(output: Path) -> float:
     slows one run's epoch and not the other's."""
     return sum(h["train_seconds"] for h in json.loads((output / "metrics.json").read_text())
                ["history"])
+
+
+def trial_timings(tune_output: Path) -> list[dict]:
+    """Each trial's time as Tune recorded it (OUTPUT/ray/tune/<trial>/result.json, one line per
+    epoch): from the trial function's start to its last report, and its training epochs' share.
+    What the search's wall time holds beyond these is Ray's start, the trials' actor starts and
+    the outputs."""
+    out = []
+    for path in sorted((tune_output / "ray" / "tune").glob("*/result.json")):
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if rows:
+            out.append({"trial_id": rows[-1]["trial_id"], "epochs": len(rows),
+                        "trial_s": rows[-1]["time_total_s"],
+                        "epochs_s": sum(r.get("train_seconds") or 0.0 for r in rows)})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,12 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     din_ray(["prepare", "movielens", "--output", str(data)], env)
     train = ["train", "--data", str(data), "--epochs", str(args.epochs), "--patience", "0"]
 
-    local_s, ray_s, local_fixed, ray_fixed = [], [], [], []
+    local_s, ray_s, local_fixed, ray_fixed, loads = [], [], [], [], []
     for i in range(args.pairs):
         with locked(args.lock):
             local_s.append(din_ray([*train, "--local", "--output", str(root / f"l{i}")], env))
             ray_s.append(din_ray([*train, "--workers", "2", "--output", str(root / f"r{i}")],
                                  env))
+            loads.append(os.getloadavg())
         local_fixed.append(local_s[-1] - epoch_seconds(root / f"l{i}"))
         ray_fixed.append(ray_s[-1] - epoch_seconds(root / f"r{i}"))
         print(f"pair {i + 1}: local {local_s[-1]:.1f} s, 2 Ray workers {ray_s[-1]:.1f} s "
@@ -99,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"epochs": args.epochs, "local_s": local_s, "ray_2_workers_s": ray_s,
               "local_outside_epochs_s": local_fixed, "ray_outside_epochs_s": ray_fixed,
               "train_ratio": sum(ray_s) / sum(local_s), "train_goal": 1.3,
-              "machine": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at end"}
+              "machine": f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at end",
+              "train_load_averages": loads}
     print(f"2-worker Ray / local: {result['train_ratio']:.2f}x (goal <= 1.3)")
 
     if not args.skip_tune:
@@ -114,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
                 trial_s.append(din_ray([*train, "--local", "--output", str(root / f"t{i}"),
                                         "--lam", t["lam"], "--lr", t["lr"],
                                         "--activation", t["activation"]], env))
+        timings = trial_timings(out)
         result.update(tune_s=tune_s, trial_local_s=trial_s, tune_ratio=tune_s / sum(trial_s),
-                      tune_goal=1.5, trials=args.trials)
+                      tune_goal=1.5, trials=args.trials, tune_trials=timings,
+                      tune_load_average=os.getloadavg())
+        for t in timings:
+            print(f"  trial {t['trial_id']}: {t['trial_s']:.1f} s in its process "
+                  f"({t['epochs']} reports), of which training epochs {t['epochs_s']:.1f} s")
         print(f"{args.trials}-trial tune {tune_s:.1f} s vs its trials --local "
               f"{' + '.join(f'{s:.1f}' for s in trial_s)} = {sum(trial_s):.1f} s: "
               f"{result['tune_ratio']:.2f}x (goal <= 1.5)")

@@ -174,7 +174,7 @@ def _reference_forms():
     gathered (C·L, D) rows) for a side-by-side figure; returns the function that swaps back."""
     import torch
 
-    from din_ray.model import din as m
+    from din_ray.model import layers as m
 
     saved = m.Dice._folded, m.TargetAttention.shared
 
@@ -198,7 +198,7 @@ def _unfused_one_history():
     """Swap in the one-history attention as it was before the fused path (the first layer's
     bias copied into the output, Dice in five passes, the pooling as a (C, L, D) product and a
     sum); returns the function that swaps back."""
-    from din_ray.model import din as m
+    from din_ray.model import layers as m
 
     saved = m.TargetAttention.shared
 
@@ -366,10 +366,9 @@ def server_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from din_ray.cli.serve import load_app_module
+    from din_ray.serve.deploy import app_config, deploy
     from din_ray.serve.scoring import resolve_checkpoint
 
-    app = load_app_module()
     checkpoint = resolve_checkpoint(args.checkpoint).resolve()
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     bodies_path = work / "bodies.json"
@@ -407,11 +406,11 @@ def server_main(args: argparse.Namespace) -> int:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     try:
         temp = start_ray(args.num_cpus)
-        app.deploy(app.app_config(build_args, port=port, user_config=batched))
+        deploy(app_config(build_args, port=port, user_config=batched))
         import requests as http
 
         for name, concurrency, user_config in scenarios:
-            app.deploy(app.app_config(build_args, port=port, user_config=user_config))
+            deploy(app_config(build_args, port=port, user_config=user_config))
             before = http.get(f"{url}/v1/stats", timeout=60).json()
             n = args.single_requests if concurrency == 1 else args.requests
             r = run_client(f"{url}/v1/ctr", bodies_path, concurrency, n, args.seconds)

@@ -245,10 +245,9 @@ def server_main(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from din_ray.cli.serve import load_app_module
+    from din_ray.serve.deploy import app_config, deploy
     from din_ray.serve.scoring import resolve_checkpoint
 
-    app = load_app_module()
     checkpoint = resolve_checkpoint(args.checkpoint).resolve()
     work = Path(tempfile.mkdtemp(prefix="serve-soak-"))
     bodies = make_bodies(checkpoint, 64, args.candidates, args.seed)
@@ -262,7 +261,7 @@ def server_main(args: argparse.Namespace) -> int:
     report: dict = {}
     try:
         temp = start_ray(args.num_cpus)
-        app.deploy(app.app_config(build_args, port=port))  # access log off
+        deploy(app_config(build_args, port=port))  # access log off
         _scores(url, bodies[0])
         if args.seconds > 0:
             report["soak"] = soak(url, work / "bodies.json", work, args)

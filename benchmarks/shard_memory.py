@@ -14,7 +14,7 @@ import argparse
 from din_ray.data.format import PreparedDataset
 from din_ray.embeddings.sharding import DEFAULT_REPLICATE_BELOW, ShardedEmbeddingTables
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.din import ModelConfig, build_model
+from din_ray.model import ModelConfig, build_model
 
 
 def main(argv: list[str] | None = None) -> None:

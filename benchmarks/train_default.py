@@ -282,11 +282,11 @@ def variants_section(paths: dict[str, Path], args) -> dict:
 COMPONENTS = {  # label -> (module attribute path, what it covers)
     "data loading": ("din_ray.train.loop:LocalEnv.train_batches", "Parquet -> numpy batches"),
     "lookup": ("din_ray.embeddings.tables:EmbeddingTables.lookup", "dedup, gather (forward)"),
-    "attention unit": ("din_ray.model.din:TargetAttention.forward", "forward"),
-    "Dice": ("din_ray.model.din:Dice.forward", "forward, inside attention / MLP"),
-    "MLP (top)": ("din_ray.model.din:MLP.forward", "forward (also attention's rest)"),
+    "attention unit": ("din_ray.model.layers:TargetAttention.forward", "forward"),
+    "Dice": ("din_ray.model.layers:Dice.forward", "forward, inside attention / MLP"),
+    "MLP (top)": ("din_ray.model.layers:MLP.forward", "forward (also attention's rest)"),
     "backward": ("torch:Tensor.backward", "all backward"),
-    "row-wise Adam": ("din_ray.embeddings.tables:RowWiseOptimizer.step", "incl. MBA"),
+    "row-wise Adam": ("din_ray.embeddings.optim:RowWiseOptimizer.step", "incl. MBA"),
     "MBA penalty": ("din_ray.embeddings.regularization:RowPenalty.penalty", ""),
     "touched gradients": ("din_ray.embeddings.tables:EmbeddingTables.touched_gradients", ""),
     "evaluation": ("din_ray.train.loop:evaluate_split", "valid + test"),
@@ -394,8 +394,9 @@ def step_flops(data: Path) -> float:
     """Matmul FLOPs per sample of one default training step (forward, backward, updates)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-    from din_ray.model.din import build_model
+    from din_ray.embeddings.optim import RowWiseOptimizer
+    from din_ray.embeddings.tables import EmbeddingTables
+    from din_ray.model import build_model
     from din_ray.train.loop import TrainConfig, to_torch, train_step
 
     cfg = TrainConfig(data=str(data))

@@ -61,7 +61,7 @@ from benchmarks.common import (  # noqa: E402
     time_steps,
 )
 from din_ray.data.format import PreparedDataset, iter_numpy_batches, to_numpy  # noqa: E402
-from din_ray.model.din import TargetAttention  # noqa: E402
+from din_ray.model.layers import TargetAttention  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 SECTIONS = ("throughput", "loss", "ablation", "roofline", "data", "scaling")

@@ -37,8 +37,9 @@ import torch
 from torch import Tensor
 
 from din_ray import io as atomic
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer, row_block
-from din_ray.model.din import CTRModel, ModelConfig, TableSpec, build_model
+from din_ray.embeddings.optim import RowWiseOptimizer
+from din_ray.embeddings.tables import EmbeddingTables, TableSpec, row_block
+from din_ray.model import CTRModel, ModelConfig, build_model
 from din_ray.schema import Schema
 
 FORMAT_VERSION = 1

@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def connect(address: str | None = None, num_cpus: int | None = 4, dashboard: boo
         return False
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, **init_kwargs)
+        _remember(ray.init(address=address, **init_kwargs))
     else:
         start_local_ray(num_cpus, temp_dir=temp_dir, dashboard=dashboard, **init_kwargs)
     return True
@@ -72,6 +73,43 @@ def session(address: str | None = None, num_cpus: int | None = 4, dashboard: boo
             ray.shutdown()
 
 
+# The dashboard of the Ray this module last connected to ("" = none), from ray.init's context,
+# keyed by that cluster's GCS address.
+_dashboard: dict[str, str] = {}
+
+
+def _remember(context) -> None:
+    import ray
+
+    _dashboard.clear()
+    _dashboard[ray.get_runtime_context().gcs_address] = context.dashboard_url or ""
+
+
+def dashboard_url() -> str:
+    """The dashboard of the Ray cluster this process is connected to, as an http:// URL (Serve's
+    REST API, which `din_ray.serve.deploy` deploys through, is part of it).
+
+    Raises:
+        RuntimeError: not connected, or the cluster runs without its dashboard.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("connect to a Ray cluster first (din_ray.ray_session.connect)")
+    url = _dashboard.get(ray.get_runtime_context().gcs_address)
+    if url is None:  # connected by someone else: ask ray.init, which then starts nothing
+        # but installs its own SIGTERM handler again (sys.exit); keep the caller's.
+        previous = signal.getsignal(signal.SIGTERM)
+        url = ray.init(ignore_reinit_error=True).dashboard_url or ""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+    if not url:
+        raise RuntimeError("the connected Ray cluster runs without its dashboard, which serves "
+                           "the Serve REST API; start it with one (connect(dashboard=True), "
+                           "`ray start --include-dashboard true`)")
+    return url if "://" in url else f"http://{url}"
+
+
 def start_local_ray(num_cpus: int | None, temp_dir: str | None = None, dashboard: bool = True,
                     **init_kwargs) -> None:
     """Start a local Ray in this process whose workers can reach its own dashboard (see the
@@ -86,9 +124,9 @@ def start_local_ray(num_cpus: int | None, temp_dir: str | None = None, dashboard
             port = _free_port()  # a fresh one: a failed attempt's dashboard may still hold its
             os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
             try:
-                ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard,
-                         dashboard_port=port if dashboard else None, _temp_dir=temp_dir,
-                         **init_kwargs)
+                _remember(ray.init(
+                    address="local", num_cpus=num_cpus, include_dashboard=dashboard,
+                    dashboard_port=port if dashboard else None, _temp_dir=temp_dir, **init_kwargs))
                 break
             except Exception as e:  # Ray raises a plain Exception for this one
                 if "timed out during startup" not in str(e) or attempt == START_ATTEMPTS:

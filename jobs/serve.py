@@ -7,11 +7,11 @@
 
 The arguments are `din-ray serve`'s (`din-ray serve --help`) without the local-Ray ones
 (--num-cpus, --temp-dir): the driver joins the cluster named by RAY_ADDRESS (set by the job
-server; --address overrides it), deploys the application the way `serve deploy` does, waits
-until its replicas are healthy and exits. The application outlives the job: Serve's controller
-belongs to the cluster. Submitting again with other batching settings (--max-batch-size,
---batch-wait-ms) reconfigures the live replicas; `serve shutdown --address http://HEAD_IP:8265 -y`
-takes it down.
+server; --address overrides it), deploys the application the way `serve deploy` does (the Serve
+REST API, `din_ray.serve.deploy`), waits until its replicas are healthy and exits. The
+application outlives the job: Serve's controller belongs to the cluster. Submitting again with
+other batching settings (--max-batch-size, --batch-wait-ms) reconfigures the live replicas;
+`serve shutdown --address http://HEAD_IP:8265 -y` takes it down.
 
 --checkpoint (a checkpoint, a `din-ray train` output or a `din-ray tune` output) is resolved by
 the driver and loaded by every replica: on a multi-node cluster it must be a shared filesystem
@@ -28,7 +28,7 @@ import sys
 
 from din_ray.checkpoint import CheckpointError
 from din_ray.cli import build_parser
-from din_ray.cli.serve import app_config, load_app_module
+from din_ray.cli.serve import app_config
 from din_ray.serve.scoring import resolve_checkpoint
 
 
@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from din_ray.ray_session import connect
+    from din_ray.serve.deploy import deploy
 
     connect(address, log_to_driver=args.verbose)
     try:
-        load_app_module().deploy(config)
+        deploy(config)
     finally:
         ray.shutdown()  # disconnects this driver; the application keeps running
     print(f"serving {checkpoint} at http://{args.host}:{args.port}/v1/ctr "

@@ -3,7 +3,7 @@ stops the laggards, and every trial is a distributed Ray Train run.
 
     ray job submit --working-dir . -- python jobs/tune.py \\
         --data /mnt/shared/din/ml --output /mnt/shared/din/runs/tune \\
-        --space tune_spaces/default.yaml --trials 24 --workers-per-trial 2 --epochs 3 \\
+        --space default --trials 24 --workers-per-trial 2 --epochs 3 \\
         --storage-path s3://my-bucket/din-ray
 
 The arguments are `din-ray tune`'s (`din-ray tune --help`). The driver joins the cluster named

@@ -1,8 +1,10 @@
 """Shared fixtures: the one way a test module gets a real local Ray cluster.
 
-`ray_cluster` (4 logical CPUs, no dashboard) serves Ray Data, Ray Train and Serve tests;
-`ray_tune_cluster` (8 CPUs, dashboard on) serves Tune, whose ASHA-stopped `TorchTrainer` trials
-need the dashboard's State API to clean up their placement groups (din_ray.ray_session). Each
+`ray_cluster` (4 logical CPUs, no dashboard) serves Ray Data and Ray Train tests;
+`ray_serve_cluster` (4 CPUs, dashboard on) serves Serve, whose config deploys go through the
+dashboard's Serve REST API (din_ray.serve.deploy); `ray_tune_cluster` (8 CPUs, dashboard on)
+serves Tune, whose ASHA-stopped `TorchTrainer` trials need the dashboard's State API to clean
+up their placement groups (din_ray.ray_session). Each
 is module-scoped, started through `din_ray.ray_session.start_local_ray` (retried when a loaded
 machine's raylet misses Ray's 30 s registration window) in a fresh, short temp dir (Ray's unix
 socket paths must stay short), and shut down with its files removed after the module.
@@ -43,6 +45,12 @@ def local_ray(num_cpus: int = 4, dashboard: bool = False):
 @pytest.fixture(scope="module")
 def ray_cluster():
     with local_ray(4) as temp:
+        yield temp
+
+
+@pytest.fixture(scope="module")
+def ray_serve_cluster():
+    with local_ray(4, dashboard=True) as temp:
         yield temp
 
 

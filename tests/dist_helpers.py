@@ -17,10 +17,11 @@ import torch.multiprocessing as mp
 
 from din_ray import checkpoint as ckpt
 from din_ray.data.format import PreparedDataset
+from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import build_regularizer
 from din_ray.embeddings.sharding import ShardedEmbeddingTables, embedding_group
-from din_ray.embeddings.tables import EmbeddingTables, IdRangeError, RowWiseOptimizer, row_block
-from din_ray.model.din import TableSpec, build_model
+from din_ray.embeddings.tables import EmbeddingTables, IdRangeError, TableSpec, row_block
+from din_ray.model import build_model
 from din_ray.train.loop import (
     TrainConfig,
     WorkerEnv,

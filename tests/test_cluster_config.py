@@ -19,7 +19,9 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.schema import ServeDeploySchema
 
 from din_ray.cli import build_parser
-from din_ray.cli.serve import TOKEN_ENV, is_loopback, load_app_module
+from din_ray.serve import app as serve_app
+from din_ray.serve.access import TOKEN_ENV, is_loopback
+from din_ray.serve.settings import BatchingConfig, ServeArgs
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster.yaml"
@@ -166,12 +168,12 @@ def test_rayservice_serve_config_is_a_serve_config():
     schema = ServeDeploySchema.model_validate(config)
     assert schema.http_options.host == "0.0.0.0"  # KubeRay's Service reaches the proxies
     (app,) = schema.applications
-    assert app.import_path == "din_ray.cli.serve:build_app"
-    serve_app = load_app_module()
-    assert set(app.args) <= set(serve_app.BUILD_ARGS), sorted(app.args)
+    assert app.import_path == "din_ray.serve.app:build_app"
+    ServeArgs.model_validate(app.args)  # what Serve does with the typed builder's args
     (deployment,) = config["applications"][0]["deployments"]
-    serve_app.BatchingConfig.from_dict(deployment["user_config"])
-    assert deployment["max_ongoing_requests"] >= deployment["user_config"]["max_batch_size"]
+    batching = BatchingConfig.from_dict(deployment.get("user_config"))
+    assert deployment.get("max_ongoing_requests", ServeArgs.model_fields[
+        "max_ongoing_requests"].default) >= batching.max_batch_size
 
 
 SERVE_CONFIGS = {"serve/config.yaml": lambda: yaml.safe_load((REPO / "serve/config.yaml")
@@ -188,7 +190,6 @@ def test_serve_configs_beyond_loopback_require_the_token(name, monkeypatch):
         assert not app["args"].get("require_token"), name  # open only to this machine
         return
     assert app["args"].get("require_token") is True, f"{name} binds beyond loopback without a token"
-    serve_app = load_app_module()
     # Without the token where the app is built, the deploy fails rather than serve openly ...
     monkeypatch.delenv(TOKEN_ENV, raising=False)
     with pytest.raises(ValueError, match="require_token is set but there is no API token"):
@@ -196,7 +197,8 @@ def test_serve_configs_beyond_loopback_require_the_token(name, monkeypatch):
     # ... and with it, the replicas get its digest (and check it on every endpoint).
     token = "k8s-token-0123456789abcdef"
     monkeypatch.setenv(TOKEN_ENV, token)
-    assert serve_app._token_digest(app["args"]) == hashlib.sha256(token.encode()).hexdigest()
+    digest = serve_app._token_digest(ServeArgs.model_validate(app["args"]))
+    assert digest == hashlib.sha256(token.encode()).hexdigest()
 
 
 def test_rayservice_pods_take_the_token_from_a_secret():

@@ -74,8 +74,7 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
 
         t = step(3, f"tune lam, lr, activation: {trials} trials -> {output / 'tune'}")
         best = run_tune(TuneSettings(output=str(output / "tune"), trials=trials,
-                                     space=str(Path(din_ray.__file__).parents[1] / "tune_spaces"
-                                               / "default.yaml")),
+                                     space="default"),  # the packaged space
                         TrainConfig(data=str(data), output=str(output / "tune"), epochs=1,
                                     threads=1))
         metrics = {k: best.get("metrics", {}).get(k, float("nan"))
@@ -85,11 +84,11 @@ def run(output: Path, workers: int, epochs: int, trials: int, port: int) -> int:
               f"  ({time.perf_counter() - t:.0f}s)")
 
         t = step(4, f"serve the best checkpoint on http://127.0.0.1:{port}")
-        from din_ray.cli.serve import load_app_module
+        from din_ray.serve.deploy import app_config, deploy
         from din_ray.serve.scoring import resolve_checkpoint
-        app = load_app_module()
+        from din_ray.serve.settings import ServeArgs
         checkpoint = resolve_checkpoint(output / "tune")
-        app.deploy(app.app_config({"checkpoint": str(checkpoint)}, port=port))
+        deploy(app_config(ServeArgs(checkpoint=str(checkpoint)), port=port))
         print(f"    serving {checkpoint}  ({time.perf_counter() - t:.0f}s)")
 
         step(5, "score a sample request over HTTP (POST /v1/ctr)")

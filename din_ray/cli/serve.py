@@ -4,8 +4,10 @@
     din-ray serve --checkpoint runs/tune             # tune output (best.json names the best)
     curl -s 127.0.0.1:8000/v1/model
 
-Starts (or joins, with --address) a Ray cluster, deploys `din_ray/serve/app.py`'s application and keeps
-it up until Ctrl-C or SIGTERM, then shuts Serve down. Binds 127.0.0.1 unless told otherwise;
+Starts (or joins, with --address) a Ray cluster, deploys the application of
+`din_ray.serve.app` (`din_ray.serve.deploy`, a Serve config deploy) and keeps it up until Ctrl-C
+or SIGTERM, then shuts Serve down. The serving flags are `din_ray.serve.settings.ServeArgs`'s
+fields, with its defaults and help. Binds 127.0.0.1 unless told otherwise;
 any other address needs an API token (`--token-file`, or the DIN_RAY_SERVE_TOKEN environment
 variable) that clients send as `Authorization: Bearer <token>`, or an explicit `--insecure`:
 
@@ -16,44 +18,37 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import signal
 import time
 from pathlib import Path
 
 from din_ray.serve.access import TOKEN_ENV, access_token, is_loopback  # noqa: F401 (API)
 from din_ray.serve.scoring import resolve_checkpoint
+from din_ray.serve.settings import ServeArgs
+
+# Command-line flag -> (ServeArgs field, type); the flags' defaults and help are the fields'.
+FLAGS = {"--max-batch-size": ("max_batch_size", int), "--batch-wait-ms": ("batch_wait_ms", float),
+         "--gpus-per-replica": ("gpus_per_replica", float),
+         "--max-ongoing-requests": ("max_ongoing_requests", int),
+         "--max-candidates": ("max_candidates", int), "--max-body-bytes": ("max_body_bytes", int),
+         "--replicas": ("num_replicas", int), "--threads": ("threads", int)}
 
 
-def load_app_module():
-    """`din_ray.serve.app`, imported when first needed (it imports Ray Serve and FastAPI)."""
-    return importlib.import_module("din_ray.serve.app")
-
-
-def build_app(args: dict):
-    """Serve import target that works wherever din-ray is installed
-    (`import_path: din_ray.cli.serve:build_app`): din_ray/serve/app.py's `build_app`."""
-    return load_app_module().build_app(args)
+def serve_args(args: argparse.Namespace, checkpoint: Path) -> ServeArgs:
+    """The application's arguments for the command line's settings (and API token)."""
+    values = {field: getattr(args, field) for field, _ in FLAGS.values()}
+    token = access_token(args.host, args.token_file, args.insecure)
+    if token is not None:
+        values["token_sha256"] = hashlib.sha256(token.encode()).hexdigest()
+    return ServeArgs(checkpoint=str(checkpoint), **values)
 
 
 def app_config(args: argparse.Namespace, checkpoint: Path) -> dict:
     """The Serve config (serve/config.yaml's schema) for the command line's settings."""
-    app = load_app_module()
-    # Unset batching options take the defaults of the replica's kind (GPU or CPU).
-    default = app.BatchingConfig.default(args.gpus_per_replica)
-    max_batch_size = args.max_batch_size or default.max_batch_size
-    wait_s = (default.batch_wait_timeout_s if args.batch_wait_ms is None
-              else args.batch_wait_ms / 1e3)
-    build_args = {"checkpoint": str(checkpoint), "max_candidates": args.max_candidates,
-                  "max_body_bytes": args.max_body_bytes, "threads": args.threads,
-                  "num_replicas": args.replicas, "gpus_per_replica": args.gpus_per_replica,
-                  "max_ongoing_requests": max(args.max_ongoing_requests, max_batch_size)}
-    token = access_token(args.host, args.token_file, args.insecure)
-    if token is not None:
-        build_args["token_sha256"] = hashlib.sha256(token.encode()).hexdigest()
-    user_config = {"max_batch_size": max_batch_size, "batch_wait_timeout_s": wait_s}
-    return app.app_config(build_args, host=args.host, port=args.port,
-                                        user_config=user_config, access_log=args.access_log)
+    from din_ray.serve.deploy import app_config as config_for
+
+    return config_for(serve_args(args, checkpoint), host=args.host, port=args.port,
+                      access_log=args.access_log)
 
 
 def _stop(signum, frame) -> None:
@@ -68,12 +63,13 @@ def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from din_ray.ray_session import connect
+    from din_ray.serve.deploy import deploy
 
     temp_dir = str(Path(args.temp_dir).resolve()) if args.temp_dir else None
     connect(args.address, num_cpus=args.num_cpus, temp_dir=temp_dir, log_to_driver=args.verbose)
     signal.signal(signal.SIGTERM, _stop)
     try:
-        load_app_module().deploy(config)
+        deploy(config)
         print(f"serving {checkpoint} at http://{args.host}:{args.port}/v1/ctr "
               "(GET /v1/model, /v1/stats, /healthz); Ctrl-C to stop", flush=True)
         while True:
@@ -92,19 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint, train output (checkpoint/) or tune output (best.json)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=None,
-                   help="candidates (not requests) merged into one forward pass "
-                        "(default 1024; 8192 with --gpus-per-replica)")
-    p.add_argument("--batch-wait-ms", type=float, default=None,
-                   help="how long a batch waits to fill (default 2; 5 with --gpus-per-replica)")
-    p.add_argument("--gpus-per-replica", type=float, default=0,
-                   help="GPUs per replica; the replica holds the model on its GPU")
-    p.add_argument("--max-ongoing-requests", type=int, default=1024,
-                   help="requests in flight per replica (raised to the batch size if lower)")
-    p.add_argument("--max-candidates", type=int, default=1000, help="per request")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="per request")
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per replica")
+    for flag, (field, kind) in FLAGS.items():
+        info = ServeArgs.model_fields[field]
+        p.add_argument(flag, dest=field, type=kind, default=info.default,
+                       help=info.description + ("" if info.default is None
+                                                else f" (default {info.default})"))
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster")
     p.add_argument("--address", default=None, help="join this Ray cluster instead")
     p.add_argument("--temp-dir", default=None, help="Ray temp dir of the local cluster")

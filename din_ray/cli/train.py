@@ -6,7 +6,8 @@ import argparse
 import json
 
 from din_ray.embeddings.regularization import REG_FORMS, REGULARIZERS
-from din_ray.model.din import ACTIVATIONS, model_names
+from din_ray.model import model_names
+from din_ray.model.layers import ACTIVATIONS
 from din_ray.train.loop import PRECISIONS, TrainConfig, evaluate_checkpoint, run_local
 
 

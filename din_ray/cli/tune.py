@@ -42,7 +42,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True,
                    help="directory for trials.csv, best.json, best_checkpoint/, tune.png; "
                         "rerunning the same command resumes the search there")
-    p.add_argument("--space", default=d.space, help="search space YAML (tune_spaces/*.yaml)")
+    p.add_argument("--space", default=d.space,
+                   help="search space: a YAML file, or a packaged space's name (default, "
+                        "extended: din_ray/resources/tune_spaces/)")
     p.add_argument("--trials", type=int, default=d.trials, help="configurations to try")
     p.add_argument("--workers-per-trial", type=int, default=d.workers_per_trial,
                    help="Ray Train workers of each trial")

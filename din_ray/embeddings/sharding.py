@@ -1,7 +1,10 @@
 """Row-wise sharded embedding tables over torch.distributed (gloo on CPU, NCCL on GPU).
 
 Every worker owns a contiguous row block of each large table (`row_block`), torchrec-style
-(`rw_sharding`): a lookup is input-dist, local lookup, output-dist.
+(`rw_sharding`). Each placement is one `PlacementLookup` class with torchrec's three steps,
+input dist -> lookup -> output dist: `RowWiseLookup` for sharded tables, `ReplicatedLookup` for
+small replicated ones; `ShardedEmbeddingTables` routes each table to its placement's lookup.
+A row-wise lookup:
 
     1. input dist   each worker deduplicates its ids per table, buckets them by owner
                     (searchsorted on the block starts), and sends them with `all_to_all_single`
@@ -30,8 +33,8 @@ with DDP's gradient all-reduces on the default group. Every worker must call `lo
 often with the same tables (an empty id list is fine); the training and evaluation loops keep the
 workers in lockstep for that.
 
-This module imports torch only (never Ray): `din_ray.train.distributed` wires it into Ray Train, and the
-tests run it with torch.multiprocessing + gloo.
+This module imports torch only (never Ray): `din_ray.train.distributed` wires it into Ray
+Train, and the tests run it with torch.multiprocessing + gloo.
 """
 
 from __future__ import annotations
@@ -45,13 +48,12 @@ from torch import Tensor
 from din_ray.embeddings.tables import (
     EmbeddingTables,
     IdRangeError,
-    TouchedRows,
+    TableSpec,
     _buffer,
     first_out_of_range,
     init_rows,
     row_block,
 )
-from din_ray.model.din import TableSpec
 from din_ray.schema import PAD_ID
 
 log = logging.getLogger(__name__)
@@ -124,6 +126,135 @@ def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int],
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
 
+class PlacementLookup:
+    """How the lookups of one placement's tables reach their rows: torchrec's `EmbeddingSharding`
+    steps, one subclass per placement.
+
+        input_dist   the ids this worker asked for -> the ids this worker must read, and the route
+                     back;
+        lookup       read those rows (a grad-requiring leaf in training, see
+                     `EmbeddingTables.read_local`);
+        output_dist  send the rows back along the route, differentiably.
+
+    `gradients` then turns what backward left in the touched leaves into the update every
+    holder of a row applies: the gradient of the global mean loss.
+
+    Args:
+        tables: the names of this placement's tables.
+        world_size: workers in `group`.
+        group: process group of the exchanges; None = the default group.
+    """
+
+    def __init__(self, tables: tuple[str, ...], world_size: int,
+                 group: dist.ProcessGroup | None) -> None:
+        self.tables, self.world_size, self.group = tables, world_size, group
+
+    def fetch(self, owner: EmbeddingTables, table: str, unique: Tensor) -> Tensor:
+        """Rows (U, dim) of this worker's sorted unique global ids (U,) of `table`."""
+        ids, route = self.input_dist(owner, table, unique)
+        return self.output_dist(self.lookup(owner, table, ids), route)
+
+    def input_dist(self, owner: EmbeddingTables, table: str,
+                   unique: Tensor) -> tuple[Tensor, object]:
+        raise NotImplementedError
+
+    def lookup(self, owner: EmbeddingTables, table: str, ids: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def output_dist(self, rows: Tensor, route: object) -> Tensor:
+        raise NotImplementedError
+
+    def gradients(self, owner: EmbeddingTables) -> dict[str, tuple[Tensor, Tensor]]:
+        """After backward: table -> (ids (U,), gradient rows (U, dim)) of the global mean loss,
+        for this placement's tables; PAD dropped."""
+        raise NotImplementedError
+
+
+class RowWiseLookup(PlacementLookup):
+    """Row-wise sharded tables (`SHARDED`): each row lives on the worker whose `row_block` holds
+    it, so ids travel to their owners and rows travel back (steps 1-3 of the module docstring).
+    """
+
+    def input_dist(self, owner: EmbeddingTables, table: str,
+                   unique: Tensor) -> tuple[Tensor, tuple[list[int], list[int]]]:
+        """Bucket the sorted unique ids (U,) by owner and exchange them: -> the ids every worker
+        asked this one for (sum(recv),), and the (send, recv) split sizes."""
+        n = self.world_size
+        starts = getattr(owner, _starts_name(table))  # (n,) first row of every worker's block
+        rank = torch.searchsorted(starts, unique, right=True) - 1  # (U,), sorted as `unique` is
+        send_counts = torch.bincount(rank, minlength=n)  # (n,)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        requested = unique.new_empty(sum(recv))  # ids other workers (and this one) ask of us
+        dist.all_to_all_single(requested, unique.contiguous(), recv, send, group=self.group)
+        return requested, (send, recv)
+
+    def lookup(self, owner: EmbeddingTables, table: str, ids: Tensor) -> Tensor:
+        """Rows of the requested ids (R,) -> (R, dim). The union of all requests is the global
+        batch's touched set of this block: one leaf row per owned id, which duplicate requests
+        share (autograd sums their gradients into it)."""
+        owned, inverse = torch.unique(ids, return_inverse=True)
+        return owner.read_local(table, owned)[inverse]
+
+    def output_dist(self, rows: Tensor, route: tuple[list[int], list[int]]) -> Tensor:
+        send, recv = route
+        return all_to_all(rows, send, recv, self.group)  # (U, dim)
+
+    def gradients(self, owner: EmbeddingTables) -> dict[str, tuple[Tensor, Tensor]]:
+        """This worker's owned touched ids: the sum over workers of their local mean losses'
+        gradients, divided by the world size."""
+        scale = 1.0 / self.world_size
+        return {table: (ids, grad * scale)
+                for table, (ids, grad) in EmbeddingTables.touched_gradients(owner).items()
+                if table in self.tables}
+
+
+class ReplicatedLookup(PlacementLookup):
+    """Replicated tables (`REPLICATED`): every worker holds every row, so a lookup is local and
+    the exchange happens once per step, on the gradients: one all-reduce for all these tables,
+    so every replica applies the identical update to the identical row set."""
+
+    def input_dist(self, owner: EmbeddingTables, table: str,
+                   unique: Tensor) -> tuple[Tensor, None]:
+        return unique, None
+
+    def lookup(self, owner: EmbeddingTables, table: str, ids: Tensor) -> Tensor:
+        return owner.read_local(table, ids)
+
+    def output_dist(self, rows: Tensor, route: None) -> Tensor:
+        return rows
+
+    def gradients(self, owner: EmbeddingTables) -> dict[str, tuple[Tensor, Tensor]]:
+        """The union of every worker's touched ids, identical on every worker, with the mean of
+        the workers' gradients."""
+        if not self.tables:
+            return {}
+        scale = 1.0 / self.world_size
+        parts = []
+        for name in self.tables:
+            spec, weight = owner.specs[name], owner.weight(name)
+            dense = torch.zeros(spec.num_rows, spec.dim + 1, dtype=weight.dtype,
+                                device=weight.device)  # (rows, dim | touched flag)
+            t = owner.touched.get(name)
+            if t is not None and t.rows.grad is not None:
+                dense[t.ids, :-1] = t.rows.grad
+                dense[t.ids, -1] = 1.0
+            parts.append(dense.reshape(-1))
+        flat = torch.cat(parts)
+        if self.world_size > 1:
+            dist.all_reduce(flat, group=self.group)
+        out = {}
+        for name, part in zip(self.tables, torch.split(flat, [p.numel() for p in parts])):
+            spec = owner.specs[name]
+            dense = part.reshape(spec.num_rows, spec.dim + 1)  # (rows, dim + 1)
+            ids = torch.nonzero(dense[:, -1] > 0).squeeze(-1)
+            ids = ids[ids != PAD_ID]
+            if ids.numel():
+                out[name] = (ids, dense[ids, :-1] * scale)
+        return out
+
+
 class ShardedEmbeddingTables(EmbeddingTables):
     """`EmbeddingTables` whose large tables are row-wise sharded over a process group.
 
@@ -154,6 +285,12 @@ class ShardedEmbeddingTables(EmbeddingTables):
         for name, spec in sharded.items():
             starts = [row_block(spec.num_rows, r, world_size)[0] for r in range(world_size)]
             self.register_buffer(_starts_name(name), torch.tensor(starts), persistent=False)
+        # One lookup per placement; sharded tables' gradients first, as `touched_gradients` did.
+        self.lookups: dict[str, PlacementLookup] = {
+            SHARDED: RowWiseLookup(tuple(sharded), world_size, group),
+            REPLICATED: ReplicatedLookup(
+                tuple(n for n in self.specs if self.plan[n] == REPLICATED), world_size, group),
+        }
         log.debug("rank %d tables: %s", rank,
                   {n: (p, self.blocks[n]) for n, p in self.plan.items()})
 
@@ -181,27 +318,8 @@ class ShardedEmbeddingTables(EmbeddingTables):
                                self.specs[name].num_rows, where, rank=rank)
 
     def _fetch(self, table: str, unique: Tensor) -> Tensor:
-        """Rows of sorted unique global ids (U,) -> (U, dim), from their owners."""
-        if self.plan[table] == REPLICATED:
-            return super()._fetch(table, unique)
-        n = self.world_size
-        starts = getattr(self, _starts_name(table))
-        owner = torch.searchsorted(starts, unique, right=True) - 1  # (U,), sorted as `unique` is
-        send_counts = torch.bincount(owner, minlength=n)  # (n,)
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=self.group)
-        send, recv = send_counts.tolist(), recv_counts.tolist()
-        requested = unique.new_empty(sum(recv))  # ids other workers (and this one) ask of us
-        dist.all_to_all_single(requested, unique.contiguous(), recv, send, group=self.group)
-        # The union of all requests: the global batch's touched rows of this block.
-        owned, inverse = torch.unique(requested, return_inverse=True)
-        start, _ = self.blocks[table]
-        rows = self.weight(table)[owned - start]  # (V, dim)
-        if torch.is_grad_enabled() and self.training:
-            rows = rows.detach().requires_grad_(True)
-            self.touched[table] = TouchedRows(owned, rows)
-        # Duplicate requests share one leaf row; autograd sums their gradients into it.
-        return all_to_all(rows[inverse], send, recv, self.group)  # (U, dim)
+        """Rows of sorted unique global ids (U,) -> (U, dim), through the table's placement."""
+        return self.lookups[self.plan[table]].fetch(self, table, unique)
 
     def touched_gradients(self) -> dict[str, tuple[Tensor, Tensor]]:
         """After backward: table -> (ids (U,), gradient rows (U, dim)) of the global mean loss.
@@ -211,40 +329,11 @@ class ShardedEmbeddingTables(EmbeddingTables):
         PAD is dropped: its row stays zero.
         """
         out = {}
-        scale = 1.0 / self.world_size
-        for table, (ids, grad) in super().touched_gradients().items():
-            if self.plan[table] == SHARDED:
-                out[table] = (ids, grad * scale)
-        out.update(self._replicated_gradients(scale))
-        return out
-
-    def _replicated_gradients(self, scale: float) -> dict[str, tuple[Tensor, Tensor]]:
-        names = [n for n in self.specs if self.plan[n] == REPLICATED]
-        if not names:
-            return {}
-        parts = []
-        for name in names:
-            spec, weight = self.specs[name], self.weight(name)
-            dense = torch.zeros(spec.num_rows, spec.dim + 1, dtype=weight.dtype,
-                                device=weight.device)  # (rows, dim | touched flag)
-            t = self.touched.get(name)
-            if t is not None and t.rows.grad is not None:
-                dense[t.ids, :-1] = t.rows.grad
-                dense[t.ids, -1] = 1.0
-            parts.append(dense.reshape(-1))
-        flat = torch.cat(parts)
-        if self.world_size > 1:
-            dist.all_reduce(flat, group=self.group)
-        out = {}
-        for name, part in zip(names, torch.split(flat, [p.numel() for p in parts])):
-            spec = self.specs[name]
-            dense = part.reshape(spec.num_rows, spec.dim + 1)  # (rows, dim + 1)
-            ids = torch.nonzero(dense[:, -1] > 0).squeeze(-1)
-            ids = ids[ids != PAD_ID]
-            if ids.numel():
-                out[name] = (ids, dense[ids, :-1] * scale)
+        for lookup in self.lookups.values():
+            out.update(lookup.gradients(self))
         return out
 
 
 def _starts_name(table: str) -> str:
     return "starts__" + table.replace(".", "__")
+

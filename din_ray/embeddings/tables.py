@@ -1,12 +1,15 @@
-"""Embedding tables updated row by row, laid out for row-wise sharding.
+"""Embedding tables updated row by row, laid out for row-wise sharding: the sparse half of
+every CTR model.
 
-Each table is split into contiguous row blocks, one per worker (`row_block`); a worker stores only
-its block. A lookup deduplicates the ids of every request that uses a table, fetches those rows
-once (from the owners, when sharded; see `din_ray.embeddings.sharding`), and scatters them back to the
-requests' shapes. In training the fetched rows are a fresh leaf tensor, so after `backward()` its
+A model says which tables it needs (`TableSpec`s) and which ids to look up in them
+(`SparseRequests`); `EmbeddingTables` holds the rows and answers the lookups. Each table is split
+into contiguous row blocks, one per worker (`row_block`); a worker stores only its block. A lookup
+deduplicates the ids of every request that uses a table, fetches those rows once (from the
+owners, when sharded; see `din_ray.embeddings.sharding`), and scatters them back to the requests'
+shapes. In training the fetched rows are a fresh leaf tensor, so after `backward()` its
 `.grad` holds exactly one gradient row per touched id: the optimizer then updates only those rows,
-and the regularizer (MBA, Eq. 7) sees exactly the mini-batch's touched set. Nothing here costs
-O(table size) per step.
+and the regularizer (MBA, Eq. 7) sees exactly the mini-batch's touched set (the optimizer is
+`din_ray.embeddings.optim.RowWiseOptimizer`). Nothing here costs O(table size) per step.
 
 With one worker this is an ordinary (but sparse-updated) embedding collection.
 """
@@ -20,8 +23,55 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from din_ray.model.din import SparseRequests, TableSpec, gather_rows
 from din_ray.schema import PAD_ID
+
+SparseRequests = dict[str, tuple[str, Tensor]]  # lookup key -> (table name, ids of any shape)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """An embedding table: `num_rows` ids of width `dim`; row PAD_ID is kept at zero.
+
+    `zero_init` starts every row at zero (per-id bias terms) instead of small random values.
+    """
+
+    name: str
+    num_rows: int
+    dim: int
+    zero_init: bool = False
+
+
+# --- row gather ---------------------------------------------------------------------------------
+class _GatherRows(torch.autograd.Function):
+    """`src.index_select(0, index)` whose backward sums the gradient rows with one vectorised
+    scatter_add. (On CPU the backward of index_select, index_add_, loops over the indices one
+    slice at a time, and that of `src[index]` goes through a slower accumulating index_put; with
+    B·L ≈ 50k history slots per batch either one costs more than the whole model.)"""
+
+    @staticmethod
+    def forward(ctx, src: Tensor, index: Tensor) -> Tensor:
+        ctx.save_for_backward(index)
+        ctx.rows = src.shape[0]
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        grad = grad.contiguous()
+        out = grad.new_zeros(ctx.rows, *grad.shape[1:])
+        flat = out.view(ctx.rows, -1)
+        flat.scatter_add_(0, index.unsqueeze(1).expand(-1, flat.shape[1]),
+                          grad.view(grad.shape[0], -1))
+        return out, None
+
+
+def gather_rows(src: Tensor, index: Tensor) -> Tensor:
+    """Rows `index` (N,) of `src` (R, ...) -> (N, ...), differentiable in `src`; any index may
+    repeat (its gradient rows are summed)."""
+    if not (src.requires_grad and torch.is_grad_enabled()):
+        return src.index_select(0, index)
+    return _GatherRows.apply(src, index)
+
 
 # Rows are initialised in fixed chunks, each from its own seed, so a row's initial value depends
 # only on (seed, table, row) and not on how many workers share the table.
@@ -198,6 +248,11 @@ class EmbeddingTables(torch.nn.Module):
     def _fetch(self, table: str, unique: Tensor) -> Tensor:
         """Rows for sorted unique global ids (U,) -> (U, dim). Single-worker version; the sharded
         subclass exchanges ids and rows with their owners."""
+        return self.read_local(table, unique)
+
+    def read_local(self, table: str, unique: Tensor) -> Tensor:
+        """Rows of sorted unique global ids (U,) that this worker holds -> (U, dim). In training
+        they are a fresh leaf recorded in `touched`, so backward fills one gradient row per id."""
         start, _ = self.blocks[table]
         rows = self.weight(table)[unique - start]
         if torch.is_grad_enabled() and self.training:
@@ -229,73 +284,3 @@ class EmbeddingTables(torch.nn.Module):
 
 def _buffer(table: str) -> str:
     return "table__" + table.replace(".", "__")
-
-
-class RowWiseOptimizer:
-    """Adam or SGD applied only to the rows a step touched (lazy Adam, as torch.optim.SparseAdam).
-
-    State per table: first and second moments shaped like the worker's block; a global step
-    count for bias correction. A regularizer (`din_ray.embeddings.regularization.RowPenalty`, e.g. MBA,
-    Eq. 7) gives the penalty gradient p of the touched rows, applied in `reg_form`:
-
-        "coupled"    g <- g + p before the update (Eq. 7 as written; under Adam p is then
-                     normalised with g, so a dominating penalty moves a row about lr per touch
-                     whatever λ is);
-        "decoupled"  w <- update(w, g) - lr · p, p taken at the pre-step weights (AdamW's
-                     decoupled weight decay), so the shrinkage stays proportional to λ.
-
-    Under SGD both forms are the same update.
-    """
-
-    def __init__(self, tables: EmbeddingTables, kind: str = "adam", lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 reg_form: str = "decoupled") -> None:
-        if kind not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {kind!r}")
-        if reg_form not in ("decoupled", "coupled"):
-            raise ValueError(f"reg_form must be 'decoupled' or 'coupled', got {reg_form!r}")
-        self.tables, self.kind, self.lr, self.betas, self.eps = tables, kind, lr, betas, eps
-        self.reg_form = reg_form
-        self.step_count = 0
-        self.state: dict[str, dict[str, Tensor]] = {}
-        if kind == "adam":
-            for name in tables.specs:
-                w = tables.weight(name)
-                self.state[name] = {"exp_avg": torch.zeros_like(w),
-                                    "exp_avg_sq": torch.zeros_like(w)}
-
-    @torch.no_grad()
-    def step(self, gradients: dict[str, tuple[Tensor, Tensor]], regularizer=None) -> None:
-        """Update the rows in `gradients` (table -> (global ids (U,), grad (U, dim))), with the
-        penalty of `regularizer` (None: none) in this optimizer's `reg_form`."""
-        self.step_count += 1
-        for table, (ids, grad) in gradients.items():
-            start, _ = self.tables.blocks[table]
-            local = ids - start
-            weight = self.tables.weight(table)
-            # ids are unique: index_select / index_copy_ read and write the rows (cheaper on
-            # CPU than advanced indexing and index_put_, whose accumulate path they need not).
-            rows = weight.index_select(0, local)
-            penalty = regularizer.penalty(table, ids, rows) if regularizer is not None else None
-            if penalty is not None and self.reg_form == "coupled":
-                grad = grad + penalty
-            if self.kind == "sgd":
-                new = rows - self.lr * grad
-            else:
-                b1, b2 = self.betas
-                st = self.state[table]
-                m = st["exp_avg"].index_select(0, local).mul_(b1).add_(grad, alpha=1 - b1)
-                v = (st["exp_avg_sq"].index_select(0, local).mul_(b2)
-                     .addcmul_(grad, grad, value=1 - b2))
-                st["exp_avg"].index_copy_(0, local, m)
-                st["exp_avg_sq"].index_copy_(0, local, v)
-                bc1 = 1 - b1 ** self.step_count
-                bc2 = 1 - b2 ** self.step_count
-                denom = (v / bc2).sqrt_().add_(self.eps)
-                new = torch.addcdiv(rows, m, denom, value=-self.lr / bc1)  # one pass, not three
-            if penalty is not None and self.reg_form == "decoupled":
-                new = new.add_(penalty, alpha=-self.lr)  # in place: `new` is this step's own
-            weight.index_copy_(0, local, new)
-
-    def state_rows(self, table: str) -> dict[str, Tensor]:
-        return self.state.get(table, {})

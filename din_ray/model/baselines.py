@@ -1,14 +1,13 @@
 """The paper's competitors (§6.2): LR, Wide&Deep, PNN and DeepFM.
 
-Each uses the same schema, the same embedding tables (`din_ray.embeddings.tables`) and the same training
-loop as DIN and BaseModel, and is selected by name (registered on import; `build_model` imports
-this module on first use):
+Each uses the same schema, the same embedding tables (`din_ray.embeddings.tables`) and the same
+training loop as DIN and BaseModel, and is selected by name (`din_ray.model.MODELS`):
 
     din-ray train --data out/ml --model wide_deep --activation prelu --output runs/wd
 
     model         logit
     lr            b + Σ_f w_f[id_f]                 one weight per id and feature; histories summed
-    base          BaseModel (din_ray.model.din)         Embedding&MLP, sum pooling
+    base          BaseModel (din_ray.model.din)     Embedding&MLP, sum pooling
     wide_deep     BaseModel + Σ_j u[hash(h_j, c)]   wide part: the history × candidate cross ids
     pnn           MLP([fields, <f_i, f_k> ∀ i<k])   product layer: field-pair inner products
     deepfm        BaseModel + FM(fields) + Σ_f w_f  FM as the wide part, with first-order terms
@@ -24,16 +23,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from din_ray.model.din import (
-    MLP,
-    BaseModel,
-    Batch,
-    CTRModel,
-    ModelConfig,
-    SparseRequests,
-    TableSpec,
-    register_model,
-)
+from din_ray.embeddings.tables import SparseRequests, TableSpec
+from din_ray.model.base import Batch, CTRModel, ModelConfig
+from din_ray.model.din import BaseModel
+from din_ray.model.layers import MLP
 from din_ray.schema import PAD_ID, Schema
 
 # Rows of each Wide&Deep cross table: 2 reserved + a prime number of hash buckets, so the pair
@@ -200,8 +193,3 @@ class DeepFM(_Fields):
         fm = 0.5 * (fields.sum(1).pow(2) - fields.pow(2).sum(1)).sum(-1)  # (B,)
         first = first_order_logit(self.schema, emb, self.history_mask(batch))  # (B,)
         return super().forward(emb, batch) + fm + first
-
-
-BASELINES = {"lr": LR, "wide_deep": WideDeep, "pnn": PNN, "deepfm": DeepFM}
-for _name, _cls in BASELINES.items():
-    register_model(_name, _cls)

@@ -4,10 +4,14 @@
     serve run serve/config.yaml                              # set its checkpoint path first
     serve run din_ray.serve.app:build_app checkpoint=runs/din max_batch_size=512
 
+`build_app` is a typed application builder: its one parameter is annotated with the Pydantic
+model `din_ray.serve.settings.ServeArgs`, so Serve validates the `args` of a config or of
+`serve run` against it (every setting and default is stated there, once).
+
     curl -s 127.0.0.1:8000/v1/ctr -d '{"history": {"item_id": [1, 50], "cate_id": ["Comedy",
         "Drama"]}, "candidates": [{"item_id": 296, "cate_id": "Comedy"}], "explain": true}'
 
-Endpoints: POST /v1/ctr (request format in `din_ray.serve.scoring`), GET /v1/model, GET /v1/stats
+Endpoints: POST /v1/ctr (request format in `din_ray.serve.request`), GET /v1/model, GET /v1/stats
 (this replica's batching counters), GET /healthz.
 
 Access. Given `token_sha256` (the hex SHA-256 of an API token; `din-ray serve` derives it from
@@ -33,11 +37,13 @@ in a thread while it keeps answering with the old one, then switches with one as
 request is parsed and scored by the model that was current when it arrived, so requests in
 flight during the swap complete with either version and none fails; /v1/model and every
 response's `model.version` say which one answered. A checkpoint that fails to load fails the
-update and the old model stays served. `with_checkpoint(config, path)` builds that config.
+update and the old model stays served. `din_ray.serve.deploy.with_checkpoint(config, path)`
+builds that config, and `din_ray.serve.deploy.deploy` deploys it.
 
 Nothing starts at import: `build_app` / `CTRServer.bind(...)` return an application that
-`serve.run` or `serve deploy` starts. (No `from __future__ import annotations` here: FastAPI
-reads the endpoint annotations at run time to recognise the `Request` parameter.)
+`serve run`, `serve deploy` or `din_ray.serve.deploy` starts. (No `from __future__ import
+annotations` here: FastAPI reads the endpoint annotations at run time to recognise the `Request`
+parameter, and Serve reads `build_app`'s to find its Pydantic model.)
 """
 
 import asyncio
@@ -47,8 +53,7 @@ import logging
 import os
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import ray
 import torch
@@ -59,23 +64,13 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException
 
 from din_ray.serve.access import TOKEN_ENV, access_token
-from din_ray.serve.scoring import (
-    ParsedRequest,
-    RequestError,
-    RequestLimits,
-    Scores,
-    ServedModel,
-    resolve_checkpoint,
-)
+from din_ray.serve.request import ParsedRequest, RequestError, RequestLimits
+from din_ray.serve.scoring import Scores, ServedModel, resolve_checkpoint
+from din_ray.serve.settings import BatchingConfig, ServeArgs
 
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="din-ray", description="DIN click-through-rate scoring")
-
-
-# GPU replicas: 8192 candidates (about forty 200-ad requests) per pass, waiting up to 5 ms.
-GPU_MAX_BATCH_SIZE = 8192
-GPU_BATCH_WAIT_S = 0.005
 
 
 @api.exception_handler(HTTPException)
@@ -85,51 +80,6 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"error": {"field": field, "message": f"{exc.detail}: "
                                    f"{request.method} {request.url.path}"}},
                         status_code=exc.status_code, headers=exc.headers)
-
-
-@dataclass(frozen=True)
-class BatchingConfig:
-    """The deployment's `user_config`, applied by `reconfigure` without a restart.
-
-    Args:
-        max_batch_size: candidates merged into one forward pass (from any number of requests).
-            Default: about five 200-ad requests, enough to amortise the per-call overhead while
-            keeping one pass around a few ms on a CPU core.
-        batch_wait_timeout_s: how long the first request of a batch waits for company. Small,
-            since the paper's online budget for a ranking call is ~10 ms.
-    """
-
-    max_batch_size: int = 1024
-    batch_wait_timeout_s: float = 0.002
-    # The checkpoint to serve instead of the built one ("" = the built one): see "Swapping".
-    checkpoint: str = ""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an integer >= 1, got "
-                             f"{self.max_batch_size!r}")
-        if not 0 <= self.batch_wait_timeout_s <= 1:
-            raise ValueError(f"batch_wait_timeout_s must be in [0, 1] seconds, got "
-                             f"{self.batch_wait_timeout_s!r}")
-
-    @classmethod
-    def from_dict(cls, raw: dict | None) -> "BatchingConfig":
-        raw = dict(raw or {})
-        unknown = sorted(set(raw) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown user_config keys {unknown}; known: "
-                             f"{[f.name for f in fields(cls)]}")
-        return cls(**raw)
-
-    @classmethod
-    def default(cls, gpus: float = 0) -> "BatchingConfig":
-        """The defaults for a replica with `gpus` GPUs: on a GPU a forward pass costs about the
-        same for 1k or 8k candidates (the launch overhead dominates), so batches are larger
-        and may wait a little longer to fill; the paper reports request batching doubling QPS
-        on its GPU servers (§6). GPU_* are starting points, not figures measured here."""
-        if gpus > 0:
-            return cls(max_batch_size=GPU_MAX_BATCH_SIZE, batch_wait_timeout_s=GPU_BATCH_WAIT_S)
-        return cls()
 
 
 @dataclass(frozen=True)
@@ -215,39 +165,31 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@serve.deployment(
-    # At least max_batch_size: batches count candidates, and with 1-candidate requests a full
-    # batch needs that many requests in flight (the default of 5 would silently cap batches).
-    max_ongoing_requests=1024,
-    ray_actor_options={"num_cpus": 1},
-    user_config=asdict(BatchingConfig()),
-    health_check_period_s=10,
-)
+# Replica resources, batching and max_ongoing_requests come from `build_app` (`ServeArgs`).
+@serve.deployment(health_check_period_s=10)
 @serve.ingress(api)
 class CTRServer:
     """One replica: a checkpoint loaded once, requests scored in candidate-counted batches.
 
     Args:
-        checkpoint: checkpoint, train output or tune output directory (`resolve_checkpoint`).
-        max_candidates, max_body_bytes: request limits (`RequestLimits`).
-        threads: torch intra-op threads for this replica (match its num_cpus).
-        token_sha256: hex SHA-256 of the API token every endpoint but /healthz requires; None
-            leaves them open.
+        args: the application's arguments; of them the replica uses `checkpoint` (resolved to
+            a checkpoint directory), the request limits (`max_candidates`, `max_body_bytes`),
+            `threads` (torch intra-op threads: match its num_cpus) and `token_sha256` (the API
+            token's digest; None leaves the endpoints open).
 
     The model lives on the replica's GPU when Ray gave it one (`ray_actor_options.num_gpus`,
     `gpus_per_replica` in `build_app`), else on the CPU.
     """
 
-    def __init__(self, checkpoint: str, max_candidates: int = 1000,
-                 max_body_bytes: int = 1 << 20, threads: int = 1,
-                 token_sha256: str | None = None) -> None:
-        torch.set_num_threads(threads)
-        self.token_sha256 = token_sha256
-        self.limits = RequestLimits(max_candidates=max_candidates, max_body_bytes=max_body_bytes)
+    def __init__(self, args: ServeArgs) -> None:
+        torch.set_num_threads(args.threads)
+        self.token_sha256 = args.token_sha256
+        self.limits = RequestLimits(max_candidates=args.max_candidates,
+                                    max_body_bytes=args.max_body_bytes)
         # Ray sets CUDA_VISIBLE_DEVICES to the replica's GPUs, so its first one is cuda:0.
         self.device = torch.device("cuda" if ray.get_gpu_ids() else "cpu")
-        self.built_checkpoint = checkpoint
-        self.served = ServedModel.load(checkpoint, self.limits, self.device)
+        self.built_checkpoint = args.checkpoint
+        self.served = ServedModel.load(args.checkpoint, self.limits, self.device)
         self.stats = BatchStats()
         self.config = BatchingConfig()
         self.replica = f"{os.uname().nodename}:{os.getpid()}"
@@ -334,132 +276,47 @@ def _actor_options(gpus: float = 0) -> dict:
     return options
 
 
-BUILD_ARGS = ("checkpoint", "max_batch_size", "batch_wait_ms", "max_candidates",
-              "max_body_bytes", "threads", "max_ongoing_requests", "num_replicas",
-              "gpus_per_replica", "token_sha256", "require_token")
-
-
-def _token_digest(args: dict) -> str | None:
+def _token_digest(args: ServeArgs) -> str | None:
     """The hex SHA-256 of the API token: `token_sha256` if given, else that of
     $DIN_RAY_SERVE_TOKEN in this (the app-building) process; None for an open server, which
     `require_token` refuses."""
-    digest = str(args.get("token_sha256") or "").lower()
-    if digest and (len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest)):
-        raise ValueError("token_sha256 must be the 64 hex digits of the token's SHA-256")
+    digest = args.token_sha256
     if not digest:
         # Loopback host: access_token only reads and length-checks the variable here; whether
         # a token is needed is `require_token`'s call (the bound host is not known to the app).
         token = access_token("127.0.0.1", None, insecure=False)
-        digest = hashlib.sha256(token.encode()).hexdigest() if token else ""
-    require = str(args.get("require_token", False)).lower()  # a YAML bool or a CLI string
-    if require not in ("true", "false"):
-        raise ValueError(f"require_token must be true or false, got {args['require_token']!r}")
-    if not digest and require == "true":
+        digest = hashlib.sha256(token.encode()).hexdigest() if token else None
+    if not digest and args.require_token:
         raise ValueError(f"require_token is set but there is no API token: set ${TOKEN_ENV} "
                          "where the app is built (k8s/rayservice.yaml: the din-ray-serve-token "
                          "Secret) or give token_sha256")
-    return digest or None
+    return digest
 
 
-def build_app(args: dict) -> Application:
-    """`serve run din_ray.serve.app:build_app checkpoint=DIR [max_batch_size=N] [batch_wait_ms=MS]
+def build_app(args: ServeArgs) -> Application:
+    """The CTR application for `args` (Serve's typed application builder: `serve run` and
+    config deploys pass a dict, which Serve validates into `ServeArgs` first).
+
+    `serve run din_ray.serve.app:build_app checkpoint=DIR [max_batch_size=N] [batch_wait_ms=MS]
     [max_candidates=N] [max_body_bytes=N] [threads=N] [max_ongoing_requests=N]
-    [num_replicas=N] [gpus_per_replica=N] [token_sha256=HEX] [require_token=true]` (values
-    arrive as strings from the command line or as YAML scalars from `serve/config.yaml`'s
-    `args`). Without token_sha256 the token is $DIN_RAY_SERVE_TOKEN, if set (`_token_digest`)."""
-    unknown = sorted(set(args) - set(BUILD_ARGS))
-    if unknown:
-        raise ValueError(f"unknown build_app arguments {unknown}; known: {list(BUILD_ARGS)}")
-    if "checkpoint" not in args:
-        raise ValueError("build_app needs checkpoint=DIR (a checkpoint, train or tune output)")
-    digest = _token_digest(args)
+    [num_replicas=N] [gpus_per_replica=N] [token_sha256=HEX] [require_token=true]`: see
+    `ServeArgs`. Without token_sha256 the token is $DIN_RAY_SERVE_TOKEN of this (the
+    app-building) process, if set (`_token_digest`).
+
+    Raises:
+        CheckpointError: `args.checkpoint` is no checkpoint, train output or tune output.
+        ValueError: `require_token` without any token.
+    """
+    if not isinstance(args, ServeArgs):  # called from Python with a plain dict
+        args = ServeArgs.model_validate(args)
+    args = args.model_copy(update={"token_sha256": _token_digest(args)})
     # Resolved here, where the command was given, so that replicas get an absolute path and a
     # wrong one fails the deploy at once instead of crash-looping replicas.
-    checkpoint = str(resolve_checkpoint(args["checkpoint"]).resolve())
-    gpus = float(args.get("gpus_per_replica", 0))
-    if gpus < 0:
-        raise ValueError(f"gpus_per_replica must be >= 0, got {gpus}")
-    default = BatchingConfig.default(gpus)
-    batching = BatchingConfig(
-        max_batch_size=int(args.get("max_batch_size", default.max_batch_size)),
-        batch_wait_timeout_s=float(args.get("batch_wait_ms",
-                                            default.batch_wait_timeout_s * 1e3)) / 1e3)
-    options: dict = {"user_config": asdict(batching), "ray_actor_options": _actor_options(gpus)}
-    options.update({k: int(args[k]) for k in ("max_ongoing_requests", "num_replicas")
-                    if k in args})
-    server_args: dict = {k: int(args[k]) for k in ("max_candidates", "max_body_bytes", "threads")
-                         if k in args}
-    if digest:
-        server_args["token_sha256"] = digest
-    return CTRServer.options(**options).bind(checkpoint, **server_args)
-
-
-def app_config(args: dict, *, host: str = "127.0.0.1", port: int = 8000,
-               user_config: dict | None = None, deployment: dict | None = None,
-               access_log: bool = False) -> dict:
-    """A `serve deploy`-style config (the schema of serve/config.yaml) for this app.
-
-    Args:
-        args: `build_app` arguments (checkpoint=... at least).
-        user_config: batching settings (`BatchingConfig` fields); changing only these and
-            deploying again reconfigures the running replicas instead of restarting them.
-        deployment: further deployment options (num_replicas, autoscaling_config, ...).
-    """
-    overrides = {"name": "CTRServer", **(deployment or {})}
-    if user_config is not None:
-        full = asdict(BatchingConfig.from_dict(user_config))
-        overrides["user_config"] = {k: v for k, v in full.items() if k != "checkpoint" or v}
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": host, "port": port},
-        "applications": [{
-            # An installed module, so the controller can import it whatever its sys.path.
-            "name": "din", "route_prefix": "/", "import_path": "din_ray.cli.serve:build_app",
-            "args": {k: v for k, v in args.items() if v is not None},
-            "logging_config": {"enable_access_log": access_log},
-            "deployments": [overrides],
-        }],
-    }
-
-
-def with_checkpoint(config: dict, checkpoint: str | Path) -> dict:
-    """`config` (an `app_config`) serving `checkpoint` instead: deploying it swaps the model in
-    the running replicas without a restart (see "Swapping" above)."""
-    path = str(resolve_checkpoint(checkpoint).resolve())  # a wrong path fails here, not there
-    apps = []
-    for a in config["applications"]:
-        deployments = [{**d, "user_config": {**d.get("user_config", asdict(BatchingConfig())),
-                                             "checkpoint": path}} for d in a["deployments"]]
-        apps.append({**a, "deployments": deployments})
-    return {**config, "applications": apps}
-
-
-def deploy(config: dict, timeout_s: float = 300) -> None:
-    """Deploy `config` to the connected Ray cluster the way `serve run config.yaml` does, and
-    wait until the application runs. A second call that changes only `user_config` updates
-    the live replicas through `reconfigure` (Serve's versioning of config deployments); a
-    Python `serve.run` would replace them."""
-    from ray.serve._private.api import serve_start  # what the `serve` CLI itself calls
-    from ray.serve.schema import ServeDeploySchema
-
-    schema = ServeDeploySchema.model_validate(config)
-    client = serve_start(http_options=schema.http_options.model_dump(),
-                         proxy_location=schema.proxy_location)
-    client.deploy_apps(schema)
-    names = [a.name for a in schema.applications]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        apps = serve.status().applications
-        states = {n: apps[n].status if n in apps else "MISSING" for n in names}
-        if all(s == "RUNNING" for s in states.values()):
-            busy = [d for n in names for d in apps[n].deployments.values()
-                    if d.status != "HEALTHY"]
-            if not busy:
-                return
-        failed = {n: apps[n].message for n in names
-                  if n in apps and apps[n].status in ("DEPLOY_FAILED", "UNHEALTHY")}
-        if failed:
-            raise RuntimeError(f"Serve application failed: {failed}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"Serve applications not running after {timeout_s}s: {states}")
-        time.sleep(0.2)
+    args = args.model_copy(update={"checkpoint":
+                                   str(resolve_checkpoint(args.checkpoint).resolve())})
+    options: dict = {"user_config": asdict(args.batching()),
+                     "ray_actor_options": _actor_options(args.gpus_per_replica),
+                     "max_ongoing_requests": args.ongoing_requests()}
+    if args.num_replicas is not None:
+        options["num_replicas"] = args.num_replicas
+    return CTRServer.options(**options).bind(args)

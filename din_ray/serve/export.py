@@ -37,7 +37,7 @@ from torch.export import Dim
 from din_ray import io as atomic
 from din_ray.checkpoint import ID_FILTER, MANIFEST, CheckpointError, load_model
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.din import CTRModel
+from din_ray.model import CTRModel
 from din_ray.schema import OOV_ID, Schema
 
 log = logging.getLogger(__name__)

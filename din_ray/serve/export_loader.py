@@ -12,9 +12,10 @@ pyarrow), so any Python with torch runs it:
     model.score({"history": {"item_id": ["i3", "i7"], "cate_id": [2, 3]},
                  "candidates": [{"item_id": "i5", "cate_id": 2}]})   # -> [CTR]
 
-Requests are the serving format (`din_ray.serve.scoring`): raw ids (strings or integers, compared as
-strings) for tables with a vocabulary, unknown ones OOV; dense integer ids for tables without one.
-Hashed and binned log features are refused here (their encoding lives in din_ray.data.ids).
+Requests are the serving format (`din_ray.serve.request`): raw ids (strings or integers,
+compared as strings) for tables with a vocabulary, unknown ones OOV; dense integer ids for tables
+without one. Hashed and binned log features are refused here (their encoding lives in
+din_ray.data.ids).
 """
 
 from __future__ import annotations

@@ -57,7 +57,7 @@ from din_ray.data import in_memory
 from din_ray.data.format import SPLITS, DataError, PreparedDataset, to_numpy
 from din_ray.embeddings.sharding import ShardedEmbeddingTables, embedding_group, plan_tables
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.din import CTRModel, build_model
+from din_ray.model import CTRModel, build_model
 from din_ray.ray_session import connect
 from din_ray.schema import Schema
 from din_ray.train.loop import TrainConfig, WorkerEnv, finalize_output, summarize, train_loop

@@ -35,6 +35,7 @@ from din_ray import checkpoint as ckpt
 from din_ray import io as atomic
 from din_ray.allocator import keep_freed_memory
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
+from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import (
     GRADIENT_REGULARIZERS,
     REG_FORMS,
@@ -44,9 +45,9 @@ from din_ray.embeddings.regularization import (
     RowPenalty,
     build_regularizer,
 )
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
+from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.metrics import evaluate_predictions
-from din_ray.model.din import CTRModel, ModelConfig, Popularity, build_model
+from din_ray.model import CTRModel, ModelConfig, Popularity, build_model
 from din_ray.schema import PAD_ID, Schema
 
 log = logging.getLogger(__name__)

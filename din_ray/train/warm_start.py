@@ -22,8 +22,9 @@ import torch
 
 from din_ray.checkpoint import ID_FILTER, MANIFEST, Checkpoint, CheckpointError
 from din_ray.data.vocab_extend import schema_differences
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model.din import CTRModel, ModelConfig
+from din_ray.embeddings.optim import RowWiseOptimizer
+from din_ray.embeddings.tables import EmbeddingTables
+from din_ray.model import CTRModel, ModelConfig
 from din_ray.schema import Schema
 
 log = logging.getLogger(__name__)

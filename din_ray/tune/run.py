@@ -1,14 +1,19 @@
 """Hyperparameter search on Ray Tune: Optuna's TPE proposes, ASHA stops the laggards, and every
 trial is a distributed Ray Train run.
 
-    din-ray tune --data runs/ml --output runs/tune --space tune_spaces/default.yaml \\
+    din-ray tune --data runs/ml --output runs/tune --space default \\
         --trials 12 --workers-per-trial 1 --epochs 3
 
 How it fits together (Ray 2.60, Train V2):
-  * each trial is a Tune *function* trainable (`_trial`) that builds the run's `TorchTrainer`
-    with `din_ray.train.distributed.build_trainer` and fits it; `TuneReportCallback` in the Train
-    RunConfig forwards each epoch's report (rank 0's metrics plus `checkpoint_path`) to Tune, so
-    ASHA sees validation GAUC per epoch (`time_attr="epoch"`, grace period 1 epoch);
+  * a 1-worker trial trains in the trial's own process (`din_ray.tune.trial`): no Train run,
+    so no Train controller, placement group or worker actor per trial; it reads the data as
+    `--local` does, reports every epoch with `tune.report` (metrics plus `checkpoint_path`) and
+    holds `cpus_per_worker` CPUs itself; the rest of this list is about multi-worker trials;
+  * each multi-worker trial is a Tune *function* trainable (`_trial`) that builds the run's
+    `TorchTrainer` with `din_ray.train.distributed.build_trainer` and fits it;
+    `TuneReportCallback` in the Train RunConfig forwards each epoch's report (rank 0's metrics
+    plus `checkpoint_path`) to Tune, so ASHA sees validation GAUC per epoch
+    (`time_attr="epoch"`, grace period 1 epoch);
   * the trial function itself reserves only `TRIAL_CPUS` CPU: the Train workers request theirs
     (`workers_per_trial x cpus_per_worker`) in a placement group of their own, so the number of
     concurrent trials is set from the cluster's CPUs (`concurrent_trials`) unless given;
@@ -28,8 +33,10 @@ best_checkpoint/ (a copy of the winner's best epoch; what `din-ray serve OUTPUT`
 (validation metric per epoch for every trial) and settings.json (what a resume must match).
 
 The known trap: a trial that ASHA stops must release its Train run's placement group, or later
-trials wait forever. On Ray 2.60 that cleanup goes through the dashboard, so a local Ray is
-started with it on and with its address known to every Ray process (`din_ray.ray_session`).
+trials wait forever. On Ray 2.60 that cleanup goes through the dashboard, so for multi-worker
+trials a local Ray is started with it on and with its address known to every Ray process
+(`din_ray.ray_session`); in-process trials have no Train placement group and start Ray without
+it.
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ class TuneSettings:
 
     Args:
         output: directory for trials.csv, best.json, best_checkpoint/, tune.png, settings.json.
-        space: search space YAML (see din_ray.tune.space).
+        space: search space: a YAML file or a packaged space's name (`load_space`).
         trials: number of configurations tried.
         workers_per_trial: Ray Train workers of each trial.
         max_concurrent: trials run at once; 0 = as many as the cluster's CPUs hold.
@@ -88,7 +95,7 @@ class TuneSettings:
     """
 
     output: str
-    space: str = "tune_spaces/default.yaml"
+    space: str = "default"  # a packaged space's name (din_ray/resources/tune_spaces) or a path
     trials: int = 12
     workers_per_trial: int = 1
     max_concurrent: int = 0
@@ -128,8 +135,9 @@ def _plain(value):
 
 
 def _trial(config: dict, base: dict, runs_storage: str, in_memory_splits: dict) -> None:
-    """One trial: a distributed training run of `base` with the sampled `config` values, on the
-    splits the search put into the object store (`in_memory_splits`, split -> ObjectRef)."""
+    """One trial: a training run of `base` with the sampled `config` values; with one worker in
+    this process (`din_ray.tune.trial`), else a distributed run on the splits the search put
+    into the object store (`in_memory_splits`, split -> ObjectRef)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -139,6 +147,11 @@ def _trial(config: dict, base: dict, runs_storage: str, in_memory_splits: dict) 
     values = {**base, **{k: _plain(v) for k, v in config.items()},
               "storage_path": runs_storage, "run_name": f"trial-{trial_id}"}
     cfg = TrainConfig.from_dict(values)
+    if in_process(cfg.workers):
+        from din_ray.tune.trial import run_trial_in_process
+
+        run_trial_in_process(cfg, _join(runs_storage, cfg.run_name))
+        return
     dataset = check_config(cfg)
     _report_earlier_epochs(_join(runs_storage, cfg.run_name))
     # A failed trial is reported by Tune as errored; the TrainingFailedError names the cause.
@@ -147,9 +160,22 @@ def _trial(config: dict, base: dict, runs_storage: str, in_memory_splits: dict) 
 
 
 # --- the driver ---------------------------------------------------------------------------------
+def in_process(workers_per_trial: int) -> bool:
+    """Whether trials train in the trial's own process (`din_ray.tune.trial`), not in Train."""
+    return workers_per_trial == 1
+
+
+def trial_cpus(workers: int, cpus_per_worker: float) -> float:
+    """CPUs one running trial holds: an in-process trial its worker's; a Train trial its
+    workers', its read tasks' and the trial function's own."""
+    if in_process(workers):
+        return cpus_per_worker
+    return workers * cpus_per_worker + READ_CPUS + TRIAL_CPUS
+
+
 def concurrent_trials(cluster_cpus: float, workers: int, cpus_per_worker: float) -> int:
-    """Trials whose Train workers and read tasks fit the cluster's CPUs at once (at least 1)."""
-    return max(1, math.floor(cluster_cpus / (workers * cpus_per_worker + READ_CPUS + TRIAL_CPUS)))
+    """Trials whose workers and read tasks fit the cluster's CPUs at once (at least 1)."""
+    return max(1, math.floor(cluster_cpus / trial_cpus(workers, cpus_per_worker)))
 
 
 def _settings_record(settings: TuneSettings, space: SearchSpace, base: TrainConfig) -> dict:
@@ -184,9 +210,10 @@ def _check_resume(path: Path, record: dict) -> None:
 
 
 def _connect(settings: TuneSettings, base: TrainConfig, max_concurrent: int) -> bool:
-    per_trial = settings.workers_per_trial * base.cpus_per_worker + READ_CPUS
+    per_trial = trial_cpus(settings.workers_per_trial, base.cpus_per_worker)
     return connect(settings.address,
-                   settings.num_cpus or max(4, math.ceil(per_trial * max(max_concurrent, 1))))
+                   settings.num_cpus or max(4, math.ceil(per_trial * max(max_concurrent, 1))),
+                   dashboard=not in_process(settings.workers_per_trial))
 
 
 def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
@@ -199,7 +226,7 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from din_ray.train.distributed import check_config, check_gpus, put_small_splits
+    from din_ray.train.distributed import check_config, check_gpus
 
     space, base, out = _prepare(settings, base)
     dataset = check_config(base)  # the data and the fixed fields, before any Ray work
@@ -217,8 +244,8 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
         trainable = tune.with_resources(
             tune.with_parameters(_trial, base=base.to_dict(),
                                  runs_storage=_join(storage, f"{settings.name}-runs"),
-                                 in_memory_splits=put_small_splits(dataset, base)),
-            {"CPU": TRIAL_CPUS})
+                                 in_memory_splits=_shared_splits(dataset, base)),
+            _trial_resources(base))
         experiment = _join(storage, settings.name)
         if tune.Tuner.can_restore(experiment) and _has_saved_state(experiment):
             log.info("resuming the tuning run in %s", experiment)
@@ -235,6 +262,22 @@ def run_tune(settings: TuneSettings, base: TrainConfig) -> dict:
     finally:
         if connected:
             ray.shutdown()
+
+
+def _shared_splits(dataset, base: TrainConfig) -> dict:
+    """The small splits in the object store for Train trials' workers; in-process trials read
+    the files as `--local` does and need none."""
+    from din_ray.train.distributed import put_small_splits
+
+    return {} if in_process(base.workers) else put_small_splits(dataset, base)
+
+
+def _trial_resources(base: TrainConfig) -> dict:
+    """What Tune reserves for the trial function: an in-process trial's worker, or a sliver
+    for one that only waits on its Train run (whose workers reserve their own)."""
+    if not in_process(base.workers):
+        return {"CPU": TRIAL_CPUS}
+    return {"CPU": base.cpus_per_worker, **({"GPU": 1} if base.use_gpu else {})}
 
 
 def summarize_tune(settings: TuneSettings, base: TrainConfig) -> dict:

@@ -1,4 +1,5 @@
-"""Hyperparameter search spaces: YAML data files (`tune_spaces/*.yaml`), validated when loaded.
+"""Hyperparameter search spaces: YAML data files (packaged ones in
+`din_ray/resources/tune_spaces/*.yaml`, named by their stem), validated when loaded.
 
 A space names the metric to optimise, its direction, and one distribution per TrainConfig field:
 
@@ -108,8 +109,10 @@ class SearchSpace:
 
 
 def load_space(path: str | Path) -> SearchSpace:
-    """Read and validate a search space YAML file; raises SpaceError naming the key at fault."""
-    path = Path(path)
+    """Read and validate a search space: a YAML file, or the name of one installed with
+    din-ray (`din_ray/resources/tune_spaces/<name>.yaml`: "default", "extended"); raises
+    SpaceError naming the key at fault."""
+    path = space_file(path)
     if not path.is_file():
         raise SpaceError(f"{path}: search space file not found")
     try:
@@ -117,6 +120,15 @@ def load_space(path: str | Path) -> SearchSpace:
     except yaml.YAMLError as e:
         raise SpaceError(f"{path}: not valid YAML: {e}") from None
     return parse_space(raw, source=str(path))
+
+
+def space_file(space: str | Path) -> Path:
+    """The file of `space`: a packaged space's name (no suffix, no directory), else a path."""
+    from din_ray.resources import tune_space_names, tune_space_path
+
+    if isinstance(space, str) and space in tune_space_names():
+        return tune_space_path(space)
+    return Path(space)
 
 
 def parse_space(raw: Any, source: str = "<dict>") -> SearchSpace:

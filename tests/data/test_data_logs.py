@@ -16,12 +16,12 @@ import pytest
 import yaml
 
 from din_ray.data.format import DataError, PreparedDataset
+from din_ray.data.ids import RawIdError, load_encoders
 from din_ray.data.logs.pipeline import prepare_logs
 from din_ray.data.logs.spec import SpecError, load_spec, parse_spec
 from din_ray.data.logs.split import TimeHistogram
 from din_ray.data.logs.synthetic import write_synthetic_logs
 from din_ray.schema import OOV_ID, PAD_ID
-from din_ray.serve.scoring import RequestError, load_vocabularies
 
 
 def write(path: Path, text: str) -> Path:
@@ -341,18 +341,18 @@ def test_serving_encodes_raw_ids_as_preparation_did(random_run):
     # Serving maps a request's raw ids with the prepared data's vocabularies and the hashing the
     # schema records: every training row's prepared ids must come back from its raw values.
     _, _, raw, ds = random_run
-    encoders = load_vocabularies(ds.root, ds.schema)
+    encoders = load_encoders(ds.root, ds.schema)
     rowid = {v: int(k) for k, v in ds.vocab("rowid").items()}
     cols = ds.read_split("train")
     for i in range(len(cols["label"])):
         r = rowid[int(cols["rowid"][i])]
         item = int(raw["imp"]["item"][r])
-        assert encoders["item"].encode(item, "item") == cols["item"][i]
-        assert encoders["item"].encode(str(item), "item") == cols["item"][i]  # "296" == 296
-        assert encoders["brand"].encode(str(raw["ads"]["brand"][item]), "brand") == \
+        assert encoders["item"].encode(item) == cols["item"][i]
+        assert encoders["item"].encode(str(item)) == cols["item"][i]  # "296" == 296
+        assert encoders["brand"].encode(str(raw["ads"]["brand"][item])) == \
             cols["brand"][i]
-    with pytest.raises(RequestError, match="hashes integer ids"):
-        encoders["item"].encode("not-a-number", "candidates[0].item")
+    with pytest.raises(RawIdError, match="hashes integer ids"):
+        encoders["item"].encode("not-a-number")
 
 
 def test_training_on_prepared_logs_with_one_and_two_workers(random_run, tmp_path):

@@ -13,10 +13,10 @@ import pytest
 
 from din_ray.cli import main as cli_main
 from din_ray.data.format import PreparedDataset
+from din_ray.data.ids import load_encoders
 from din_ray.data.logs.spec import load_spec
 from din_ray.data.logs.taobao import PRICE_BINS, taobao_spec
 from din_ray.schema import OOV_ID, PAD_ID
-from din_ray.serve.scoring import load_vocabularies
 
 RAW_SAMPLE = """
 user,time_stamp,adgroup_id,pid,nonclk,clk
@@ -103,8 +103,8 @@ def test_rows_join_features_and_keep_only_earlier_behaviours(prepared):
     assert train["brand"][second] == OOV_ID
     assert train["price"][second] == 2 + PRICE_BINS.index(100) + 1
     # Serving bins a request's raw price the same way (no vocabulary file for price).
-    price = load_vocabularies(ds.root, ds.schema)["price"]
-    assert price.encode(199.0, "price") == price.encode("199", "price") == train["price"][second]
+    price = load_encoders(ds.root, ds.schema)["price"]
+    assert price.encode(199.0) == price.encode("199") == train["price"][second]
     # The profile of user 581738 joined: final_gender_code 2 and age_level 2 are known ids.
     assert train["age_level"][first] != OOV_ID and train["final_gender_code"][first] != OOV_ID
 

@@ -4,16 +4,16 @@ import numpy as np
 import pytest
 import torch
 
+from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import MiniBatchAware, build_regularizer
 from din_ray.embeddings.tables import (
     EmbeddingTables,
     IdRangeError,
-    RowWiseOptimizer,
+    TableSpec,
     chunk_seed,
     init_rows,
     row_block,
 )
-from din_ray.model.din import TableSpec
 from din_ray.schema import PAD_ID
 
 SPEC = TableSpec("item_id", 10, 3)

@@ -7,6 +7,7 @@ import torch
 from builders import random_columns, tiny_schema, write_tiny_dataset
 
 from din_ray.data.format import PreparedDataset
+from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import (
     LAMBDA_BATCH,
     DiFacto,
@@ -16,8 +17,8 @@ from din_ray.embeddings.regularization import (
     WholeTableL2,
     build_regularizer,
 )
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model.din import ModelConfig, TableSpec, build_model
+from din_ray.embeddings.tables import EmbeddingTables, TableSpec
+from din_ray.model import ModelConfig, build_model
 from din_ray.schema import OOV_ID, PAD_ID
 from din_ray.train.loop import (
     BatchRegularizer,
@@ -209,8 +210,8 @@ def test_decoupled_adam_shrinks_in_proportion_to_lambda_where_coupled_ignores_it
 
 def penalty_against_data(batch_size, world_size, lam=0.5):
     """One SGD step over a global batch of batch_size x world_size samples (what N workers
-    with per-worker batches apply: `tests/embeddings/test_sharding.py` shows N workers equal one on the
-    same global batch) touching rare row 2 (n_2 = 1) once, with the regularizer the training
+    with per-worker batches apply: `tests/embeddings/test_sharding.py` shows N workers equal one
+    on the same global batch) touching rare row 2 (n_2 = 1) once, with the regularizer the training
     loop builds for that world size. -> the row's move from MBA / its move from the data"""
     counts = {"t": np.array([0, 0, 1, 1])}
     global_batch = batch_size * world_size

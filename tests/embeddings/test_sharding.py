@@ -12,8 +12,7 @@ from dist_helpers import lookup_bad_ids, predict_checkpoint, spawn, stitch, trai
 from din_ray.checkpoint import load_model
 from din_ray.data.format import PreparedDataset
 from din_ray.embeddings.sharding import REPLICATED, SHARDED, ShardedEmbeddingTables, plan_tables
-from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.din import TableSpec
+from din_ray.embeddings.tables import EmbeddingTables, TableSpec
 from din_ray.train.loop import forward as model_forward
 from din_ray.train.loop import to_torch
 

@@ -5,8 +5,9 @@ import torch
 from builders import tiny_schema
 
 from din_ray.embeddings.tables import EmbeddingTables
+from din_ray.model import ModelConfig, build_model, model_names
 from din_ray.model.baselines import CROSS_ROWS, WideDeep
-from din_ray.model.din import MLP, ModelConfig, build_model, model_names
+from din_ray.model.layers import MLP
 from din_ray.schema import PAD_ID
 
 MODELS = ("lr", "base", "wide_deep", "pnn", "deepfm", "din")

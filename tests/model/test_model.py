@@ -5,7 +5,8 @@ import torch
 from builders import tiny_schema
 
 from din_ray.embeddings.tables import EmbeddingTables
-from din_ray.model.din import DIN, BaseModel, Dice, ModelConfig, PReLU, TargetAttention, build_model
+from din_ray.model import DIN, BaseModel, ModelConfig, build_model, model_names
+from din_ray.model.layers import Dice, PReLU, TargetAttention
 from din_ray.schema import PAD_ID
 
 # Two users, history length 4: user 0 has 3 behaviours, user 1 has 1 (PAD = 0 after them).
@@ -211,3 +212,82 @@ def test_checkpoints_saved_before_attention_activation_rebuild_as_trained():
     assert ModelConfig.from_dict({"activation": "dice"}).dice_momentum == 0.01
     assert ModelConfig(activation="dice").attention_activation == "prelu"
     assert ModelConfig(activation="prelu", attention_activation="").attention_activation == "prelu"
+
+
+# --- capabilities: the shared-user-side fast path ---------------------------------------------
+class ScaledDIN(DIN):
+    """A DIN whose own pooling doubles the interest: redefines `pool` but not `pool_shared`."""
+
+    def pool(self, query, keys, mask):
+        pooled, weights = super().pool(query, keys, mask)
+        return 2 * pooled, weights
+
+
+class ShiftedInterestDIN(DIN):
+    """A DIN that changes the interest in `user_interest`, a step the fast path replaces."""
+
+    def user_interest(self, emb, batch):
+        pooled, weights = super().user_interest(emb, batch)
+        return pooled + 1.0, weights
+
+
+class DeclaredScaledDIN(ScaledDIN):
+    """Redefines both steps and declares the fast path again: it keeps it."""
+
+    shares_user_side = True
+
+    def pool_shared(self, query, keys, mask, owner):
+        pooled, weights = self.attention.shared(query, keys, mask, owner)
+        return 2 * pooled, weights
+
+
+def fast_path_check(model) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(score_candidates over 2 users x 3 candidates, forward on the repeated batch), or None
+    when the model declares no fast path (serving then runs `forward` itself)."""
+    if not model.shares_user_side:
+        return None
+    torch.manual_seed(1)
+    model.eval()
+    tables = EmbeddingTables(model.table_specs(), init_std=0.5).eval()
+    for p in model.parameters():  # trained-looking weights: the zero logit layer included
+        torch.nn.init.normal_(p, std=0.5)
+    owner = torch.tensor([0, 0, 0, 1, 1, 1])
+    users = {"hist_item_id": HIST_ITEM, "hist_cate_id": HIST_CATE}
+    ads = {"item_id": torch.tensor([7, 11, 3, 5, 9, 2]),
+           "cate_id": torch.tensor([3, 4, 2, 5, 3, 1])}
+    shared = {**users, **ads}
+    repeated = {**{k: v[owner] for k, v in users.items()}, **ads}
+    with torch.no_grad():
+        fast, _ = model.score_candidates(tables.lookup(model.sparse_inputs(shared)), shared, owner)
+        full = model(tables.lookup(model.sparse_inputs(repeated)), repeated)
+    return fast, full
+
+
+@pytest.mark.parametrize("cls", [ScaledDIN, ShiftedInterestDIN])
+def test_a_subclass_that_redefines_a_step_of_forward_has_no_inherited_fast_path(cls):
+    """DIN's fast path pools through `pool_shared`, not `pool` or `user_interest`: a subclass
+    that redefines either alone would be served scores its own `forward` never gives."""
+    model = cls(tiny_schema(items=16, cates=6, max_len=4, dim=3),
+                ModelConfig(attention_hidden=(8, 4), mlp_hidden=(8, 4)))
+    assert not model.shares_user_side
+    with pytest.raises(NotImplementedError, match=cls.__name__):
+        model.score_candidates({}, {}, torch.zeros(0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("cls", [DIN, BaseModel, DeclaredScaledDIN])
+def test_a_declared_fast_path_equals_forward_on_the_repeated_batch(cls):
+    model = cls(tiny_schema(items=16, cates=6, max_len=4, dim=3),
+                ModelConfig(model="base" if cls is BaseModel else "din",
+                            attention_hidden=(8, 4), mlp_hidden=(8, 4)))
+    assert model.shares_user_side
+    fast, full = fast_path_check(model)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_every_registered_model_either_has_no_fast_path_or_one_that_equals_forward(name):
+    model = build_model(tiny_schema(items=16, cates=6, max_len=4, dim=3),
+                        ModelConfig(model=name, attention_hidden=(8, 4), mlp_hidden=(8, 4)))
+    check = fast_path_check(model)
+    if check is not None:
+        torch.testing.assert_close(*check, rtol=1e-5, atol=1e-5)

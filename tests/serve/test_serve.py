@@ -36,9 +36,14 @@ from din_ray.schema import PAD_ID
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from din_ray.cli.serve import load_app_module  # noqa: E402
-
-app = load_app_module()
+from din_ray.serve import app  # noqa: E402
+from din_ray.serve import deploy as serve_deploy  # noqa: E402
+from din_ray.serve.settings import (  # noqa: E402
+    GPU_BATCH_WAIT_S,
+    GPU_MAX_BATCH_SIZE,
+    BatchingConfig,
+    ServeArgs,
+)
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -54,14 +59,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, tmp_path_factory):
+def server(ray_serve_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     run = train_tiny(root, "din")
     port = _free_port()
     args = {"checkpoint": str(run), "max_candidates": 8, "max_body_bytes": 4000,
             "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
     try:
-        app.deploy(app.app_config(args, port=port, user_config={
+        serve_deploy.deploy(serve_deploy.app_config(args, port=port, user_config={
             "max_batch_size": 64, "batch_wait_timeout_s": 0.05}))
         yield {"url": f"http://127.0.0.1:{port}", "run": run, "root": root, "args": args,
                "port": port}
@@ -161,7 +166,7 @@ def test_concurrent_requests_are_merged_into_batches(server):
 
 def test_reconfigure_changes_batch_size_without_restart(server):
     before = _stats(server)
-    app.deploy(app.app_config(server["args"], port=server["port"], user_config={
+    serve_deploy.deploy(serve_deploy.app_config(server["args"], port=server["port"], user_config={
         "max_batch_size": 8, "batch_wait_timeout_s": 0.05}))
     after = _stats(server)
     assert after["max_batch_size"] == 8 and after["batch_wait_timeout_s"] == 0.05
@@ -174,7 +179,7 @@ def test_reconfigure_changes_batch_size_without_restart(server):
     # A request larger than the batch size is still served, alone and unsplit.
     big = payloads(server["root"] / "data", 1, candidates=8)[0]
     assert len(_post(server, big).json()["scores"]) == 8
-    app.deploy(app.app_config(server["args"], port=server["port"], user_config={
+    serve_deploy.deploy(serve_deploy.app_config(server["args"], port=server["port"], user_config={
         "max_batch_size": 1, "batch_wait_timeout_s": 0.0}))
     asyncio.run(_burst(server["url"], payloads(server["root"] / "data", 8, candidates=3)))
     stats = _stats(server)
@@ -225,13 +230,13 @@ def test_ray_data_predictions_equal_in_process(server, predicted, tmp_path):
 @pytest.fixture(scope="module")
 def deepfm_url(server, predicted) -> str:
     """A second application on the running Serve instance: DeepFM under /deepfm."""
-    config = app.app_config(server["args"], port=server["port"], user_config={
+    config = serve_deploy.app_config(server["args"], port=server["port"], user_config={
         "max_batch_size": 64, "batch_wait_timeout_s": 0.05})
     din_app = config["applications"][0]
     config["applications"].append({
         **din_app, "name": "deepfm", "route_prefix": "/deepfm",
         "args": {**din_app["args"], "checkpoint": str(predicted["deepfm"][0])}})
-    app.deploy(config)
+    serve_deploy.deploy(config)
     return f"{server['url']}/deepfm"
 
 
@@ -262,20 +267,24 @@ def test_served_ctrs_equal_offline_predictions(server, predicted, deepfm_url, mo
 
 def test_config_yaml_and_cli_config_are_valid_serve_configs(tmp_path):
     import argparse
+    from importlib import import_module
 
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
     from din_ray.cli import serve as serve_cli
+    from din_ray.resources import SERVE_CONFIG, resource_path
 
-    repo = Path(__file__).resolve().parents[2]
-    raw = yaml.safe_load((repo / "serve" / "config.yaml").read_text())
-    config = ServeDeploySchema.model_validate(raw)
+    packaged = resource_path(SERVE_CONFIG)
+    repo_copy = Path(__file__).resolve().parents[2] / "serve" / "config.yaml"
+    assert repo_copy.read_text() == packaged.read_text(), "serve/config.yaml: copy the packaged one"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(packaged.read_text()))
     (din,) = config.applications
-    assert din.import_path == "din_ray.cli.serve:build_app"
-    assert serve_cli.build_app  # the import target exists
+    assert din.import_path == "din_ray.serve.app:build_app"
+    module, name = din.import_path.split(":")
+    assert getattr(import_module(module), name) is app.build_app
+    ServeArgs.model_validate(din.args)  # what Serve does with a typed builder's args
     (deployment,) = din.deployments
-    assert deployment.max_ongoing_requests >= deployment.user_config["max_batch_size"]
     assert deployment.autoscaling_config["max_replicas"] > 1
 
     parser = argparse.ArgumentParser()
@@ -288,18 +297,27 @@ def test_config_yaml_and_cli_config_are_valid_serve_configs(tmp_path):
     assert deployment.user_config == {"max_batch_size": 2048, "batch_wait_timeout_s": 0.005}
     assert built.http_options.host == "127.0.0.1"
     assert built.applications[0].args["max_ongoing_requests"] == 2048
+    # The CLI's defaults are ServeArgs' (one place): unset flags leave them.
+    defaults = ServeArgs(checkpoint=str(tmp_path))
+    default_args = serve_cli.serve_args(parser.parse_args(["serve", "--checkpoint",
+                                                          str(tmp_path)]), tmp_path)
+    assert default_args == defaults
 
     # --gpus-per-replica: GPUs reserved per replica and the GPU batching defaults.
     args = parser.parse_args(["serve", "--checkpoint", str(tmp_path), "--gpus-per-replica", "1"])
     gpu_app = serve_cli.app_config(args, tmp_path)["applications"][0]
     assert gpu_app["args"]["gpus_per_replica"] == 1
     assert gpu_app["deployments"][0]["user_config"] == {
-        "max_batch_size": app.GPU_MAX_BATCH_SIZE, "batch_wait_timeout_s": app.GPU_BATCH_WAIT_S}
+        "max_batch_size": GPU_MAX_BATCH_SIZE, "batch_wait_timeout_s": GPU_BATCH_WAIT_S}
     assert app._actor_options(1)["num_gpus"] == 1 and "num_gpus" not in app._actor_options(0)
-    with pytest.raises(ValueError, match="unknown build_app arguments"):
+    with pytest.raises(ValueError, match="max_batch\n  Extra inputs are not permitted"):
         app.build_app({"checkpoint": str(tmp_path), "max_batch": 3})
     with pytest.raises(ValueError, match="unknown user_config keys"):
-        app.BatchingConfig.from_dict({"max_batch_size": 8, "wait": 1})
+        BatchingConfig.from_dict({"max_batch_size": 8, "wait": 1})
+    # Strings (`serve run ... key=value`) are converted by the typed builder's model.
+    assert ServeArgs.model_validate({"checkpoint": "x", "max_batch_size": "512",
+                                     "gpus_per_replica": "1"}).batching() == BatchingConfig(
+        max_batch_size=512, batch_wait_timeout_s=GPU_BATCH_WAIT_S)
 
 
 def test_every_endpoint_but_healthz_needs_the_token(server):
@@ -381,6 +399,7 @@ def test_binding_beyond_loopback_needs_a_token_or_insecure(tmp_path):
                                   environ={"DIN_RAY_SERVE_TOKEN": TOKEN}) == TOKEN
     with pytest.raises(ValueError, match="token_sha256 must be"):
         app.build_app({"checkpoint": str(tmp_path), "token_sha256": "abc"})
+    assert ServeArgs(checkpoint="x", token_sha256=digest.upper()).token_sha256 == digest
 
 
 async def _stream(url: str, bodies: list[dict], stop: asyncio.Event, limit: int,
@@ -411,14 +430,15 @@ def test_swap_to_a_promoted_checkpoint_under_load_fails_no_request(server):
     new = checkpoint_version(new_run / "checkpoint")
     assert new != old
     bodies = payloads(server["root"] / "data", 16, candidates=4, seed=11)
-    config = app.app_config(server["args"], port=server["port"], user_config={
+    config = serve_deploy.app_config(server["args"], port=server["port"], user_config={
         "max_batch_size": 64, "batch_wait_timeout_s": 0.01})
 
     async def swap_during_stream() -> list[tuple[int, str | None]]:
         stop = asyncio.Event()
         stream = asyncio.create_task(_stream(server["url"], bodies, stop, limit=1500))
         await asyncio.sleep(1.0)  # requests flowing before the swap
-        await asyncio.to_thread(app.deploy, app.with_checkpoint(config, new_run))
+        await asyncio.to_thread(serve_deploy.deploy,
+                                serve_deploy.with_checkpoint(config, new_run))
         await asyncio.sleep(1.0)  # and after it
         stop.set()
         return await stream
@@ -434,5 +454,46 @@ def test_swap_to_a_promoted_checkpoint_under_load_fails_no_request(server):
     offline, _ = offline_scores(new_run / "checkpoint", bodies[0])
     np.testing.assert_allclose(_post(server, bodies[0]).json()["scores"], offline, atol=1e-5)
     # Back to the built checkpoint, as the rest of the module expects.
-    app.deploy(config)
+    serve_deploy.deploy(config)
     assert _model_info(server)["model"]["version"] == old
+
+
+def test_deploys_send_rays_token_where_ray_looks_for_it(tmp_path, monkeypatch):
+    """The Serve REST API of a cluster with token authentication needs Ray's token: taken from
+    $RAY_AUTH_TOKEN, else $RAY_AUTH_TOKEN_PATH's file, else ~/.ray/auth_token; none when
+    RAY_AUTH_MODE=disabled or no token exists."""
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert serve_deploy._ray_auth_header() == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("home-token\n")
+    assert serve_deploy._ray_auth_header() == {"Authorization": "Bearer home-token"}
+    (tmp_path / "file").write_text("path-token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "file"))
+    assert serve_deploy._ray_auth_header() == {"Authorization": "Bearer path-token"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
+    assert serve_deploy._ray_auth_header() == {"Authorization": "Bearer env-token"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert serve_deploy._ray_auth_header() == {}
+
+
+def test_finding_the_dashboard_keeps_the_callers_sigterm_handler(server):
+    """`din-ray serve` stops on SIGTERM through its own handler; asking ray.init for the
+    dashboard (a Ray connected by other code) must not put back Ray's, which exits at once."""
+    import signal
+
+    from din_ray import ray_session
+
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    remembered = dict(ray_session._dashboard)
+    try:
+        ray_session._dashboard.clear()  # as if other code had connected this process
+        assert ray_session.dashboard_url().startswith("http://127.0.0.1:")
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ray_session._dashboard.update(remembered)

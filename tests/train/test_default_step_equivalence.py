@@ -15,9 +15,10 @@ import copy
 import numpy as np
 import torch
 
+from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import build_regularizer
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model.din import build_model
+from din_ray.embeddings.tables import EmbeddingTables
+from din_ray.model import build_model
 from din_ray.schema import PAD_ID
 from din_ray.train.loop import TrainConfig, dense_adam, to_torch, train_step
 from tests.builders import random_columns, tiny_schema

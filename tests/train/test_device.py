@@ -24,10 +24,12 @@ from builders import random_columns, tiny_schema, write_tiny_dataset
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
+from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.regularization import MiniBatchAware
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer
-from din_ray.model.din import ModelConfig, build_model
-from din_ray.serve.scoring import ParsedRequest, Scorer
+from din_ray.embeddings.tables import EmbeddingTables
+from din_ray.model import ModelConfig, build_model
+from din_ray.serve.request import ParsedRequest
+from din_ray.serve.scoring import Scorer
 from din_ray.train.loop import TrainConfig, run_local, to_torch, train_step
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -13,16 +13,8 @@ import copy
 import pytest
 import torch
 
-from din_ray.embeddings.tables import EmbeddingTables, unique_ids
-from din_ray.model.din import (
-    MLP,
-    Dice,
-    PReLU,
-    TableSpec,
-    TargetAttention,
-    _activate_inplace,
-    gather_rows,
-)
+from din_ray.embeddings.tables import EmbeddingTables, TableSpec, gather_rows, unique_ids
+from din_ray.model.layers import MLP, Dice, PReLU, TargetAttention, _activate_inplace
 from din_ray.schema import PAD_ID
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}

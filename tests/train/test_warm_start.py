@@ -12,8 +12,9 @@ from builders import random_columns, tiny_schema
 
 from din_ray.checkpoint import Checkpoint, CheckpointError
 from din_ray.data.format import DatasetWriter, PreparedDataset
-from din_ray.embeddings.tables import EmbeddingTables, RowWiseOptimizer, init_rows
-from din_ray.model.din import build_model
+from din_ray.embeddings.optim import RowWiseOptimizer
+from din_ray.embeddings.tables import EmbeddingTables, init_rows
+from din_ray.model import build_model
 from din_ray.train.loop import TrainConfig, run_local
 from din_ray.train.warm_start import init_from_checkpoint
 

@@ -21,6 +21,7 @@ from builders import write_tiny_dataset
 
 from din_ray.checkpoint import load_model
 from din_ray.data.format import PreparedDataset, iter_numpy_batches
+from din_ray.resources import tune_space_path
 from din_ray.serve.scoring import resolve_checkpoint
 from din_ray.train.loop import TrainConfig, forward, run_local, to_torch
 from din_ray.tune.run import TuneSettings, run_tune, write_outputs
@@ -31,7 +32,7 @@ ray = pytest.importorskip("ray")
 # Each search takes 4-7 min on 2 quiet cores; allow a loaded CI machine more than the default.
 pytestmark = pytest.mark.timeout(1800)
 
-SPACE = Path(__file__).resolve().parents[2] / "tune_spaces" / "default.yaml"
+SPACE = tune_space_path("default")
 
 
 @pytest.fixture(scope="module")

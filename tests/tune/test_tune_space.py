@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
+from din_ray.resources import resource_path, tune_space_names
 from din_ray.train.loop import TrainConfig
-from din_ray.tune.run import concurrent_trials, default_point
+from din_ray.tune.run import TuneSettings, concurrent_trials, default_point
 from din_ray.tune.space import SpaceError, load_space, parse_space
 
-SPACES = Path(__file__).resolve().parents[2] / "tune_spaces"
+SPACES = resource_path("tune_spaces")
 
 
 def test_default_space_is_the_papers_search():
@@ -24,6 +23,15 @@ def test_default_space_is_the_papers_search():
     # The untuned defaults lie inside it, so the default trial is evaluated.
     assert default_point(space, TrainConfig(data="x")) == {"lam": 0.01, "lr": 1e-3,
                                                             "activation": "dice"}
+
+
+def test_packaged_spaces_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing relative to the checkout or the working directory
+    assert tune_space_names() == ["default", "extended"]
+    assert load_space("default") == load_space(SPACES / "default.yaml")
+    assert load_space(TuneSettings(output="-").space) == load_space("default")
+    with pytest.raises(SpaceError, match="not found"):
+        load_space("no-such-space")
 
 
 def test_every_bundled_space_loads_and_samples_valid_configs():
@@ -110,7 +118,9 @@ def test_missing_and_unparsable_files(tmp_path):
 
 
 def test_concurrency_follows_cluster_cpus():
-    assert concurrent_trials(8, workers=1, cpus_per_worker=1.0) == 3
+    # 1-worker trials run in the trial's process: no read tasks, no Train controller.
+    assert concurrent_trials(8, workers=1, cpus_per_worker=1.0) == 8
+    assert concurrent_trials(8, workers=1, cpus_per_worker=3.0) == 2
     assert concurrent_trials(8, workers=2, cpus_per_worker=1.0) == 2
     assert concurrent_trials(2, workers=2, cpus_per_worker=1.0) == 1
     assert concurrent_trials(16, workers=2, cpus_per_worker=0.5) == 7
