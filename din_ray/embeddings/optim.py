@@ -70,7 +70,9 @@ class RowWiseOptimizer:
             start, _ = self.tables.blocks[table]
             local = ids - start
             weight = self.tables.weight(table)
-            rows = weight[local]
+            # ids are unique: index_select / index_copy_ read and write the rows (cheaper on
+            # CPU than advanced indexing and index_put_, whose accumulate path they need not).
+            rows = weight.index_select(0, local)
             penalty = regularizer.penalty(table, ids, rows) if regularizer is not None else None
             if penalty is not None and self.reg_form == "coupled":
                 grad = grad + penalty
@@ -79,16 +81,18 @@ class RowWiseOptimizer:
             else:
                 b1, b2 = self.betas
                 st = self.state[table]
-                m = st["exp_avg"][local].mul_(b1).add_(grad, alpha=1 - b1)
-                v = st["exp_avg_sq"][local].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                st["exp_avg"][local], st["exp_avg_sq"][local] = m, v
+                m = st["exp_avg"].index_select(0, local).mul_(b1).add_(grad, alpha=1 - b1)
+                v = (st["exp_avg_sq"].index_select(0, local).mul_(b2)
+                     .addcmul_(grad, grad, value=1 - b2))
+                st["exp_avg"].index_copy_(0, local, m)
+                st["exp_avg_sq"].index_copy_(0, local, v)
                 bc1 = 1 - b1 ** self.step_count
                 bc2 = 1 - b2 ** self.step_count
                 denom = (v / bc2).sqrt_().add_(self.eps)
-                new = rows - (self.lr / bc1) * m / denom
+                new = torch.addcdiv(rows, m, denom, value=-self.lr / bc1)  # one pass, not three
             if penalty is not None and self.reg_form == "decoupled":
-                new = new - self.lr * penalty
-            weight[local] = new
+                new = new.add_(penalty, alpha=-self.lr)  # in place: `new` is this step's own
+            weight.index_copy_(0, local, new)
 
     def _every_row(self, gradients: dict[str, tuple[Tensor, Tensor]]
                    ) -> dict[str, tuple[Tensor, Tensor]]:

@@ -227,12 +227,13 @@ class EmbeddingTables(torch.nn.Module):
             vectors = self._fetch(table, unique)  # (U, dim)
             dim = self.specs[table].dim
             gathered = gather_rows(vectors, inverse)  # (sum of request sizes, dim)
-            offset = 0
-            for k in keys:
-                ids = requests[k][1]
+            # One split, not a slice per request: the backward of each slice writes its
+            # gradient into a zero tensor of the whole gathered size, and those are summed;
+            # a split's backward concatenates the parts once.
+            parts = gathered.split([requests[k][1].numel() for k in keys])
+            for k, part in zip(keys, parts):
                 # (explicit width: an empty batch, S = (0, ...), cannot infer -1)
-                out[k] = gathered[offset:offset + ids.numel()].reshape(*ids.shape, dim)
-                offset += ids.numel()
+                out[k] = part.reshape(*requests[k][1].shape, dim)
         return out
 
     def _check_ids(self, flats: dict[str, Tensor], keys: dict[str, list[str]],

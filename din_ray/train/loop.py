@@ -121,6 +121,19 @@ class EpochReporter:
         env.report(metrics, lambda d, m=metrics: self.write_checkpoint(d, m))
 
 
+def dense_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+    """Adam over the dense parameters, with torch's fused kernel where the device has one.
+
+    The same update as the default (foreach) Adam up to float rounding, and the same state
+    (checkpoints load either way). At batch 256 the default one cost 0.5-0.8 ms a step on this
+    machine's CPU (per-parameter bias corrections read on the host), the fused one 0.1 ms
+    (benchmarks/train_default.py)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except RuntimeError:  # no fused Adam for these parameters' device or dtype
+        return torch.optim.Adam(params, lr=lr)
+
+
 def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
     """Train on this worker; returns the final metrics (identical on every worker).
 
@@ -139,7 +152,7 @@ def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     dense_opt = None
     if params:
-        dense_opt = (torch.optim.Adam(params, lr=cfg.optim.lr) if cfg.optim.optimizer == "adam"
+        dense_opt = (dense_adam(params, cfg.optim.lr) if cfg.optim.optimizer == "adam"
                      else torch.optim.SGD(params, lr=cfg.optim.lr))
     sparse_opt = RowWiseOptimizer(tables, cfg.optim.optimizer, lr=cfg.optim.sparse_rate(),
                                   reg_form=cfg.regularization.reg_form,
