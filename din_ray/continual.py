@@ -165,7 +165,7 @@ def promote(output: Path, day: str, decision: Decision, state: dict) -> Path:
         shutil.copytree(decision.candidate.checkpoint, tmp, dirs_exist_ok=True)
         Checkpoint.open(tmp)  # complete and readable before it can become the champion
     evaluation = asdict(decision.candidate) | {"checkpoint": str(final)}
-    atomic.write_text(output / STATE, json.dumps({**state, "champion": evaluation}, indent=2) + "\n")
+    atomic.write_json(output / STATE, {**state, "champion": evaluation})
     return final
 
 

@@ -22,7 +22,8 @@ Per worker (`RayEnv`):
     and evaluated in lockstep (an exhausted worker feeds empty batches until every worker is
     done), so the metrics over the gathered predictions are exactly the single-process values;
   * dense layers: `ray.train.torch.prepare_model` (DDP);
-  * embeddings: `din_ray.embeddings.sharding.ShardedEmbeddingTables` on a process group of their own;
+  * embeddings: `din_ray.embeddings.sharding.ShardedEmbeddingTables` on a process group of
+    their own;
   * checkpoints: every worker writes its row blocks, rank 0 the dense state and the manifest
     (last), into one local directory per worker; `ray.train.report(..., checkpoint=...)` uploads
     and merges them into one checkpoint `epoch-NNNN` under `storage_path/run_name`.

@@ -402,4 +402,5 @@ def _report_earlier_epochs(run_dir: str) -> None:
         return  # a first start, or killed before its first checkpoint
     for row in history:
         kept = f"epoch-{int(row['epoch']):04d}"  # Train keeps the best and the latest epochs
-        tune.report({**row, "checkpoint_path": storage_join(run_dir, kept) if kept in epochs else None})
+        path = storage_join(run_dir, kept) if kept in epochs else None
+        tune.report({**row, "checkpoint_path": path})

@@ -114,7 +114,8 @@ def test_two_worker_trials_run_one_after_another(ray_tune_cluster, data, tmp_pat
     # One trial at a time: each one's two workers must give their CPUs back (also when ASHA
     # stops it) before the next can start, or this search never finishes.
     settings = TuneSettings(output=str(tmp_path / "tune2"), space=str(SPACE), trials=2,
-                            workers_per_trial=2, max_concurrent=1, reduction_factor=2, sampler_seed=1)
+                            workers_per_trial=2, max_concurrent=1, reduction_factor=2,
+                            sampler_seed=1)
     cfg = small_config(data).replace(epochs=2, cpus_per_worker=0.5)
     result = run_tune(settings, cfg)
     trials = pd.read_csv(Path(settings.output) / "trials.csv")

@@ -44,8 +44,8 @@ def test_in_process_trial_trains_as_local_and_stopped_trials_free_their_cpus(
     # One trial at a time on 1 CPU: a trial ASHA stops must give its CPU back, or the search
     # never finishes; with no dashboard (see din_ray.ray_session) nothing else releases it.
     settings = TuneSettings(output=str(tmp_path / "tune"), space=str(SPACE), trials=4,
-                            workers_per_trial=1, max_concurrent=1, reduction_factor=2, sampler_seed=0,
-                            num_cpus=1)
+                            workers_per_trial=1, max_concurrent=1, reduction_factor=2,
+                            sampler_seed=0, num_cpus=1)
     run_tune(settings, base)
     assert not ray.is_initialized()  # run_tune started its own Ray and stopped it
     trials = pd.read_csv(Path(settings.output) / "trials.csv")
