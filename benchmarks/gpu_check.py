@@ -8,8 +8,8 @@ Sections (all by default; `--sections` picks some):
   tests       the GPU-marked tests (`pytest -m gpu tests/train/test_device.py`), in a subprocess;
   ray_losses  a 1-worker `TorchTrainer` run (`din_ray.train.distributed.run_ray`) with
               use_gpu=True on a small synthetic set, and the same run on a CPU worker: their
-              first 50 per-step losses (fp32) must agree within --loss-tol (TF32 matmuls and GPU reduction order
-              make them differ in the last digits, not more);
+              first 50 per-step losses (fp32) must agree within --loss-tol (TF32 matmuls and
+              GPU reduction order make them differ in the last digits, not more);
   throughput  training samples/s of the device-aware step (`din_ray.train.loop.train_step`: host
               batch -> pinned copy -> lookup, DIN, dense Adam, row-wise Adam) at batch 8k, 32k
               and 64k, fp32 and bf16, at the benchmark's architecture (history 50, embedding 16
