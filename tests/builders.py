@@ -47,3 +47,19 @@ def write_tiny_dataset(path: Path, rows: int = 600, seed: int = 0, **schema_args
                 w.write(split, {k: v[lo:lo + max(n // 4, 1)] for k, v in cols.items()})
         w.add_vocab("item_id", [f"i{k}" for k in range(schema.tables["item_id"][0])])
     return path
+
+
+# The small network every training test uses: 4-wide embeddings, attention 8-4, MLP 16-8,
+# batch 64, one epoch, no early stopping. A test states only what it changes.
+TINY_TRAINING = dict(epochs=1, batch_size=64, embedding_dim=4, attention_hidden=(8, 4),
+                     mlp_hidden=(16, 8), patience=0)
+
+
+def tiny_config(data: str | Path, output: str | Path | None = None, **overrides):
+    """A TrainConfig of the tiny network on `data` (writing to `output`), `overrides` on top
+    (flat knob names, as `din-ray train`'s flags)."""
+    from din_ray.config import TrainConfig
+
+    paths = {"data": str(data), **({"output": str(output)} if output is not None else {})}
+    return TrainConfig.create(**{**TINY_TRAINING, **paths, **overrides})
+

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from builders import write_tiny_dataset
+from builders import tiny_config, write_tiny_dataset
 
 from din_ray.checkpoint import MANIFEST, Checkpoint, CheckpointError
 from din_ray.config import TrainConfig
@@ -24,9 +24,7 @@ def data(tmp_path_factory):
 
 
 def config(data, out, **kw) -> TrainConfig:
-    base = dict(data=str(data), output=str(out), epochs=1, batch_size=64, embedding_dim=4,
-                attention_hidden=(8, 4), mlp_hidden=(16, 8), patience=0)
-    return TrainConfig.create(**{**base, **kw})
+    return tiny_config(data, out, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from builders import tiny_config
 
 from din_ray.data.format import DataError, PreparedDataset
 from din_ray.data.ids import RawIdError, load_encoders
@@ -356,16 +357,14 @@ def test_serving_encodes_raw_ids_as_preparation_did(random_run):
 
 
 def test_training_on_prepared_logs_with_one_and_two_workers(random_run, tmp_path):
-    from din_ray.config import TrainConfig
     from din_ray.train.distributed import run_ray
     from din_ray.train.local import run_local
 
     root = random_run[0]
-    common = dict(data=str(root / "out"), epochs=1, batch_size=32, embedding_dim=4,
-                  attention_hidden=(8, 4), mlp_hidden=(16, 8), patience=0, threads=1)
-    one = run_local(TrainConfig.create(output=str(tmp_path / "one"), **common))
-    two = run_ray(TrainConfig.create(output=str(tmp_path / "two"), workers=2, replicate_below=20,
-                                     **common))
+    common = dict(batch_size=32, threads=1)
+    one = run_local(tiny_config(root / "out", tmp_path / "one", **common))
+    two = run_ray(tiny_config(root / "out", tmp_path / "two", workers=2, replicate_below=20,
+                              **common))
     for result in (one, two):
         assert np.isfinite(result["history"][0]["train_loss"])
         assert 0.0 <= result["auc"] <= 1.0

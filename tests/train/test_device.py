@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import random_columns, tiny_schema, write_tiny_dataset
+from builders import random_columns, tiny_config, tiny_schema, write_tiny_dataset
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -122,10 +122,7 @@ def _train(tmp_path: Path, precision: str) -> dict:
     data = tmp_path / "data"
     if not data.exists():
         write_tiny_dataset(data, rows=512)
-    cfg = TrainConfig.create(data=str(data), output=str(tmp_path / precision), epochs=1,
-                             batch_size=64,
-                      embedding_dim=4, attention_hidden=(8, 4), mlp_hidden=(16, 8),
-                      precision=precision)
+    cfg = tiny_config(data, tmp_path / precision, precision=precision)
     return run_local(cfg)
 
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from builders import write_tiny_dataset
+from builders import tiny_config, write_tiny_dataset
 
 from din_ray import checkpoint as ckpt
 from din_ray.cli import main as cli_main
@@ -36,11 +36,8 @@ def data(tmp_path_factory):
 
 
 def small_config(data: Path, output: Path, **overrides) -> TrainConfig:
-    values = dict(data=str(data), output=str(output), workers=2, epochs=2, batch_size=64,
-                  embedding_dim=4, attention_hidden=(8, 4), mlp_hidden=(16, 8), patience=0,
-                  replicate_below=50, max_failures=1)
-    values.update(overrides)
-    return TrainConfig.create(**values)
+    return tiny_config(data, output, **{"workers": 2, "epochs": 2, "replicate_below": 50,
+                                        "max_failures": 1, **overrides})
 
 
 # First in the file: it checks that no Ray was started, which holds only before the module's

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from builders import write_tiny_dataset
+from builders import tiny_config, write_tiny_dataset
 from dist_helpers import spawn, train_loop_gloo
 
 from din_ray.checkpoint import (
@@ -30,9 +30,7 @@ def data(tmp_path_factory):
 
 
 def config(data, out, **kw):
-    base = dict(data=str(data), output=str(out), epochs=2, batch_size=64, embedding_dim=4,
-                attention_hidden=(8, 4), mlp_hidden=(16, 8), patience=0)
-    return TrainConfig.create(**{**base, **kw})
+    return tiny_config(data, out, **{"epochs": 2, **kw})
 
 
 @pytest.mark.parametrize("train_dim, expected", [(0, 6), (3, 3)])

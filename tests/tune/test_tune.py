@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from builders import write_tiny_dataset
+from builders import tiny_config, write_tiny_dataset
 
 from din_ray.checkpoint import load_model, resolve_checkpoint
 from din_ray.config import TrainConfig
@@ -43,8 +43,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def small_config(data: Path) -> TrainConfig:
-    return TrainConfig.create(data=str(data), epochs=3, patience=0, embedding_dim=4,
-                       attention_hidden=(8, 4), mlp_hidden=(16, 8), batch_size=64, threads=1)
+    return tiny_config(data, epochs=3, threads=1)
 
 
 def wait_for_released_placement_groups(timeout_s: float = 120.0) -> list[str]:

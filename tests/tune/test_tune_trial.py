@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from builders import write_tiny_dataset
+from builders import tiny_config, write_tiny_dataset
 
 from din_ray import checkpoint as ckpt
-from din_ray.config import TrainConfig
 from din_ray.train.local import run_local
 from din_ray.tune.run import TuneSettings, run_tune
 
@@ -38,9 +37,7 @@ def own_ray_tmpdir(monkeypatch):
 def test_in_process_trial_trains_as_local_and_stopped_trials_free_their_cpus(
         own_ray_tmpdir, tmp_path):
     data = write_tiny_dataset(tmp_path / "data", rows=600, seed=0)
-    base = TrainConfig.create(data=str(data), epochs=3, patience=0, embedding_dim=4,
-                              attention_hidden=(8, 4), mlp_hidden=(16, 8), batch_size=64,
-                              threads=1)
+    base = tiny_config(data, epochs=3, threads=1)
     # One trial at a time on 1 CPU: a trial ASHA stops must give its CPU back, or the search
     # never finishes; with no dashboard (see din_ray.ray_session) nothing else releases it.
     settings = TuneSettings(output=str(tmp_path / "tune"), space=str(SPACE), trials=4,
