@@ -31,7 +31,7 @@ from din_ray import checkpoint as ckpt
 from din_ray.checkpoint import load_model, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-SPACE = REPO / "tune_spaces" / "default.yaml"
+SPACE = "default"  # the packaged space
 TRIALS = 3
 EPOCHS = 2
 # Tiny model, one worker per trial, one trial at a time: the point is the resume, not the fit.
