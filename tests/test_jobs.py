@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray_processes
 from builders import write_tiny_dataset
 from serve_helpers import offline_scores, payloads
 
@@ -213,28 +214,8 @@ class LocalCluster:
         raylet spawned), any naming the cluster's temp dir on its command line, and their
         descendants (a job's driver runs in a session of its own, started by the job's
         supervisor)."""
-        parents, ours = {}, set()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-            except OSError:
-                continue  # gone already, or not ours to read
-            pid, fields = int(entry.name), stat.rsplit(")", 1)[1].split()
-            parents[pid] = int(fields[1])
-            if (self.proc is not None and int(fields[4]) == self.proc.pid) or (
-                    self.temp_dir and self.temp_dir in cmdline):
-                ours.add(pid)
-        for pid in parents:
-            chain, p = [], pid
-            while p in parents and p not in ours and p > 1 and len(chain) < 64:
-                chain.append(p)
-                p = parents[p]
-            if p in ours:
-                ours.update(chain)
-        return sorted(ours)
+        return ray_processes.processes(self.temp_dir or "\0",  # "\0": no command line has it
+                                       self.proc.pid if self.proc is not None else None)
 
     def stop(self) -> list[int]:
         """SIGTERM the head (it takes its processes down), then whatever of the cluster is

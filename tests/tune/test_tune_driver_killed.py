@@ -12,6 +12,7 @@ the outputs once, each epoch reported once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -123,8 +124,15 @@ def wait_until(done, driver: subprocess.Popen, log_path: Path, poll_s: float) ->
 
 
 def kill_driver(driver: subprocess.Popen, temp_dir: str) -> None:
-    """SIGKILL the driver, then stop the Ray processes it leaves behind (only its own)."""
+    """SIGKILL the driver and, in the same instant, the local Ray it started (only its own), as
+    when the driver's machine dies: a trial trains in a Ray worker process, and one left
+    running while the driver is gone would finish the epoch it is in (an in-process trial's
+    epoch of this data is shorter than a graceful stop)."""
+    pids = ray_processes.processes(temp_dir, session_id=driver.pid)
     driver.send_signal(signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     driver.wait(timeout=30)
     left = ray_processes.stop(temp_dir, session_id=driver.pid)
     assert not left, f"processes of the killed driver's Ray still running: {left}"
