@@ -13,8 +13,9 @@ Starts a local Ray cluster with the Serve app (one replica, access log off), the
     its growth from the first sample after warm-up to the last.
   * --kill-replica: the same load for --kill-seconds; after --kill-at seconds the replica's
     process (its PID from Ray's state API) gets SIGKILL. Serve starts a replacement. Reported:
-    requests answered with an error or timed out (none may hang: the client time-out bounds
-    them), seconds from the kill to the first success and to the last failure, and whether the
+    requests answered with an error or timed out (none may hang: the HTTP proxy answers 408
+    past `REQUEST_TIMEOUT_S`, set by `app_config`, and the client time-out bounds the rest),
+    seconds from the kill to the first success and to the last failure, and whether the
     replacement (a new PID) returns exactly the scores the killed replica gave for a fixed
     request.
 
@@ -109,10 +110,14 @@ def rss_mb(pid: int) -> float | None:
 
 def serve_pids() -> dict[str, int]:
     """PIDs of the live CTRServer replica and HTTP proxy, from Ray's state API."""
+    import ray
     from ray.util.state import list_actors
 
     out = {}
-    for a in list_actors(filters=[("state", "=", "ALIVE")]):
+    # This script's cluster by its address: with none, the state API refuses to choose when
+    # other Ray clusters run on the machine.
+    address = ray.get_runtime_context().gcs_address
+    for a in list_actors(address=address, filters=[("state", "=", "ALIVE")]):
         if a.class_name.endswith("CTRServer") and a.pid:
             out["replica"] = a.pid
         elif a.class_name == "ProxyActor" and a.pid:
@@ -247,6 +252,7 @@ def server_main(args: argparse.Namespace) -> int:
 
     from din_ray.checkpoint import resolve_checkpoint
     from din_ray.serve.deploy import app_config, deploy
+    from din_ray.serve.settings import REQUEST_TIMEOUT_S
 
     checkpoint = resolve_checkpoint(args.checkpoint).resolve()
     work = Path(tempfile.mkdtemp(prefix="serve-soak-"))
@@ -291,6 +297,7 @@ def server_main(args: argparse.Namespace) -> int:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "checkpoint": str(checkpoint), "concurrency": args.concurrency,
         "candidates": args.candidates, "client_timeout_s": args.timeout_s,
+        "proxy_request_timeout_s": REQUEST_TIMEOUT_S,  # app_config's http_options default
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "loadavg_before": [round(x, 1) for x in load_before],
                     "loadavg_after": [round(x, 1) for x in os.getloadavg()]},

@@ -21,7 +21,7 @@ from ray.serve.schema import ServeDeploySchema
 from din_ray.cli import build_parser
 from din_ray.serve import app as serve_app
 from din_ray.serve.access import TOKEN_ENV, is_loopback
-from din_ray.serve.settings import BatchingConfig, ServeArgs
+from din_ray.serve.settings import REQUEST_TIMEOUT_S, BatchingConfig, ServeArgs
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster.yaml"
@@ -167,6 +167,7 @@ def test_rayservice_serve_config_is_a_serve_config():
     config = yaml.safe_load(spec["serveConfigV2"])
     schema = ServeDeploySchema.model_validate(config)
     assert schema.http_options.host == "0.0.0.0"  # KubeRay's Service reaches the proxies
+    assert schema.http_options.request_timeout_s == REQUEST_TIMEOUT_S  # an error, never a hang
     (app,) = schema.applications
     assert app.import_path == "din_ray.serve.app:build_app"
     ServeArgs.model_validate(app.args)  # what Serve does with the typed builder's args

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from din_ray.checkpoint import resolve_checkpoint
 from din_ray.serve.access import TOKEN_ENV, access_token, is_loopback  # noqa: F401 (API)
-from din_ray.serve.settings import ServeArgs
+from din_ray.serve.settings import REQUEST_TIMEOUT_S, ServeArgs
 
 # Command-line flag -> (ServeArgs field, type); the flags' defaults and help are the fields'.
 FLAGS = {"--max-batch-size": ("max_batch_size", int), "--batch-wait-ms": ("batch_wait_ms", float),
@@ -48,7 +48,7 @@ def app_config(args: argparse.Namespace, checkpoint: Path) -> dict:
     from din_ray.serve.deploy import app_config as config_for
 
     return config_for(serve_args(args, checkpoint), host=args.host, port=args.port,
-                      access_log=args.access_log)
+                      access_log=args.access_log, request_timeout_s=args.request_timeout_s)
 
 
 def _stop(signum, frame) -> None:
@@ -88,6 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint, train output (checkpoint/) or tune output (best.json)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--request-timeout-s", type=float, default=REQUEST_TIMEOUT_S,
+                   help="the HTTP proxy answers a request not done in this time with 408 "
+                        f"instead of holding it (default {REQUEST_TIMEOUT_S:g})")
     for flag, (field, kind) in FLAGS.items():
         info = ServeArgs.model_fields[field]
         p.add_argument(flag, dest=field, type=kind, default=info.default,

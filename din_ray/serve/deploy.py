@@ -26,7 +26,7 @@ from pathlib import Path
 
 from din_ray.ray_session import dashboard_url
 from din_ray.serve.scoring import resolve_checkpoint
-from din_ray.serve.settings import BatchingConfig, ServeArgs
+from din_ray.serve.settings import REQUEST_TIMEOUT_S, BatchingConfig, ServeArgs
 
 APP_NAME = "din"
 DEPLOYMENT = "CTRServer"
@@ -39,7 +39,8 @@ LIVE_ARGS = {"max_batch_size", "batch_wait_ms"}
 
 def app_config(args: ServeArgs | dict, *, host: str = "127.0.0.1", port: int = 8000,
                user_config: dict | None = None, deployment: dict | None = None,
-               access_log: bool = False) -> dict:
+               access_log: bool = False,
+               request_timeout_s: float = REQUEST_TIMEOUT_S) -> dict:
     """A Serve config (the schema of serve/config.yaml) running the CTR app with `args`.
 
     Args:
@@ -48,6 +49,8 @@ def app_config(args: ServeArgs | dict, *, host: str = "127.0.0.1", port: int = 8
             asks for; changing only these and deploying again reconfigures the running
             replicas instead of restarting them.
         deployment: further deployment options (num_replicas, autoscaling_config, ...).
+        request_timeout_s: the HTTP proxy answers a request not done after this many seconds
+            with 408 instead of holding it (see `REQUEST_TIMEOUT_S`).
     """
     args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     batching = (args.batching() if user_config is None
@@ -58,7 +61,7 @@ def app_config(args: ServeArgs | dict, *, host: str = "127.0.0.1", port: int = 8
                                                                batching.max_batch_size)})
     return {
         "proxy_location": "HeadOnly",
-        "http_options": {"host": host, "port": port},
+        "http_options": {"host": host, "port": port, "request_timeout_s": request_timeout_s},
         "applications": [{
             # An installed module, so the controller can import it whatever its sys.path.
             "name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH,

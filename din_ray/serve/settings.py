@@ -21,6 +21,14 @@ from din_ray.serve.request import RequestLimits
 GPU_MAX_BATCH_SIZE = 8192
 GPU_BATCH_WAIT_S = 0.005
 HEX = frozenset("0123456789abcdef")
+# The HTTP proxy's end-to-end limit per request (Serve's `http_options.request_timeout_s`; past
+# it the proxy answers 408 and cancels the request). Without one, a request that has no live
+# replica to go to (one was killed and its replacement takes ~10 s to start) is held until the
+# client gives up. 5 s: far beyond a ranking call's budget (~10 ms in the paper) and above the
+# slowest request the soak measured at the batching defaults (p99 2.2 s, max 4.4 s with 64
+# 200-ad requests queued on one shared CPU, docs/benchmarks.md), so only a request that cannot
+# be served in time gets it.
+REQUEST_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from din_ray.serve import deploy as serve_deploy  # noqa: E402
 from din_ray.serve.settings import (  # noqa: E402
     GPU_BATCH_WAIT_S,
     GPU_MAX_BATCH_SIZE,
+    REQUEST_TIMEOUT_S,
     BatchingConfig,
     ServeArgs,
 )
@@ -286,6 +287,8 @@ def test_config_yaml_and_cli_config_are_valid_serve_configs(tmp_path):
     ServeArgs.model_validate(din.args)  # what Serve does with a typed builder's args
     (deployment,) = din.deployments
     assert deployment.autoscaling_config["max_replicas"] > 1
+    # The proxy answers a request it cannot serve in time (no live replica) instead of holding it.
+    assert config.http_options.request_timeout_s == REQUEST_TIMEOUT_S
 
     parser = argparse.ArgumentParser()
     serve_cli.register(parser.add_subparsers())
@@ -296,6 +299,10 @@ def test_config_yaml_and_cli_config_are_valid_serve_configs(tmp_path):
     (deployment,) = built.applications[0].deployments
     assert deployment.user_config == {"max_batch_size": 2048, "batch_wait_timeout_s": 0.005}
     assert built.http_options.host == "127.0.0.1"
+    assert built.http_options.request_timeout_s == REQUEST_TIMEOUT_S
+    args = parser.parse_args(["serve", "--checkpoint", str(tmp_path), "--request-timeout-s", "2"])
+    assert ServeDeploySchema.model_validate(serve_cli.app_config(args, tmp_path)) \
+        .http_options.request_timeout_s == 2
     assert built.applications[0].args["max_ongoing_requests"] == 2048
     # The CLI's defaults are ServeArgs' (one place): unset flags leave them.
     defaults = ServeArgs(checkpoint=str(tmp_path))
