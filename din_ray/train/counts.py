@@ -77,10 +77,8 @@ def fit_from_counts(model: CTRModel, tables: EmbeddingTables, env: WorkerEnv) ->
     """Fill the one table of a `closed_form` model (the popularity baseline) from the
     candidate's click and impression counts over the training split. -> the training log loss
     of the fitted rates, from the counts alone."""
-    candidate = model.schema.ad_features[0]
-    clicks, shows = click_counts(candidate.name, model.schema.label, env.train_batches(0), env,
-                                 candidate.vocab_size)
-    logits = model.table_from_counts(clicks, shows, model.config.smoothing)  # (V, 1)
+    logits, clicks, shows = candidate_popularity(model.schema.ad_features[0], model.schema.label,
+                                                 env, model.config.smoothing)  # (V, 1), (V,), (V,)
     (table,) = model.table_specs()
     tables.set_rows(table, logits.float())
     # Training log loss of the fitted rates, from the counts alone.
