@@ -63,6 +63,18 @@ def test_lookup_dedups_and_gradients_sum_per_row():
     torch.testing.assert_close(grads[:, 0], torch.tensor([4.0, 2.0, 2.0]))
 
 
+def fit_side_by_side(tables, opt, ref, ref_opt, steps) -> None:
+    """One squared-error step per id batch in `steps` (B, L) on the row-wise tables and on the
+    torch reference embedding `ref`, with the same random targets (B, L, 3)."""
+    for ids in steps:
+        target = torch.randn(*ids.shape, 3)
+        ((tables.lookup({"x": ("item_id", ids)})["x"] - target) ** 2).sum().backward()
+        opt.step(tables.touched_gradients())
+        ref_opt.zero_grad()
+        ((ref(ids) - target) ** 2).sum().backward()
+        ref_opt.step()
+
+
 def test_rowwise_adam_matches_torch_sparse_adam_on_touched_rows():
     torch.manual_seed(0)
     tables = EmbeddingTables({"item_id": SPEC}, init_std=1.0).train()
@@ -70,14 +82,8 @@ def test_rowwise_adam_matches_torch_sparse_adam_on_touched_rows():
     ref.weight.data.copy_(tables.weight("item_id"))
     opt = RowWiseOptimizer(tables, "adam", lr=0.1)
     ref_opt = torch.optim.SparseAdam(ref.parameters(), lr=0.1)
-    for step in range(4):
-        ids = torch.tensor([[1, 4, 4], [7, 1, 2 + step]])
-        target = torch.randn(2, 3, 3)
-        ((tables.lookup({"x": ("item_id", ids)})["x"] - target) ** 2).sum().backward()
-        opt.step(tables.touched_gradients())
-        ref_opt.zero_grad()
-        ((ref(ids) - target) ** 2).sum().backward()
-        ref_opt.step()
+    steps = [torch.tensor([[1, 4, 4], [7, 1, 2 + step]]) for step in range(4)]
+    fit_side_by_side(tables, opt, ref, ref_opt, steps)
     torch.testing.assert_close(tables.weight("item_id"), ref.weight.data)
     assert (tables.weight("item_id")[[0, 8, 9]] == ref.weight.data[[0, 8, 9]]).all()
 
@@ -92,14 +98,9 @@ def test_rowwise_adam_not_lazy_matches_dense_torch_adam_on_every_row():
     ref.weight.data.copy_(tables.weight("item_id"))
     opt = RowWiseOptimizer(tables, "adam", lr=0.1, lazy=False)
     ref_opt = torch.optim.Adam(ref.parameters(), lr=0.1)
-    for step in range(5):
-        ids = torch.tensor([[1, 4, 4], [7, 1, 2 + step]]) if step < 3 else torch.tensor([[1]])
-        target = torch.randn(*ids.shape, 3)
-        ((tables.lookup({"x": ("item_id", ids)})["x"] - target) ** 2).sum().backward()
-        opt.step(tables.touched_gradients())
-        ref_opt.zero_grad()
-        ((ref(ids) - target) ** 2).sum().backward()
-        ref_opt.step()
+    steps = [torch.tensor([[1, 4, 4], [7, 1, 2 + step]]) if step < 3 else torch.tensor([[1]])
+             for step in range(5)]
+    fit_side_by_side(tables, opt, ref, ref_opt, steps)
     torch.testing.assert_close(tables.weight("item_id"), ref.weight.data)
     assert (tables.weight("item_id")[PAD_ID] == 0).all()
 
