@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from din_ray.checkpoint import resolve_checkpoint
-from din_ray.serve.access import TOKEN_ENV, access_token, is_loopback  # noqa: F401 (API)
+from din_ray.serve.access import TOKEN_ENV, access_token
 from din_ray.serve.settings import REQUEST_TIMEOUT_S, ServeArgs
 
 # Command-line flag -> (ServeArgs field, type); the flags' defaults and help are the fields'.
