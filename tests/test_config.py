@@ -49,9 +49,14 @@ def test_keys_missing_from_an_older_file_take_todays_default_or_their_legacy_val
     raw = TrainConfig.create(data="d", activation="dice").to_dict()
     del raw["optim"]["init_std"]
     del raw["model"]["attention_activation"]  # written before the unit had its own activation
+    del raw["model"]["ad_bias"], raw["model"]["zero_logit"]
     cfg = TrainConfig.from_dict(raw)
     assert cfg.optim.init_std == TrainConfig().optim.init_std
     assert cfg.model.attention_activation == "dice"  # the unit used `activation` then
+    # The ad bias and the zero logit layer were on by default then; the bias is part of the
+    # model's structure, so a checkpoint from then rebuilds with it.
+    assert cfg.model.ad_bias and cfg.model.zero_logit
+    assert not TrainConfig().model.ad_bias and not TrainConfig().model.zero_logit
 
 
 def test_a_flat_file_from_before_the_sections_reads_under_the_same_rule():
@@ -59,7 +64,8 @@ def test_a_flat_file_from_before_the_sections_reads_under_the_same_rule():
             "attention_hidden": [8, 4]}
     cfg = TrainConfig.from_dict(flat)
     assert cfg == TrainConfig.create(data="d", lr=0.02, activation="prelu", workers=2,
-                                     attention_hidden=(8, 4), attention_activation="prelu")
+                                     attention_hidden=(8, 4), attention_activation="prelu",
+                                     ad_bias=True, zero_logit=True)
     with pytest.raises(ValueError, match=r"old.json: unknown training config keys \['bogus'\]"):
         TrainConfig.from_dict({**flat, "bogus": 1}, "old.json")
 
@@ -85,6 +91,8 @@ def test_existing_flag_spellings_keep_working():
     assert cfg.model.attention_hidden == (8, 4) and cfg.optim.eval_at_start
     assert cfg.regularization.filter_top_k == 3 and cfg.optim.lr == 0.1
     assert cfg.model.attention_activation == cfg.model.activation
+    on = config_from_args(p.parse_args(["--data", "d", "--ad-bias", "--zero-logit", "1"]))
+    assert on.model.ad_bias and on.model.zero_logit
     with pytest.raises(SystemExit):
         p.parse_args(["--data", "d", "--reg", "bogus"])  # choices come from the declaration
     with pytest.raises(SystemExit):

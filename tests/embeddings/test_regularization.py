@@ -136,7 +136,7 @@ def test_batch_regularizer_drops_in_training_only_and_filters_everywhere(data):
 
 def test_cross_tables_get_counted_for_mba(data):
     ds = PreparedDataset.open(data)
-    model = build_model(ds.schema, ModelConfig(model="wide_deep"))
+    model = build_model(ds.schema, ModelConfig(model="wide_deep", ad_bias=True))
     counts = ds.counts()
     missing = tables_without_counts(model, counts)
     assert missing == ["item_id.bias", "cate_id.bias", "wide_hist_item_id", "wide_hist_cate_id"]
@@ -245,7 +245,7 @@ class _TwoWorkerEnv(LocalEnv):
 
 def test_training_loop_counts_bias_rows_per_candidate_and_centres_them_on_the_prior(data):
     ds = PreparedDataset.open(data)
-    cfg = TrainConfig.create(data=str(data), model="din", batch_size=32, lam=0.1)
+    cfg = TrainConfig.create(data=str(data), model="din", batch_size=32, lam=0.1, ad_bias=True)
     model = build_model(ds.schema, cfg.model)
     env = LocalEnv(cfg, ds)
     prior = bias_prior(model, env, cfg)

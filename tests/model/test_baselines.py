@@ -49,10 +49,10 @@ def logits(model, tables, b):
 
 @pytest.mark.parametrize("name", model_names())
 def test_every_mlp_logit_layer_starts_at_zero(name):
-    """The logit starts as the ad bias alone in every model with an MLP (PNN rebuilds its MLP
-    for the wider product-layer input, which once lost the zero start)."""
+    """With `zero_logit` the logit starts as the ad bias alone in every model with an MLP (PNN
+    rebuilds its MLP for the wider product-layer input, which once lost the zero start)."""
     schema = tiny_schema(max_len=4)
-    model = build_model(schema, ModelConfig(model=name, mlp_hidden=(8, 4)))
+    model = build_model(schema, ModelConfig(model=name, mlp_hidden=(8, 4), zero_logit=True))
     if not hasattr(model, "mlp"):
         pytest.skip(f"{name} has no MLP")
     assert (model.mlp.out.weight == 0).all() and (model.mlp.out.bias == 0).all()

@@ -190,15 +190,14 @@ def test_config_errors_name_the_field():
 def test_model_config_knobs_reach_the_layers():
     """dice_momentum, attention_activation and zero_logit are honoured by DIN, not just
     recorded: each of them changes the built modules."""
-    m, _ = build("din", "dice", dice_momentum=0.1, attention_activation="prelu",
-                 zero_logit=False)
+    m, _ = build("din", "dice", dice_momentum=0.1, attention_activation="prelu")
     dices = [mod for mod in m.modules() if isinstance(mod, Dice)]
     assert dices and all(d.momentum == 0.1 for d in dices)
     assert not any(isinstance(mod, Dice) for mod in m.attention.modules())
     assert any(isinstance(mod, PReLU) for mod in m.attention.modules())
     assert m.mlp.out.weight.abs().sum() > 0
-    default, _ = build("din", "dice")
-    assert default.mlp.out.weight.abs().sum() == 0
+    zero, _ = build("din", "dice", zero_logit=True)
+    assert zero.mlp.out.weight.abs().sum() == 0
     with pytest.raises(ValueError, match="dice_momentum"):
         ModelConfig(dice_momentum=0.0)
     with pytest.raises(ValueError, match="attention_activation"):

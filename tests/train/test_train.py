@@ -226,7 +226,8 @@ def test_evaluate_takes_what_serve_takes(data, tmp_path, capsys):
 
 def test_warm_started_model_ranks_like_popularity_at_epoch_zero(data, tmp_path):
     pop = run_local(config(data, tmp_path / "pop", model="popularity"))
-    din = run_local(config(data, tmp_path / "din", epochs=1, eval_at_start=True))
+    warm = {"ad_bias": True, "zero_logit": True}  # the bias rows carry the warm start
+    din = run_local(config(data, tmp_path / "din", epochs=1, eval_at_start=True, **warm))
     start = din["history"][0]
     assert start["epoch"] == 0 and start["train_loss"] is None
     # bias rows = smoothed click-rate logits and a zero-initialised output layer: the untrained
@@ -235,7 +236,7 @@ def test_warm_started_model_ranks_like_popularity_at_epoch_zero(data, tmp_path):
     assert start["valid_logloss"] == pytest.approx(pop["valid_logloss"], abs=1e-6)
     assert [h["epoch"] for h in din["history"]] == [0, 1]
     cold = run_local(config(data, tmp_path / "cold", epochs=1, eval_at_start=True,
-                            bias_init="zero"))
+                            bias_init="zero", **warm))
     assert cold["history"][0]["test_logloss"] == pytest.approx(np.log(2), abs=1e-6)
 
 
