@@ -104,6 +104,9 @@ class Scorer:
             batch[f.name] = torch.from_numpy(np.concatenate([r.candidates[f.name]
                                                              for r in requests]))
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        if len(requests) == 1:  # the common case, without repeat_interleave's three ops
+            return batch, torch.zeros(requests[0].num_candidates, dtype=torch.long,
+                                      device=self.device)
         counts = torch.tensor([r.num_candidates for r in requests], device=self.device)
         owner = torch.repeat_interleave(torch.arange(len(requests), device=self.device),
                                         counts)  # (C,)

@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from din_ray.embeddings.tables import EmbeddingTables, TableSpec, gather_rows, unique_ids
-from din_ray.model.layers import MLP, Dice, PReLU, TargetAttention, _activate_inplace
+from din_ray.model.layers import (
+    MLP,
+    Dice,
+    PReLU,
+    TargetAttention,
+    _activate_inplace,
+    _activation_constants,
+)
 from din_ray.schema import PAD_ID
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -313,5 +320,5 @@ def test_activate_inplace_equals_formula(activation):
     x = torch.randn(40, 6)
     want = ref_activation(act, x, None)
     with torch.inference_mode():
-        got = _activate_inplace(act, x.clone())
+        got = _activate_inplace(_activation_constants(act), x.clone())
     torch.testing.assert_close(got, want, **TOL)
