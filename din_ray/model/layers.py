@@ -183,7 +183,7 @@ class MLP(nn.Module):
         h = x.reshape(-1, x.shape[-1])  # (N, in_dim)
         for w, b, act in layers:
             h = _activate_inplace(act, torch.addmm(b, h, w))
-        return torch.addmm(b_out, h, w_out).view(*x.shape[:-1], -1)  # (..., out)
+        return torch.addmm(b_out, h, w_out).view(*x.shape[:-1], w_out.shape[1])  # (..., out)
 
 
 # --- evaluation constants -----------------------------------------------------------------------
@@ -208,21 +208,23 @@ for _register in (nn.modules.module.register_module_parameter_registration_hook,
 def frozen(module: nn.Module, build: Callable[[], T]) -> T:
     """`build()`, computed again only when a parameter or buffer of `module` has changed since
     the last call: an optimizer step, Dice's moving averages and `load_state_dict` write in place
-    (each bumps the tensor's version counter); `.to()` moves the storage (a new data pointer);
-    assigning a new parameter, buffer or layer is a registration (`_registrations`). For the
+    (each bumps the tensor's version counter); `.to()` changes a tensor's dtype or device;
+    assigning a new parameter, buffer or layer is a registration (`_registrations`). (Assigning
+    `tensor.data` directly on the same device and dtype is not seen: load weights with
+    `load_state_dict` or `copy_`.) For the
     constants of an evaluation path (weights transposed, Dice's affine map), which would
     otherwise be rebuilt by a dozen small ops on every call. `build` runs without autograd and
     outside inference mode, so what it returns is usable in either."""
     cached = module.__dict__.get("_frozen")
     if cached is not None and cached[0] == _registrations[0]:
         _, state, key, value = cached
-        if key == [(t._version, t.data_ptr()) for t in state]:
+        if key == [(t._version, t.dtype, t.device) for t in state]:
             return value
     state = (*module.parameters(), *module.buffers())
     with torch.inference_mode(False), torch.no_grad():
         value = build()
     module.__dict__["_frozen"] = (_registrations[0], state,
-                                  [(t._version, t.data_ptr()) for t in state], value)
+                                  [(t._version, t.dtype, t.device) for t in state], value)
     return value
 
 
@@ -261,7 +263,7 @@ def _stack_constants(mlp: MLP) -> tuple[list[Layer], tuple[Tensor, Tensor]]:
 
 @dataclass(frozen=True)
 class _FirstLayer:
-    """The attention unit's first layer regrouped for serving (`TargetAttention._fused`), each
+    """The attention unit's first layer regrouped for serving (`TargetAttention._one_history`), each
     part (D, H) contiguous: h = e·key + v·candidate + (e ⊙ v)·product + bias."""
 
     key: Tensor  # (W_e + W_d).T
@@ -376,35 +378,22 @@ class TargetAttention(nn.Module):
         return self._pool(self.rest(h, mask).squeeze(-1), keys, mask)  # scores (C, L)
 
     def _one_history(self, query: Tensor, keys: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """`shared` for one history at evaluation without autograd (serving): the unit runs on
-        the history's real behaviours only (`_fused`), and padded slots get weight 0. A request
-        is padded to the model's max history, so a user with 5 behaviours of 50 costs a tenth.
-
-        Shapes: query (C, D) candidates, keys (L, D), mask (L,) bool -> pooled (C, D),
-        weights (C, L). Equals `forward(query, keys, mask)` with the history repeated per
-        candidate, up to float rounding (tests/train/test_speed_equivalence.py)."""
-        if bool(mask.all()):
-            return self._fused(query, keys)
-        real = mask.nonzero().squeeze(1)  # (n,)
-        pooled, weights = self._fused(query, keys.index_select(0, real))  # weights (C, n)
-        return pooled, weights.new_zeros(query.shape[0], keys.shape[0]).index_copy_(1, real,
-                                                                                    weights)
-
-    def _fused(self, query: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
-        """The unit over one history of real behaviours, every (candidate, behaviour) buffer
-        written as few times as the maths allows:
+        """`shared` for one history at evaluation without autograd (serving), with every
+        (candidate, behaviour) buffer written as few times as the maths allows:
 
           * the first layer is ONE matmul that also adds the per-behaviour row, through a column
             of ones appended to the candidates: [v, 1] @ [M; row] (`_first_layer`'s M), so no
             pass copies the bias rows into the (C, L·H) output before the product;
           * [M; row] is built from the first layer's parts regrouped and transposed once per
             weight version (`frozen`, `_FirstLayer`): the (D, L, H) broadcast then reads
-            contiguous rows, 7x faster than from the (H, 4D) weight's column blocks;
+            contiguous rows, several times faster than from the (H, 4D) weight's column blocks;
           * each activation runs in place on its layer's output (`_activate_inplace`);
           * the weighted sum over the history is one (C, L) @ (L, D) matmul, instead of a
             (C, L, D) product and a sum.
 
-        Shapes: query (C, D), keys (L, D) -> pooled (C, D), weights (C, L)."""
+        Shapes: query (C, D) candidates, keys (L, D), mask (L,) bool -> pooled (C, D),
+        weights (C, L). Equals `forward(query, keys, mask)` with the history repeated per
+        candidate, up to float rounding (tests/train/test_speed_equivalence.py)."""
         first, (layers, (w_out, b_out)) = frozen(self, self._serving_constants)
         C, (L, D), H = query.shape[0], keys.shape, first.bias.shape[0]  # shape, not len():
         # a symbolic size stays symbolic (the fake-device test's data-dependent splits)
@@ -418,11 +407,11 @@ class TargetAttention(nn.Module):
         for w, b, act in layers:
             h = _activate_inplace(act, torch.addmm(b, h, w))
         scores = torch.addmm(b_out, h, w_out).view(C, L)
-        weights = torch.softmax(scores, dim=1) if self.softmax else scores  # (C, L)
+        weights = self._weights(scores, mask.expand(C, -1))  # (C, L)
         return weights @ keys, weights  # (C, D), (C, L)
 
     def _serving_constants(self) -> tuple[_FirstLayer, tuple[list[Layer], tuple[Tensor, Tensor]]]:
-        """`_fused`'s weights: the first layer regrouped (`_FirstLayer`), the rest as an MLP
+        """`_one_history`'s weights: the first layer regrouped (`_FirstLayer`), the rest as an MLP
         stack (`_stack_constants`)."""
         w_e, w_v, w_d, w_p = self.first.weight.detach().split(self.dim, dim=1)  # each (H, D)
         first = _FirstLayer(key=(w_e + w_d).T.contiguous(), candidate=(w_v - w_d).T.contiguous(),
