@@ -5,6 +5,8 @@
     TargetAttention    DIN's local activation unit with weighted-sum pooling (Eq. 3), as a layer:
                        the candidate attends over the padded history, padding weighted 0
     pool_history       BaseModel's candidate-blind sum (or mean) pooling of the history
+    frozen             an evaluation path's constants (weights regrouped or transposed, Dice's
+                       affine map), rebuilt only when the weights they come from change
 
 The models in `din_ray.model.din` and `din_ray.model.baselines` only wire these together.
 
