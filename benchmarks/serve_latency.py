@@ -171,12 +171,13 @@ def compute_profile(checkpoint: Path, bodies: list[dict], threads: int,
 
 def _reference_forms():
     """Swap in the forms before issue 15 (Dice normalised then squashed, the first layer over
-    gathered (C·L, D) rows) for a side-by-side figure; returns the function that swaps back."""
+    gathered (C·L, D) rows, the MLP through its modules) for a side-by-side figure; returns the
+    function that swaps back."""
     import torch
 
     from din_ray.model import layers as m
 
-    saved = m.Dice._folded, m.TargetAttention.shared
+    saved = m.Dice._folded, m.TargetAttention.shared, m.MLP._evaluate
 
     def dice(self, x):
         z = (x - self.running_mean) * torch.rsqrt(self.running_var + self.eps)
@@ -187,10 +188,15 @@ def _reference_forms():
         keys, mask = keys.index_select(0, owner), mask.index_select(0, owner)
         return self._pool(self.rest(self.first_act(h, mask), mask).squeeze(-1), keys, mask)
 
-    m.Dice._folded, m.TargetAttention.shared = dice, shared
+    def mlp(self, x):
+        for linear, act in zip(self.linears, self.acts):
+            x = act(linear(x))
+        return self.out(x)
+
+    m.Dice._folded, m.TargetAttention.shared, m.MLP._evaluate = dice, shared, mlp
 
     def restore():
-        m.Dice._folded, m.TargetAttention.shared = saved
+        m.Dice._folded, m.TargetAttention.shared, m.MLP._evaluate = saved
     return restore
 
 

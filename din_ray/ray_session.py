@@ -15,6 +15,11 @@ starts a local Ray in this process the way this module's two fixes require:
   process's environment when they start, so exporting the address here reaches all of them.
 * Ray gives its raylet a fixed 30 s to register, which a machine under heavy load can miss; a
   failed start is cleaned up (its processes stopped) and retried.
+
+It also shortens Ray Train's worker poll on a local Ray (`TRAIN_POLL_S`): the controller moves a
+run on (workers started, a report, the end) only at its next poll, every 2 s by default, which
+on a short local run is seconds of waiting (a 2-worker, 2-epoch run of 256 rows: 27.5 -> 23.9 s
+and 22.7 -> 19.5 s, first and second run in one Ray, 2 cores). A cluster keeps its own setting.
 """
 
 from __future__ import annotations
@@ -33,6 +38,10 @@ log = logging.getLogger(__name__)
 # Where Ray processes look for the dashboard's API server.
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 START_ATTEMPTS = 3
+# Ray Train's controller polls its workers this often (Ray's default 2 s); read in the
+# controller's process, which a local Ray starts with this process's environment.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+TRAIN_POLL_S = "0.25"
 
 
 def connect(address: str | None = None, num_cpus: int | None = 4, dashboard: bool = True,
@@ -118,6 +127,7 @@ def start_local_ray(num_cpus: int | None, temp_dir: str | None = None, dashboard
     import ray
 
     previous = os.environ.get(API_SERVER_ENV)
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)  # a value the user set is kept
     try:
         for attempt in range(1, START_ATTEMPTS + 1):
             before = _own_sessions(temp_dir)

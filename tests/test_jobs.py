@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -218,29 +217,21 @@ class LocalCluster:
                                        self.proc.pid if self.proc is not None else None)
 
     def stop(self) -> list[int]:
-        """SIGTERM the head (it takes its processes down), then whatever of the cluster is
-        left, then SIGKILL after a grace period. Returns the pids still alive (none, normally)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        """SIGTERM every process of the cluster at once, then SIGKILL what is left after a
+        grace period. Returns the pids still alive (none, normally).
+
+        Not the head first: on SIGTERM `ray start --block` stops its processes one after
+        another, waiting on each, which took 32 s here with a Serve application running;
+        signalled together they are gone in a second or two. The grace is short because
+        multiprocessing's resource tracker and forkserver (started by a job's driver) ignore
+        SIGTERM and are only ever stopped by the SIGKILL."""
+        left = ray_processes.stop(self.temp_dir or "\0",
+                                  self.proc.pid if self.proc is not None else None, grace_s=3)
+        if self.proc is not None:
             try:
-                self.proc.wait(timeout=60)
+                self.proc.wait(timeout=30)  # reap the head
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = self.processes()
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 30
-            while pids and time.monotonic() < deadline:
-                time.sleep(1)
-                pids = self.processes()
-            if not pids:
-                break
-        left = self.processes()
+                left.append(self.proc.pid)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         return left
 

@@ -93,17 +93,27 @@ class Scorer:
 
     def batch(self, requests: Sequence[ParsedRequest]) -> tuple[dict[str, Tensor], Tensor]:
         """Dense ids of `requests` on the scorer's device: user-side features (U, ...) and ad
-        features (C,), and the request row of every candidate, owner (C,)."""
+        features (C,), and the request row of every candidate, owner (C,).
+
+        Histories (U, L) are cut to the longest real one of the batch (at least one slot): the
+        parser pads every history to the model's max length after its real behaviours, padded
+        slots count for nothing in any model, and they would cost as much as real ones (a user
+        with 5 behaviours of 50 would pay for 50)."""
         batch: dict[str, Tensor] = {}
+        length = max(1, max(r.history_length for r in requests))
         for f in self.user_side:
             if f.is_sequence:
-                batch[f.name] = torch.from_numpy(np.stack([r.history[f.name] for r in requests]))
+                batch[f.name] = torch.from_numpy(np.stack([r.history[f.name][:length]
+                                                           for r in requests]))
             else:
                 batch[f.name] = torch.tensor([r.user[f.name] for r in requests])
         for f in self.ad_side:
             batch[f.name] = torch.from_numpy(np.concatenate([r.candidates[f.name]
                                                              for r in requests]))
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        if len(requests) == 1:  # the common case, without repeat_interleave's three ops
+            return batch, torch.zeros(requests[0].num_candidates, dtype=torch.long,
+                                      device=self.device)
         counts = torch.tensor([r.num_candidates for r in requests], device=self.device)
         owner = torch.repeat_interleave(torch.arange(len(requests), device=self.device),
                                         counts)  # (C,)

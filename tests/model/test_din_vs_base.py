@@ -10,7 +10,9 @@ from din_ray.train.local import run_local
 
 @pytest.fixture(scope="module")
 def strong_signal(tmp_path_factory):
-    return prepare_synthetic(tmp_path_factory.mktemp("syn") / "data", rows=30_000, seed=0)
+    # 15 000 rows: DIN 0.678, BaseModel 0.613, popularity 0.552 test GAUC (30 000: 0.745, 0.675,
+    # 0.573): a margin of 0.065, twice the 0.03 the test asks, in half the time.
+    return prepare_synthetic(tmp_path_factory.mktemp("syn") / "data", rows=15_000, seed=0)
 
 
 def train(data, out, model):

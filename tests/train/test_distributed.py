@@ -21,6 +21,7 @@ from din_ray import checkpoint as ckpt
 from din_ray.cli import main as cli_main
 from din_ray.config import TrainConfig
 from din_ray.data.format import DataError, PreparedDataset
+from din_ray.ray_session import TRAIN_POLL_ENV, TRAIN_POLL_S
 from din_ray.schema import SchemaError
 from din_ray.train.distributed import check_config, run_ray
 from din_ray.train.evaluate import evaluate_checkpoint
@@ -103,6 +104,18 @@ def test_killed_worker_recovers_and_rerun_resumes(ray_cluster, data, tmp_path, m
     assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
     assert again["history"][:2] == result["history"]
     assert sorted(p.name for p in run_dir.glob("epoch-*"))[-1] == "epoch-0003"
+
+
+def test_a_local_rays_train_controller_polls_its_workers_every_quarter_second(ray_cluster):
+    # Ray's default poll (2 s) made every step of a short local run wait for it (see
+    # din_ray.ray_session); the controller is a Ray worker process like this task's.
+    @ray.remote(num_cpus=0)
+    def poll_interval() -> str | None:
+        import os
+
+        return os.environ.get(TRAIN_POLL_ENV)
+
+    assert ray.get(poll_interval.remote()) == TRAIN_POLL_S == "0.25"
 
 
 def test_use_gpu_without_a_gpu_fails_at_once(ray_cluster, data, tmp_path):

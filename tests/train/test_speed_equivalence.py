@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from din_ray.embeddings.tables import EmbeddingTables, TableSpec, gather_rows, unique_ids
-from din_ray.model.layers import MLP, Dice, PReLU, TargetAttention, _activate_inplace
+from din_ray.model.layers import (
+    MLP,
+    Dice,
+    PReLU,
+    TargetAttention,
+    _activate_inplace,
+    _activation_constants,
+)
 from din_ray.schema import PAD_ID
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -158,6 +165,83 @@ def test_mlp_with_fused_activations_equals_reference():
     for a, b in zip(torch.autograd.grad(got.sum(), [x, *mlp.parameters()]),
                     torch.autograd.grad(want.sum(), [x, *ref.parameters()])):
         torch.testing.assert_close(a, b, **TOL)
+
+
+def ref_mlp(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
+    """The MLP through its Linear modules and the activations' formulas."""
+    h = x
+    for linear, act in zip(mlp.linears, mlp.acts):
+        h = ref_activation(act, linear(h), None)
+    return mlp.out(h)
+
+
+def trained_looking(module: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial slopes and moving averages in every activation of `module`."""
+    for m in module.modules():
+        if isinstance(m, (Dice, PReLU)):
+            m.alpha.data.uniform_(-0.5, 0.5)
+        if isinstance(m, Dice):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return module
+
+
+@pytest.mark.parametrize("activation", ["dice", "prelu"])
+@pytest.mark.parametrize("shape", [(20, 12), (3, 5, 12), (0, 12)])
+def test_mlp_evaluation_without_autograd_equals_reference(activation, shape):
+    """`MLP._evaluate` (addmm on weights transposed once, activations in place) against the
+    Linear modules and the formulas, for a batch, a (B, L, ·) input and an empty one."""
+    torch.manual_seed(7)
+    mlp = trained_looking(MLP(12, (9, 7), activation)).eval()
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        got = mlp(x)
+    with torch.enable_grad():
+        want = ref_mlp(mlp, x).detach()
+    assert got.shape == (*shape[:-1], 1)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_evaluation_constants_follow_the_weights():
+    """The constants `frozen` keeps are rebuilt whenever the weights they come from change: an
+    optimizer step, load_state_dict, Dice's moving averages updated by a training pass, a layer
+    or a parameter replaced, a dtype change; the attention unit's as well as the MLP's."""
+    torch.manual_seed(8)
+    mlp = trained_looking(MLP(6, (5, 3), "dice")).eval()
+    att = trained_looking(TargetAttention(dim=4, hidden=(6, 3), activation="dice")).eval()
+    x, (query, keys, mask) = torch.randn(4, 6), padded_inputs(B=2, L=5, D=4, seed=1)
+    keys, mask = keys[1], mask[1]  # one full history
+
+    def check():
+        with torch.inference_mode():
+            got, got_pooled = mlp(x), att.shared(query, keys[None], mask[None],
+                                                  torch.zeros(2, dtype=torch.long))[0]
+        with torch.enable_grad():
+            want = ref_mlp(mlp, x).detach()
+            want_pooled = ref_attention(att, query, keys.expand(2, -1, -1),
+                                        mask.expand(2, -1))[0].detach()
+        torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(got_pooled, want_pooled, **TOL)
+
+    check()
+    params = [*mlp.parameters(), *att.parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    (mlp(x).sum() + att(query, keys.expand(2, -1, -1), mask.expand(2, -1))[0].sum()).backward()
+    optimizer.step()
+    check()
+    mlp.load_state_dict(trained_looking(MLP(6, (5, 3), "dice")).state_dict())
+    att.load_state_dict(trained_looking(TargetAttention(4, (6, 3), "dice")).state_dict())
+    check()
+    mlp.train(), att.train()
+    mlp(x), att(query, keys.expand(2, -1, -1), mask.expand(2, -1))  # moving averages move
+    mlp.eval(), att.eval()
+    check()
+    mlp.out = torch.nn.Linear(3, 1)
+    att.first.weight = torch.nn.Parameter(torch.randn(6, 16))
+    check()
+    mlp.double(), att.double()
+    x, query, keys = x.double(), query.double(), keys.double()
+    check()
 
 
 def ref_lookup(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -313,5 +397,5 @@ def test_activate_inplace_equals_formula(activation):
     x = torch.randn(40, 6)
     want = ref_activation(act, x, None)
     with torch.inference_mode():
-        got = _activate_inplace(act, x.clone())
+        got = _activate_inplace(_activation_constants(act), x.clone())
     torch.testing.assert_close(got, want, **TOL)
