@@ -68,7 +68,7 @@ class ModelConfig:
     # at first, and with N(0, 0.01²) rows the synthetic set's validation GAUC after one epoch was
     # 0.61. With N(0, 0.05²) rows and up to 8 epochs (TrainConfig) this gained +0.005 validation
     # GAUC on the planted synthetic set and +0.0045 on ml-latest-small (test: +0.003, −0.006)
-    # over the previous defaults, 3 seeds each; both remain 0.006 below the reference
+    # over the previous defaults, 3 seeds each; both remain 0.005-0.006 below the reference
     # (docs/results.md, "Defaults vs a plain DIN", session 5).
     ad_bias: bool = False
     dropout: float = 0.0
