@@ -319,20 +319,28 @@ def _sha256(path: Path) -> str:
 
 def iter_numpy_batches(
     files: list[Path], schema: Schema, batch_size: int, shuffle: bool = False, seed: int = 0,
-    drop_last: bool = False,
+    drop_last: bool = False, part: tuple[int, int] = (0, 1),
 ) -> Iterator[dict[str, np.ndarray]]:
     """Stream batches from Parquet files one row group at a time (bounded memory).
 
     With `shuffle`, the file order and the rows inside each buffered file are permuted; the
-    permutation depends only on `seed`, so a run is reproducible.
+    permutation depends only on `seed`, so a run is reproducible. `part=(i, n)` reads only
+    every n-th row group from the i-th on (counted over the files in the order read): the n
+    parts together hold every row exactly once (a distributed evaluation, one part per worker).
     """
+    index, parts = part
+    if not 0 <= index < parts:
+        raise ValueError(f"part must be (i, n) with 0 <= i < n, got {part}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(files)) if shuffle else np.arange(len(files))
     carry: dict[str, np.ndarray] | None = None
+    seen = 0  # row groups passed so far, over all files
     for i in order:
         pf = pq.ParquetFile(files[i])
         groups = rng.permutation(pf.num_row_groups) if shuffle else range(pf.num_row_groups)
-        for g in groups:
+        mine = [g for k, g in enumerate(groups, start=seen) if k % parts == index]
+        seen += pf.num_row_groups
+        for g in mine:
             try:
                 group = pf.read_row_group(int(g))
             except (pa.ArrowException, OSError) as e:  # a data page that does not decode

@@ -13,8 +13,12 @@ Per worker (`RayEnv`):
   * data: a split below `cfg.execution.cache_below_mb` is read once by the driver
     (`put_small_splits`)
     and reaches the workers as numpy arrays in Ray's object store; each worker takes its rows by
-    index (`din_ray.data.in_memory`), so no Ray Data job runs for it. A larger split streams
-    through `get_dataset_shard(split).iter_batches(batch_format="pyarrow")`. Either way the
+    index (`din_ray.data.in_memory`), so no Ray Data job runs for it. A larger train split
+    streams through `get_dataset_shard("train").iter_batches(batch_format="pyarrow")`; a larger
+    valid/test split is read by each worker straight from its Parquet files, every world-th row
+    group (`iter_numpy_batches(part=...)`): a Ray Data dataset per evaluation split cost a split
+    coordinator and a streaming execution per split and epoch, ~20 s an epoch for two tiny splits
+    on 2 cores, for a pass that needs no shuffle and no balancing. Either way the
     train split is divided into equal row counts (so every worker runs the same number of steps,
     which DDP and the embedding all-to-alls need; with `shuffle=False` step t of all workers
     together trains on the rows one process reading the split in order takes at step t);
@@ -57,12 +61,11 @@ from ray.train.torch import TorchTrainer
 from din_ray import checkpoint as ckpt
 from din_ray.config import TrainConfig
 from din_ray.data import in_memory
-from din_ray.data.format import SPLITS, DataError, PreparedDataset, to_numpy
+from din_ray.data.format import SPLITS, DataError, PreparedDataset, iter_numpy_batches, to_numpy
 from din_ray.embeddings.sharding import ShardedEmbeddingTables, embedding_group, plan_tables
 from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model import CTRModel, build_model
 from din_ray.ray_session import connect
-from din_ray.schema import Schema
 from din_ray.train.env import WorkerEnv
 from din_ray.train.faults import FaultInjector, plans_from_env
 from din_ray.train.loop import train_loop
@@ -77,15 +80,17 @@ log = logging.getLogger(__name__)
 class RayEnv(WorkerEnv):
     """A Ray Train worker's batches, tables, collectives and checkpoints."""
 
-    def __init__(self, cfg: TrainConfig, schema: Schema,
+    def __init__(self, cfg: TrainConfig, dataset: PreparedDataset,
                  columns: dict[str, dict[str, np.ndarray]] | None = None,
                  faults: list[dict] | None = None) -> None:
         """`columns`: the splits delivered whole (split -> `in_memory.read_columns` arrays);
-        the others come from this worker's Ray Data shards. `faults`: the tests' planned
-        worker exits (din_ray.train.faults; none outside the tests)."""
+        the others come from this worker's Ray Data shard (train) or its part of the split's
+        row groups (valid, test). `faults`: the tests' planned worker exits
+        (din_ray.train.faults; none outside the tests)."""
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self.cfg, self.schema, self.columns = cfg, schema, columns or {}
+        self.cfg, self.dataset, self.columns = cfg, dataset, columns or {}
+        self.schema = dataset.schema
         self.faults = FaultInjector(faults or [], self.rank)
         self.device = ray.train.torch.get_device() if cfg.execution.use_gpu else torch.device("cpu")
         # Host-side control traffic (the lockstep flags, gathered predictions) on gloo, so it
@@ -134,9 +139,9 @@ class RayEnv(WorkerEnv):
             numpy = in_memory.iter_batches(self.schema, columns, rows,
                                            self.cfg.optim.eval_batch_size)
             return self._lockstep(self.faults.around(numpy, self.epoch, "eval"), pad=True)
-        batches = ray.train.get_dataset_shard(split).iter_batches(
-            batch_size=self.cfg.optim.eval_batch_size, batch_format="pyarrow")
-        numpy = (to_numpy(self.schema, b) for b in batches)
+        numpy = iter_numpy_batches(self.dataset.files(split), self.schema,
+                                   self.cfg.optim.eval_batch_size,
+                                   part=(self.rank, self.world_size))
         return self._lockstep(self.faults.around(numpy, self.epoch, "eval"), pad=True)
 
     def _lockstep(self, batches: Iterator[dict[str, np.ndarray]], pad: bool
@@ -215,13 +220,14 @@ def _train_worker(config: dict) -> None:
     cfg = TrainConfig.from_dict(config["train"])
     torch.set_num_threads(cfg.execution.threads or max(1, int(cfg.execution.cpus_per_worker)))
     columns = {split: ray.get(ref) for split, ref in config["in_memory"].items()}
-    env = RayEnv(cfg, PreparedDataset.open(cfg.data).schema, columns, config.get("faults"))
+    env = RayEnv(cfg, PreparedDataset.open(cfg.data), columns, config.get("faults"))
     train_loop(cfg, env)
 
 
-class EvalSplitConfig(DataConfig):
-    """Train split into equal row counts (DDP and the all-to-alls need equal step counts; at
-    most workers - 1 rows per epoch are dropped); valid/test split without dropping any row.
+class TrainSplitConfig(DataConfig):
+    """The streamed train split into equal row counts (DDP and the all-to-alls need equal step
+    counts; at most workers - 1 rows per epoch are dropped). (Valid and test never reach Ray
+    Data: each worker reads its part of their row groups, `RayEnv.eval_batches`.)
 
     The train split's blocks keep their (seeded, see `_read_split`) order through the split.
     `ordered=True` (cfg.optim.shuffle off) hands every worker the whole train split in file order
@@ -234,17 +240,6 @@ class EvalSplitConfig(DataConfig):
         options = {"train": self.default_ingest_options()}
         options["train"].preserve_order = True
         super().__init__(datasets_to_split=[] if ordered else "all", execution_options=options)
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        out = super().configure({k: v for k, v in datasets.items() if k == "train"}, world_size,
-                                worker_handles, worker_node_ids, **kwargs)
-        for name, ds in datasets.items():
-            if name != "train":
-                if ds.name is None:
-                    ds.set_name(name)  # names the split in Ray Data's logs and dashboard
-                for i, it in enumerate(ds.streaming_split(world_size, equal=False)):
-                    out[i][name] = it
-        return out
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -286,11 +281,11 @@ def build_trainer(cfg: TrainConfig, dataset: PreparedDataset, callbacks: list | 
     """The TorchTrainer of one run; `callbacks` go into its RunConfig (din_ray.tune.run passes
     `TuneReportCallback()` so Tune sees every epoch's report). `in_memory_splits` (from
     `put_small_splits`; a Tune search passes the one it made for all its trials) are the splits
-    delivered whole; None reads them here. The rest stream through Ray Data."""
+    delivered whole; None reads them here. A train split not among them streams through Ray
+    Data; valid/test not among them are read by the workers themselves (`RayEnv.eval_batches`)."""
     if in_memory_splits is None:
         in_memory_splits = put_small_splits(dataset, cfg)
-    datasets = {split: _read_split(dataset, split, cfg) for split in SPLITS
-                if split not in in_memory_splits}
+    datasets = {} if "train" in in_memory_splits else {"train": _read_split(dataset, cfg)}
     return _trainer(cfg, datasets, in_memory_splits, callbacks)
 
 
@@ -312,23 +307,22 @@ def put_small_splits(dataset: PreparedDataset, cfg: TrainConfig) -> dict[str, ra
     return refs
 
 
-def _read_split(dataset: PreparedDataset, split: str, cfg: TrainConfig) -> ray.data.Dataset:
-    """A large split as a Ray Dataset, streamed from its Parquet files on every pass.
+def _read_split(dataset: PreparedDataset, cfg: TrainConfig) -> ray.data.Dataset:
+    """A large train split as a Ray Dataset, streamed from its Parquet files on every pass.
 
-    The train split's file order is set by the run's seed and the epoch: every epoch is one
+    The file order is set by the run's seed and the epoch: every epoch is one
     execution of the split, and Ray Data reseeds a seeded file shuffle with the execution's
     index, so each epoch reads the files in another order, the same in every run with this
     seed. Blocks keep that order through the read and the split between workers
     (`preserve_order`, also given to Ray Train by `_trainer`), not the order in which read tasks
     happen to finish; rows are then shuffled inside each worker's buffer (`RayEnv.train_batches`,
     seeded by seed, epoch and rank). (Small splits never come here: `put_small_splits`.)"""
-    shuffle = (FileShuffleConfig(seed=cfg.optim.seed)
-               if split == "train" and cfg.optim.shuffle else None)
-    ds = ray.data.read_parquet([str(f) for f in dataset.files(split)], shuffle=shuffle)
+    shuffle = FileShuffleConfig(seed=cfg.optim.seed) if cfg.optim.shuffle else None
+    ds = ray.data.read_parquet([str(f) for f in dataset.files("train")], shuffle=shuffle)
     ds.context.execution_options.preserve_order = True
-    # Each dataset carries its own copy of the DataContext into the split coordinators: no
-    # progress bars there (three datasets per epoch would bury the training log), and the
-    # caller's context is left alone.
+    # The dataset carries its own copy of the DataContext into the split coordinator: no
+    # progress bars there (one per epoch would bury the training log), and the caller's
+    # context is left alone.
     ds.context.enable_progress_bars = False
     return ds
 
@@ -355,7 +349,7 @@ def _trainer(cfg: TrainConfig, datasets: dict, in_memory_splits: dict[str, ray.O
                                                checkpoint_score_order="max"),
             callbacks=callbacks),
         datasets=datasets or None,
-        dataset_config=EvalSplitConfig(ordered=not cfg.optim.shuffle),
+        dataset_config=TrainSplitConfig(ordered=not cfg.optim.shuffle),
     )
 
 

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from builders import random_columns, tiny_schema, write_tiny_dataset
 
-from din_ray.data.format import DataError, DatasetWriter, PreparedDataset
+from din_ray.data.format import (DataError, DatasetWriter, PreparedDataset, iter_numpy_batches,
+                               to_arrow)
 from din_ray.schema import SchemaError
 
 
@@ -184,3 +185,31 @@ def test_a_dataset_without_recorded_sizes_still_names_an_unreadable_file(copy):
     pq.write_table(pq.read_table(g).slice(0, 3), f)
     with pytest.raises(DataError, match="rows but dataset.json says"):
         PreparedDataset.open(copy)
+
+
+def test_the_parts_of_a_split_hold_every_row_exactly_once(tmp_path):
+    # What each Ray worker evaluates of a streamed valid/test split: every n-th row group,
+    # counted over the files in order, 2 files of 5 and 10 row groups of up to 7 rows.
+    schema = tiny_schema()
+    cols = random_columns(schema, 100, seed=0)
+    cols["user"] = np.arange(100)  # a row's identity
+    files = []
+    for i, (lo, hi) in enumerate([(0, 30), (30, 100)]):
+        files.append(tmp_path / f"part-{i}.parquet")
+        pq.write_table(to_arrow(schema, {k: v[lo:hi] for k, v in cols.items()}), files[-1],
+                       row_group_size=7)
+
+    def rows(part):
+        batches = list(iter_numpy_batches(files, schema, 16, part=part))
+        return np.concatenate([b["user"] for b in batches]) if batches else np.zeros(0, int)
+
+    for n in (1, 2, 3, 16):  # 16 parts of 15 row groups: the last one is empty
+        parts = [rows((i, n)) for i in range(n)]
+        assert sorted(np.concatenate(parts).tolist()) == list(range(100)), n
+        for p in parts:  # whole row groups, in file order
+            assert (np.diff(p) > 0).all()
+        whole = next(iter_numpy_batches(files, schema, 100))
+        np.testing.assert_array_equal(whole["hist_item_id"][parts[0]],
+                                      cols["hist_item_id"][parts[0]])
+    with pytest.raises(ValueError, match=r"part must be \(i, n\) with 0 <= i < n, got \(2, 2\)"):
+        next(iter_numpy_batches(files, schema, 16, part=(2, 2)))

@@ -98,12 +98,18 @@ def test_killed_worker_recovers_and_rerun_resumes(ray_cluster, data, tmp_path, m
 
     # Rerunning the same command with one more epoch resumes after epoch 2 (Train V2 finds the
     # run's snapshot under the same storage path and name): epochs 1-2 are not retrained. This
-    # run streams every split through Ray Data (the path of splits above cache_below_mb); the
+    # run streams every split from its files (the path of splits above cache_below_mb: train
+    # through Ray Data, valid/test read by the workers); the
     # first one got its splits whole from the driver through the object store.
     again = run_ray(cfg.replace(epochs=3, cache_below_mb=0))
     assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
     assert again["history"][:2] == result["history"]
     assert sorted(p.name for p in run_dir.glob("epoch-*"))[-1] == "epoch-0003"
+    # Each worker evaluated its part of the streamed splits' row groups: together every row
+    # once, as one process scoring epoch 3's checkpoint.
+    single = evaluate_checkpoint(run_dir / "epoch-0003", data)
+    for key in ("valid_gauc", "valid_logloss", "test_gauc", "test_logloss"):
+        assert again["history"][2][key] == pytest.approx(single[key], abs=1e-6), key
 
 
 def test_a_local_rays_train_controller_polls_its_workers_every_quarter_second(ray_cluster):
