@@ -15,8 +15,13 @@ import pyarrow.parquet as pq
 import pytest
 from builders import random_columns, tiny_schema, write_tiny_dataset
 
-from din_ray.data.format import (DataError, DatasetWriter, PreparedDataset, iter_numpy_batches,
-                               to_arrow)
+from din_ray.data.format import (
+    DataError,
+    DatasetWriter,
+    PreparedDataset,
+    iter_numpy_batches,
+    to_arrow,
+)
 from din_ray.schema import SchemaError
 
 
