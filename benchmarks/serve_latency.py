@@ -200,6 +200,20 @@ def _reference_forms():
     return restore
 
 
+def unfused_matmul_flops(scorer, request) -> int:
+    """The matmul FLOPs of scoring `request`, counted as the unfused path does the work (the
+    fused path's column of ones and pooling matmul are bookkeeping, ~2 %)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    restore = _unfused_one_history()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            scorer.logits(request)
+    finally:
+        restore()
+    return counter.get_total_flops()
+
+
 def _unfused_one_history():
     """Swap in the one-history attention as it was before the fused path (the first layer's
     bias copied into the output, Dice in five passes, the pooling as a (C, L, D) product and a
@@ -247,13 +261,7 @@ def matmul_profile(checkpoint: Path, bodies: list[dict], rounds: int = 30,
     fused_flops = counter.get_total_flops()
     # The shares count the model's matmul work as the unfused path does it: the fused path's
     # column of ones and its pooling matmul add ~2 % of FLOPs that are bookkeeping, not work.
-    restore = _unfused_one_history()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            scorer.logits(request)
-    finally:
-        restore()
-    flops = counter.get_total_flops()
+    flops = unfused_matmul_flops(scorer, request)
 
     def reference(r):
         restore = _reference_forms()

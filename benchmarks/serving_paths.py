@@ -65,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import torch
-    from serve_latency import _unfused_one_history, make_bodies
-    from torch.utils.flop_counter import FlopCounterMode
+    from serve_latency import make_bodies, unfused_matmul_flops
 
     from din_ray.checkpoint import resolve_checkpoint
     from din_ray.model import layers
@@ -85,13 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     body = make_bodies(checkpoint, 1, args.candidates, 0)[0]
     request = [served.parser.parse_body(json.dumps(body).encode())]
     scorer = served.scorer
-    restore = _unfused_one_history()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            scorer.logits(request)
-    finally:
-        restore()
-    flops = counter.get_total_flops()
+    flops = unfused_matmul_flops(scorer, request)
 
     def run(name: str):
         def f():
