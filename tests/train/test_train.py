@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from builders import tiny_config, write_tiny_dataset
@@ -18,10 +19,11 @@ from din_ray.checkpoint import (
 )
 from din_ray.cli import main as cli_main
 from din_ray.config import TrainConfig
-from din_ray.data.format import DataError
+from din_ray.data import in_memory
+from din_ray.data.format import DataError, PreparedDataset
 from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.train.evaluate import evaluate_checkpoint
-from din_ray.train.local import run_local
+from din_ray.train.local import LocalEnv, run_local
 
 
 @pytest.fixture(scope="module")
@@ -269,3 +271,27 @@ def test_local_train_order_is_set_by_the_seed_and_changes_every_epoch(data, tmp_
     assert first[0] != first[1] and first[1] != first[2]  # each epoch another order
     assert first[0] != order(4, 0)
     assert all(sorted(o) == sorted(first[0]) for o in first)  # every row once
+
+
+def test_a_local_epoch_is_one_permutation_of_the_whole_train_split(tmp_path):
+    # Streamed file by file, an epoch's batches each came from one Parquet file; a split below
+    # cache_below_mb is permuted whole, as a Ray run's in-memory split with the same seed.
+    data = write_tiny_dataset(tmp_path / "data", rows=600)
+    dataset = PreparedDataset.open(data)
+    sizes = [pq.ParquetFile(f).metadata.num_rows for f in dataset.files("train")]
+    assert len(sizes) > 1
+    whole = in_memory.read_columns(dataset, "train")
+    env = LocalEnv(tiny_config(data, tmp_path / "out", batch_size=32, seed=3), dataset)
+    order = in_memory.epoch_permutation(sum(sizes), 3 * 10_007 + 1)  # seed 3, epoch 1
+    batches = list(env.train_batches(1))
+    for column in ("hist_item_id", "item_id", "label"):
+        np.testing.assert_array_equal(np.concatenate([b[column] for b in batches]),
+                                      whole[column][order])
+    file_of_row = np.repeat(np.arange(len(sizes)), sizes)
+    assert len(set(file_of_row[order[:32]])) > 1  # the first batch mixes the files
+
+    # Above cache_below_mb the split still streams (every row once an epoch).
+    streamed = LocalEnv(tiny_config(data, tmp_path / "out2", batch_size=32, seed=3,
+                                    cache_below_mb=0), dataset)
+    assert streamed.train_columns is None
+    assert sum(len(b["label"]) for b in streamed.train_batches(1)) == sum(sizes)
