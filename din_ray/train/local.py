@@ -6,7 +6,8 @@ all its rows (`din_ray.data.in_memory`, as a Ray run's in-memory splits, same se
 streams from its Parquet files, shuffled file by file. Streaming shuffled only inside a file:
 every batch of an epoch's first fifth came from one file of the synthetic set's five, and at the
 reference DIN's settings din-ray stayed ~0.005 validation GAUC below a plain DIN that permutes the
-whole split (docs/results.md, "Defaults vs a plain DIN", session 5).
+whole split; permuted whole, the defaults are level with it (12 seeds; docs/results.md,
+"Defaults vs a plain DIN", session 5).
 
     din-ray train --local --data runs/ml --model din --epochs 5 --output runs/din
 """
