@@ -175,13 +175,14 @@ def ref_mlp(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
     return mlp.out(h)
 
 
-def trained_looking(module: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial slopes and moving averages in every activation of `module`."""
+def trained_looking(module: torch.nn.Module, mean: float = 0.5) -> torch.nn.Module:
+    """Non-trivial slopes and moving averages in every activation of `module` (Dice's running
+    means drawn from [-mean, mean])."""
     for m in module.modules():
         if isinstance(m, (Dice, PReLU)):
             m.alpha.data.uniform_(-0.5, 0.5)
         if isinstance(m, Dice):
-            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_mean.uniform_(-mean, mean)
             m.running_var.uniform_(0.5, 2.0)
     return module
 
@@ -353,14 +354,8 @@ def test_fused_one_history_attention_equals_reference(activation, softmax, users
     activation and normalisation, for one history and a batch of several; an empty history
     gets zero weights."""
     torch.manual_seed(5)
-    att = TargetAttention(dim=8, hidden=(10, 6, 5), activation=activation,
-                          softmax=softmax).eval()
-    for m in att.modules():
-        if isinstance(m, (Dice, PReLU)):
-            m.alpha.data.uniform_(-0.5, 0.5)
-        if isinstance(m, Dice):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 2.0)
+    att = trained_looking(TargetAttention(dim=8, hidden=(10, 6, 5), activation=activation,
+                                          softmax=softmax).eval(), mean=0.2)
     _, keys, mask = padded_inputs(B=6)
     keys, mask = keys[:users].clone(), mask[:users]  # row 0 is the empty history
     owner = torch.arange(users).repeat_interleave(torch.tensor([4, 1, 3][:users]))
