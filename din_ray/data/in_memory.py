@@ -27,6 +27,12 @@ from din_ray.data.format import DataError, PreparedDataset, to_numpy
 from din_ray.schema import Schema
 
 
+def split_mb(dataset: PreparedDataset, split: str) -> float:
+    """The split's Parquet files in MB: what `TrainConfig.execution.cache_below_mb` is compared
+    with, by `--local` and Ray runs alike, to hold a split in memory or stream it."""
+    return sum(f.stat().st_size for f in dataset.files(split)) / 2**20
+
+
 def read_columns(dataset: PreparedDataset, split: str) -> dict[str, np.ndarray]:
     """A whole split as numpy columns in their stored types (int8 label, int64 user, int32
     ids; behaviour columns (N, L)), half the size of the int64 training batches."""

@@ -299,7 +299,7 @@ def put_small_splits(dataset: PreparedDataset, cfg: TrainConfig) -> dict[str, ra
     a few MB reads here in a fraction of a second, and the workers slice it in place."""
     refs = {}
     for split in SPLITS:
-        size_mb = sum(f.stat().st_size for f in dataset.files(split)) / 2**20
+        size_mb = in_memory.split_mb(dataset, split)
         if size_mb < cfg.execution.cache_below_mb:
             refs[split] = ray.put(in_memory.read_columns(dataset, split))
             log.info("%s split: %.1f MB of Parquet, read once and shared through the object "

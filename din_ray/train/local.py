@@ -46,10 +46,10 @@ class LocalEnv(WorkerEnv):
         self.cfg, self.dataset = cfg, dataset
         self.root = Path(cfg.output) / "checkpoints"
         self.device = torch.device(cfg.execution.device or "cpu")
-        size_mb = sum(f.stat().st_size for f in dataset.files("train")) / 2**20
         # The train split's columns in their stored widths, or None to stream it.
         self.train_columns = (in_memory.read_columns(dataset, "train")
-                              if size_mb < cfg.execution.cache_below_mb else None)
+                              if in_memory.split_mb(dataset, "train")
+                              < cfg.execution.cache_below_mb else None)
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         seed = self.cfg.optim.seed * 10_007 + epoch  # as RayEnv seeds its permutation
