@@ -49,6 +49,12 @@ def read_columns(dataset: PreparedDataset, split: str) -> dict[str, np.ndarray]:
     return out
 
 
+def epoch_seed(run_seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s training order in a run seeded `run_seed`: the same for
+    `--local` and every Ray worker, so both take one order of the split."""
+    return run_seed * 10_007 + epoch
+
+
 def epoch_permutation(num_rows: int, seed: int) -> np.ndarray:
     """The order of the training rows in one epoch; `seed` is the run's per-epoch seed, the
     same on every worker (each worker's share is a slice of this one order). -> (num_rows,)"""

@@ -102,10 +102,11 @@ class RayEnv(WorkerEnv):
     # data
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         self.epoch = epoch
+        seed = in_memory.epoch_seed(self.cfg.optim.seed, epoch)
         if "train" in self.columns:
             columns = self.columns["train"]
             rows = in_memory.train_rows(len(columns[self.schema.label]), self.rank,
-                                        self.world_size, seed=self.cfg.optim.seed * 10_007 + epoch,
+                                        self.world_size, seed=seed,
                                         shuffle=self.cfg.optim.shuffle)
             numpy = in_memory.iter_batches(self.schema, columns, rows, self.cfg.optim.batch_size)
             return self._lockstep(self.faults.around(numpy, epoch), pad=False)
@@ -114,7 +115,7 @@ class RayEnv(WorkerEnv):
             batches = shard.iter_batches(
                 batch_size=self.cfg.optim.batch_size, batch_format="pyarrow",
                 local_shuffle_buffer_size=8 * self.cfg.optim.batch_size,
-                local_shuffle_seed=(self.cfg.optim.seed * 10_007 + epoch) * 1_009 + self.rank)
+                local_shuffle_seed=seed * 1_009 + self.rank)
         else:
             batches = self._share_of_global_batches(shard)
         numpy = (to_numpy(self.schema, b) for b in batches)

@@ -52,7 +52,7 @@ class LocalEnv(WorkerEnv):
                               < cfg.execution.cache_below_mb else None)
 
     def train_batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        seed = self.cfg.optim.seed * 10_007 + epoch  # as RayEnv seeds its permutation
+        seed = in_memory.epoch_seed(self.cfg.optim.seed, epoch)
         if self.train_columns is not None:
             columns = self.train_columns
             rows = in_memory.train_rows(len(columns[self.dataset.schema.label]), 0, 1, seed=seed,
