@@ -38,6 +38,12 @@ def serve_args(args: argparse.Namespace, checkpoint: Path) -> ServeArgs:
     """The application's arguments for the command line's settings (and API token)."""
     values = {field: getattr(args, field) for field, _ in FLAGS.values()}
     token = access_token(args.host, args.token_file, args.insecure)
+    if args.grpc_port is not None and token is None and not args.insecure:
+        # Serve's gRPC proxy listens on every interface ([::]:port), whatever --host says.
+        raise ValueError(f"--grpc-port {args.grpc_port}: Serve's gRPC proxy listens on every "
+                         "interface and accepts connections from other machines: give an API "
+                         f"token with --token-file or ${TOKEN_ENV}, or pass --insecure to "
+                         "serve without one")
     if token is not None:
         values["token_sha256"] = hashlib.sha256(token.encode()).hexdigest()
     return ServeArgs(checkpoint=str(checkpoint), **values)
@@ -48,7 +54,8 @@ def app_config(args: argparse.Namespace, checkpoint: Path) -> dict:
     from din_ray.serve.deploy import app_config as config_for
 
     return config_for(serve_args(args, checkpoint), host=args.host, port=args.port,
-                      access_log=args.access_log, request_timeout_s=args.request_timeout_s)
+                      access_log=args.access_log, request_timeout_s=args.request_timeout_s,
+                      grpc_port=args.grpc_port)
 
 
 def _stop(signum, frame) -> None:
@@ -64,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from din_ray.ray_session import connect
     from din_ray.serve.deploy import deploy
+    from din_ray.serve.grpc_api import METHOD
 
     temp_dir = str(Path(args.temp_dir).resolve()) if args.temp_dir else None
     connect(args.address, num_cpus=args.num_cpus, temp_dir=temp_dir, log_to_driver=args.verbose)
@@ -71,7 +79,9 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         deploy(config)
         print(f"serving {checkpoint} at http://{args.host}:{args.port}/v1/ctr "
-              "(GET /v1/model, /v1/stats, /healthz); Ctrl-C to stop", flush=True)
+              "(GET /v1/model, /v1/stats, /healthz)"
+              + (f" and gRPC [::]:{args.grpc_port} {METHOD}" if args.grpc_port is not None
+                 else "") + "; Ctrl-C to stop", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
@@ -88,6 +98,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="checkpoint, train output (checkpoint/) or tune output (best.json)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve the CTR endpoint over gRPC on this port (every interface; "
+                        "method /din_ray.CTR/Score, the same JSON body; din_ray.serve.grpc_api)")
     p.add_argument("--request-timeout-s", type=float, default=REQUEST_TIMEOUT_S,
                    help="the HTTP proxy answers a request not done in this time with 408 "
                         f"instead of holding it (default {REQUEST_TIMEOUT_S:g})")

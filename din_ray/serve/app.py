@@ -12,7 +12,10 @@ model `din_ray.serve.settings.ServeArgs`, so Serve validates the `args` of a con
         "Drama"]}, "candidates": [{"item_id": 296, "cate_id": "Comedy"}], "explain": true}'
 
 Endpoints: POST /v1/ctr (request format in `din_ray.serve.request`), GET /v1/model, GET /v1/stats
-(this replica's batching counters), GET /healthz.
+(this replica's batching counters), GET /healthz; and, where Serve's gRPC proxy runs
+(`din-ray serve --grpc-port`), the gRPC method `din_ray.CTR/Score`: the same JSON body and
+response as POST /v1/ctr, the same token (as `authorization` metadata) and batches
+(`din_ray.serve.grpc_api`).
 
 Access. Given `token_sha256` (the hex SHA-256 of an API token; `din-ray serve` derives it from
 `--token-file` or DIN_RAY_SERVE_TOKEN and requires one to bind beyond loopback), every endpoint
@@ -49,26 +52,37 @@ parameter, and Serve reads `build_app`'s to find its Pydantic model.)
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import os
 import time
 from collections import Counter, deque
 from dataclasses import asdict, dataclass
 
+import grpc
 import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
+from ray.serve.grpc_util import RayServegRPCContext
 from starlette.exceptions import HTTPException
 
 from din_ray.serve.access import TOKEN_ENV, access_token
+from din_ray.serve.grpc_api import STATUS_CODES, JSONMessage
 from din_ray.serve.request import ParsedRequest, RequestError, RequestLimits
 from din_ray.serve.scoring import Scores, ServedModel, resolve_checkpoint
 from din_ray.serve.settings import BatchingConfig, ServeArgs
 
 log = logging.getLogger(__name__)
+
+
+def unauthorized() -> RequestError:
+    """The refusal of a request without the API token (HTTP 401, gRPC UNAUTHENTICATED)."""
+    return RequestError(401, "authorization",
+                        "missing or wrong API token; send 'Authorization: Bearer <token>'")
+
 
 api = FastAPI(title="din-ray", description="DIN click-through-rate scoring")
 
@@ -219,19 +233,22 @@ class CTRServer:
         # validated (and queued for the next batch) meanwhile.
         return await asyncio.to_thread(score_jobs, jobs)
 
-    def _refused(self, request: Request) -> JSONResponse | None:
-        """401 unless the request carries the API token (when one is configured). Digests of
-        equal length are compared in constant time, so timing reveals nothing of the token."""
+    def _authorized(self, authorization: str) -> bool:
+        """Whether an `Authorization` header (or gRPC metadata) value carries the API token, or
+        no token is configured. Digests of equal length are compared in constant time, so
+        timing reveals nothing of the token."""
         if self.token_sha256 is None:
-            return None
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            return True
+        scheme, _, token = authorization.partition(" ")
         given = hashlib.sha256(token.strip().encode("utf-8", "surrogateescape")).hexdigest()
-        if scheme.lower() == "bearer" and hmac.compare_digest(given, self.token_sha256):
+        return scheme.lower() == "bearer" and hmac.compare_digest(given, self.token_sha256)
+
+    def _refused(self, request: Request) -> JSONResponse | None:
+        """401 unless the request carries the API token (when one is configured)."""
+        if self._authorized(request.headers.get("authorization", "")):
             return None
-        return JSONResponse({"error": {"field": "authorization", "message":
-                                       "missing or wrong API token; send 'Authorization: "
-                                       "Bearer <token>'"}},
-                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return JSONResponse(unauthorized().to_dict(), status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
 
     @api.post("/v1/ctr")
     async def ctr(self, request: Request) -> JSONResponse:
@@ -245,6 +262,27 @@ class CTRServer:
             return JSONResponse(e.to_dict(), status_code=e.status)
         scores = await self.score_batch(Job(served, parsed))
         return JSONResponse(served.response(parsed, scores))
+
+    async def Score(self, body: bytes, grpc_context: RayServegRPCContext) -> JSONMessage:  # noqa: N802
+        """`POST /v1/ctr` over gRPC (`din_ray.serve.grpc_api`): the same JSON body in, the same
+        JSON out, the same batches. A refusal sets the gRPC code matching the HTTP status
+        (`STATUS_CODES`) with the error JSON as its details."""
+        metadata = dict(grpc_context.invocation_metadata())
+        try:
+            if not self._authorized(metadata.get("authorization", "")):
+                raise unauthorized()
+            if len(body) > self.limits.max_body_bytes:
+                raise RequestError(413, "body", f"{len(body)} bytes; the limit is "
+                                                f"{self.limits.max_body_bytes}")
+            served = self.served
+            parsed = served.parser.parse_body(body)
+        except RequestError as e:
+            error = json.dumps(e.to_dict())
+            grpc_context.set_code(STATUS_CODES.get(e.status, grpc.StatusCode.INVALID_ARGUMENT))
+            grpc_context.set_details(error)
+            return JSONMessage(error.encode())
+        scores = await self.score_batch(Job(served, parsed))
+        return JSONMessage(json.dumps(served.response(parsed, scores)).encode())
 
     @api.get("/v1/model", response_model=None)
     def model(self, request: Request) -> dict | JSONResponse:

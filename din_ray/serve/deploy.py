@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from din_ray.ray_session import dashboard_url
+from din_ray.serve.grpc_api import SERVICER_FUNCTION
 from din_ray.serve.scoring import resolve_checkpoint
 from din_ray.serve.settings import REQUEST_TIMEOUT_S, BatchingConfig, ServeArgs
 
@@ -40,7 +41,8 @@ LIVE_ARGS = {"max_batch_size", "batch_wait_ms"}
 def app_config(args: ServeArgs | dict, *, host: str = "127.0.0.1", port: int = 8000,
                user_config: dict | None = None, deployment: dict | None = None,
                access_log: bool = False,
-               request_timeout_s: float = REQUEST_TIMEOUT_S) -> dict:
+               request_timeout_s: float = REQUEST_TIMEOUT_S,
+               grpc_port: int | None = None) -> dict:
     """A Serve config (the schema of serve/config.yaml) running the CTR app with `args`.
 
     Args:
@@ -51,6 +53,9 @@ def app_config(args: ServeArgs | dict, *, host: str = "127.0.0.1", port: int = 8
         deployment: further deployment options (num_replicas, autoscaling_config, ...).
         request_timeout_s: the HTTP proxy answers a request not done after this many seconds
             with 408 instead of holding it (see `REQUEST_TIMEOUT_S`).
+        grpc_port: also start Serve's gRPC proxy on this port with the `din_ray.CTR` service
+            (`din_ray.serve.grpc_api`). It listens on every interface, and like the HTTP port
+            it is fixed when Serve starts: a later deploy cannot change it.
     """
     args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     batching = (args.batching() if user_config is None
@@ -59,7 +64,7 @@ def app_config(args: ServeArgs | dict, *, host: str = "127.0.0.1", port: int = 8
     # max_ongoing_requests at least the batch size that user_config asks for.
     args = args.model_copy(update={"max_ongoing_requests": max(args.ongoing_requests(),
                                                                batching.max_batch_size)})
-    return {
+    config = {
         "proxy_location": "HeadOnly",
         "http_options": {"host": host, "port": port, "request_timeout_s": request_timeout_s},
         "applications": [{
@@ -70,6 +75,10 @@ def app_config(args: ServeArgs | dict, *, host: str = "127.0.0.1", port: int = 8
             "deployments": [{"name": DEPLOYMENT, **(deployment or {}), "user_config": live}],
         }],
     }
+    if grpc_port is not None:
+        config["grpc_options"] = {"port": grpc_port, "request_timeout_s": request_timeout_s,
+                                  "grpc_servicer_functions": [SERVICER_FUNCTION]}
+    return config
 
 
 def with_checkpoint(config: dict, checkpoint: str | Path) -> dict:

@@ -36,7 +36,7 @@ from din_ray.schema import PAD_ID
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from din_ray.serve import app  # noqa: E402
+from din_ray.serve import app, grpc_api  # noqa: E402
 from din_ray.serve import deploy as serve_deploy  # noqa: E402
 from din_ray.serve.settings import (  # noqa: E402
     GPU_BATCH_WAIT_S,
@@ -63,14 +63,15 @@ def _free_port() -> int:
 def server(ray_serve_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     run = train_tiny(root, "din")
-    port = _free_port()
+    port, grpc_port = _free_port(), _free_port()
     args = {"checkpoint": str(run), "max_candidates": 8, "max_body_bytes": 4000,
             "token_sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
     try:
-        serve_deploy.deploy(serve_deploy.app_config(args, port=port, user_config={
-            "max_batch_size": 64, "batch_wait_timeout_s": 0.05}))
+        serve_deploy.deploy(serve_deploy.app_config(args, port=port, grpc_port=grpc_port,
+                                                    user_config={"max_batch_size": 64,
+                                                                 "batch_wait_timeout_s": 0.05}))
         yield {"url": f"http://127.0.0.1:{port}", "run": run, "root": root, "args": args,
-               "port": port}
+               "port": port, "grpc": f"127.0.0.1:{grpc_port}"}
     finally:
         serve.shutdown()
 
@@ -345,6 +346,52 @@ def test_every_endpoint_but_healthz_needs_the_token(server):
     assert r.status_code == 405 and r.json()["error"]["field"] == "method"
 
 
+def _grpc_score(server, body: bytes, metadata=(("authorization", f"Bearer {TOKEN}"),)):
+    """One call of din_ray.CTR/Score: (gRPC status code, the response or error JSON). The
+    `application` metadata names the app: this module's Serve also runs a DeepFM app."""
+    import grpc
+
+    metadata = (*metadata, ("application", serve_deploy.APP_NAME))
+    with grpc.insecure_channel(server["grpc"]) as channel:
+        try:
+            reply = channel.unary_unary(grpc_api.METHOD)(body, metadata=metadata, timeout=60)
+        except grpc.RpcError as e:
+            return e.code(), json.loads(e.details())
+        return grpc.StatusCode.OK, json.loads(reply)
+
+
+def test_grpc_ingress_scores_equal_the_http_endpoints(server):
+    """The same JSON body through Serve's gRPC proxy and through its HTTP proxy: the same
+    response, explain included."""
+    import grpc
+
+    for payload in payloads(server["root"] / "data", 4, seed=13):
+        for body in (payload, {**payload, "explain": True}):
+            data = json.dumps(body).encode()
+            code, reply = _grpc_score(server, data)
+            assert code == grpc.StatusCode.OK, reply
+            assert reply == _post(server, data).json()
+
+
+def test_grpc_ingress_refusals_name_the_field_and_serving_continues(server):
+    """Every bad request of the HTTP test, a body over the limit and a missing or wrong token
+    get the gRPC code matching the HTTP status, with the same error JSON as details."""
+    import grpc
+
+    for body, status, field in BAD_REQUESTS + [(b"{" + b" " * 5000 + b"}", 413, "body")]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        code, reply = _grpc_score(server, data)
+        assert code == grpc_api.STATUS_CODES[status], (field, code, reply)
+        assert reply["error"]["field"] == field, reply
+    good = json.dumps(payloads(server["root"] / "data", 1)[0]).encode()
+    for metadata in ((), (("authorization", "Bearer wrong-token-0123456789"),),
+                     (("authorization", TOKEN),)):
+        code, reply = _grpc_score(server, good, metadata)
+        assert code == grpc.StatusCode.UNAUTHENTICATED and reply["error"]["field"] == \
+            "authorization"
+    assert _grpc_score(server, good)[0] == grpc.StatusCode.OK
+
+
 def test_fuzzed_bodies_never_get_a_5xx_and_the_replica_survives(server):
     """Hostile bodies over real HTTP (valid ones mutated at every position and type, raw byte
     edits, pathological JSON): every answer is 200 or a 4xx JSON error naming a field, and the
@@ -401,6 +448,12 @@ def test_binding_beyond_loopback_needs_a_token_or_insecure(tmp_path):
     token.write_text("short")
     with pytest.raises(ValueError, match="at least 16"):
         config("--host", "10.1.2.3", "--token-file", str(token))
+    # Serve's gRPC proxy listens on every interface: --grpc-port needs a token like a wide host.
+    with pytest.raises(ValueError, match="--grpc-port 9000: .*every interface"):
+        config("--grpc-port", "9000")
+    assert "token_sha256" not in config("--grpc-port", "9000", "--insecure")
+    token.write_text(TOKEN)
+    assert config("--grpc-port", "9000", "--token-file", str(token))["token_sha256"] == digest
     assert serve_cli.access_token("::1", None, False, environ={}) is None
     assert serve_cli.access_token("example.com", None, False,
                                   environ={"DIN_RAY_SERVE_TOKEN": TOKEN}) == TOKEN
