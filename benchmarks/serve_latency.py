@@ -12,6 +12,10 @@ each scenario's load client in a SEPARATE process (this script with --client: ai
     max_batch_size=1 (every request is its own forward pass);
   * concurrency 1 against a no-op deployment behind the same proxy: the proxy -> replica hop.
 
+With --grpc, Serve also starts its gRPC proxy and every scenario (the no-op one too) runs a
+second time right after its HTTP run, through `din_ray.CTR/Score` (din_ray.serve.grpc_api: the
+same JSON bodies, a grpc.aio client in its own process): what gRPC ingress saves, side by side.
+
 With --throughput-optimized, Ray starts with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's gRPC
 data plane between proxy and replicas, direct ingress, no separate user-code thread). The goals
 of issue 15 (p99 at concurrency 1 over the in-process model time, requests/s at concurrency 16
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -48,24 +53,20 @@ sys.path.insert(0, str(ROOT))  # this checkout's din_ray, installed or not
 # --- client (runs in its own process) -----------------------------------------------------------
 async def _load(url: str, bodies: list[bytes], concurrency: int, requests: int, seconds: float,
                 warmup: int) -> dict:
-    import aiohttp
+    """`requests` calls (at most `seconds`) from `concurrency` loops after `warmup` ones, over
+    HTTP (`http://host:port/path`) or Serve's gRPC proxy (`grpc://host:port/APP`: the
+    `din_ray.CTR/Score` method of application APP); latency percentiles and requests/s."""
+    async with _sender(url, concurrency) as send:
+        latencies: list[float] = []
+        errors = 0
+        sent = 0
 
-    latencies: list[float] = []
-    errors = 0
-    sent = 0
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    timeout = aiohttp.ClientTimeout(total=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        async def post(i: int) -> float:
+        async def timed(i: int) -> float:
             t0 = time.perf_counter()
-            async with session.post(url, data=bodies[i % len(bodies)],
-                                    headers={"content-type": "application/json"}) as r:
-                await r.read()
-                if r.status != 200:
-                    raise RuntimeError(f"HTTP {r.status}")
+            await send(bodies[i % len(bodies)])
             return time.perf_counter() - t0
 
-        await asyncio.gather(*(post(i) for i in range(warmup)))
+        await asyncio.gather(*(timed(i) for i in range(warmup)))
         deadline = time.perf_counter() + seconds
 
         async def worker() -> None:
@@ -73,8 +74,8 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, requests: int, 
             while sent < requests and time.perf_counter() < deadline:
                 sent += 1
                 try:
-                    latencies.append(await post(sent))
-                except (RuntimeError, aiohttp.ClientError, asyncio.TimeoutError):
+                    latencies.append(await timed(sent))
+                except Exception:  # noqa: BLE001 (an error counts, whatever the transport's)
                     errors += 1
 
         t0 = time.perf_counter()
@@ -86,6 +87,39 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, requests: int, 
             "p50_ms": round(float(np.percentile(ms, 50)), 2) if len(ms) else None,
             "p99_ms": round(float(np.percentile(ms, 99)), 2) if len(ms) else None,
             "mean_ms": round(float(ms.mean()), 2) if len(ms) else None}
+
+
+@contextlib.asynccontextmanager
+async def _sender(url: str, concurrency: int):
+    """An async `send(body)` for `url`'s transport, its connections open for the block: one
+    aiohttp session (`concurrency` connections) or one gRPC channel (HTTP/2 multiplexes the
+    calls)."""
+    if url.startswith("grpc://"):
+        import grpc
+
+        from din_ray.serve.grpc_api import METHOD
+
+        target, _, app = url.removeprefix("grpc://").partition("/")
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = channel.unary_unary(METHOD)
+            metadata = (("application", app),)
+
+            async def send(body: bytes) -> None:
+                await call(body, metadata=metadata, timeout=60)
+            yield send
+        return
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async def send(body: bytes) -> None:
+            async with session.post(url, data=body,
+                                    headers={"content-type": "application/json"}) as r:
+                await r.read()
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}")
+        yield send
 
 
 def client_main(args: argparse.Namespace) -> int:
@@ -356,12 +390,15 @@ def start_ray(num_cpus: int, attempts: int = 3) -> str:
     raise AssertionError("unreachable")
 
 
-def noop_latency(port: int, bodies: Path, requests: int, seconds: float) -> dict:
-    """The proxy -> replica hop alone: a deployment that answers every POST with a constant,
-    through the same proxy, client and bodies (concurrency 1). Run after the model's
-    scenarios, on the same Ray cluster."""
+def noop_latency(port: int, bodies: Path, requests: int, seconds: float,
+                 grpc_port: int | None = None) -> list[dict]:
+    """The proxy -> replica hop alone: a deployment that answers every POST (and every gRPC
+    `Score` call) with a constant, through the same proxies, client and bodies (concurrency 1).
+    Run after the model's scenarios, on the same Ray cluster."""
     from ray import serve
     from starlette.responses import Response
+
+    from din_ray.serve.grpc_api import JSONMessage
 
     @serve.deployment(ray_actor_options={"num_cpus": 1})
     class Noop:
@@ -369,11 +406,25 @@ def noop_latency(port: int, bodies: Path, requests: int, seconds: float) -> dict
             await request.body()
             return Response(b"{}", media_type="application/json")
 
+        async def Score(self, body: bytes) -> JSONMessage:  # noqa: N802 (the gRPC method)
+            return JSONMessage(b"{}")
+
     serve.run(Noop.bind(), name="noop", route_prefix="/noop")
+    urls = [("http", f"http://127.0.0.1:{port}/noop")]
+    if grpc_port is not None:
+        urls.append(("grpc", f"grpc://127.0.0.1:{grpc_port}/noop"))
+    out = []
     try:
-        return run_client(f"http://127.0.0.1:{port}/noop", bodies, 1, requests, seconds)
+        for transport, url in urls:
+            try:
+                r = run_client(url, bodies, 1, requests, seconds)
+            except Exception as e:  # keep the model's figures whatever the no-op run does
+                r = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            r.update(scenario="c1-noop-deployment", concurrency=1, transport=transport)
+            out.append(r)
     finally:
         serve.delete("noop")
+    return out
 
 
 def server_main(args: argparse.Namespace) -> int:
@@ -404,6 +455,7 @@ def server_main(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
         return 0
     port = _free_port()
+    grpc_port = _free_port() if args.grpc else None
     url = f"http://127.0.0.1:{port}"
     build_args = {"checkpoint": str(checkpoint), "threads": args.threads,
                   "max_ongoing_requests": max(1024, args.max_batch_size)}
@@ -420,37 +472,41 @@ def server_main(args: argparse.Namespace) -> int:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     try:
         temp = start_ray(args.num_cpus)
-        deploy(app_config(build_args, port=port, user_config=batched))
+        deploy(app_config(build_args, port=port, user_config=batched, grpc_port=grpc_port))
         import requests as http
 
+        transports = [("http", f"{url}/v1/ctr")]
+        if grpc_port is not None:
+            transports.append(("grpc", f"grpc://127.0.0.1:{grpc_port}/din"))
         for name, concurrency, user_config in scenarios:
-            deploy(app_config(build_args, port=port, user_config=user_config))
-            before = http.get(f"{url}/v1/stats", timeout=60).json()
+            deploy(app_config(build_args, port=port, user_config=user_config,
+                              grpc_port=grpc_port))
             n = args.single_requests if concurrency == 1 else args.requests
-            r = run_client(f"{url}/v1/ctr", bodies_path, concurrency, n, args.seconds)
-            after = http.get(f"{url}/v1/stats", timeout=60).json()
-            batches = after["batches"] - before["batches"]
-            r.update(scenario=name, concurrency=concurrency, candidates=args.candidates,
-                     **user_config, batches=batches,
-                     requests_per_batch=round((after["requests"] - before["requests"])
-                                              / max(batches, 1), 2),
-                     candidates_per_batch=round((after["candidates"] - before["candidates"])
-                                                / max(batches, 1), 1))
-            results.append(r)
-            print(f"{name:24s} p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  "
-                  f"{r['qps']:8.1f} req/s  {r['requests_per_batch']:6.2f} req/batch  "
-                  f"({r['requests']} requests, {r['errors']} errors)", flush=True)
+            for transport, target in transports:  # side by side, same replica and settings
+                before = http.get(f"{url}/v1/stats", timeout=60).json()
+                r = run_client(target, bodies_path, concurrency, n, args.seconds)
+                after = http.get(f"{url}/v1/stats", timeout=60).json()
+                batches = after["batches"] - before["batches"]
+                r.update(scenario=name, transport=transport, concurrency=concurrency,
+                         candidates=args.candidates, **user_config, batches=batches,
+                         requests_per_batch=round((after["requests"] - before["requests"])
+                                                  / max(batches, 1), 2),
+                         candidates_per_batch=round((after["candidates"]
+                                                     - before["candidates"])
+                                                    / max(batches, 1), 1))
+                results.append(r)
+                print(f"{name:24s} {transport:4s} p50 {r['p50_ms']:8.2f} ms  p99 "
+                      f"{r['p99_ms']:8.2f} ms  {r['qps']:8.1f} req/s  "
+                      f"{r['requests_per_batch']:6.2f} req/batch  "
+                      f"({r['requests']} requests, {r['errors']} errors)", flush=True)
         serve.delete("din")
-        try:
-            r = noop_latency(port, bodies_path, args.single_requests, args.seconds)
-            r.update(scenario="c1-noop-deployment", concurrency=1)
-            print(f"{'c1-noop-deployment':24s} p50 {r['p50_ms']:8.2f} ms  p99 "
-                  f"{r['p99_ms']:8.2f} ms  {r['qps']:8.1f} req/s", flush=True)
-        except Exception as e:  # keep the model's figures whatever the no-op run does
-            r = {"scenario": "c1-noop-deployment", "concurrency": 1,
-                 "error": f"{type(e).__name__}: {str(e)[:300]}"}
-            print("no-op deployment failed:", r["error"], flush=True)
-        results.append(r)
+        for r in noop_latency(port, bodies_path, args.single_requests, args.seconds,
+                              grpc_port):
+            print(f"{'c1-noop-deployment':24s} {r['transport']:4s} "
+                  + (f"p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  "
+                     f"{r['qps']:8.1f} req/s" if "error" not in r
+                     else f"failed: {r['error']}"), flush=True)
+            results.append(r)
     finally:
         if ray.is_initialized():
             serve.shutdown()
@@ -467,25 +523,31 @@ def server_main(args: argparse.Namespace) -> int:
 def serving_goals(profile: dict, results: list[dict]) -> dict:
     """Issue 15, goal 3, through Serve against the in-process model time of the same run:
     p99 at concurrency 1 over the model time (goal <= 2) and a replica's requests/s at
-    concurrency 16 over the in-process model's (goal >= 0.7), each for the best scenario."""
+    concurrency 16 over the in-process model's (goal >= 0.7), each for the best scenario of
+    each transport (HTTP, and gRPC where measured: keys prefixed `grpc_`)."""
     model_ms = profile["score_1_request"]["wall_ms"]
     replica_ms = model_ms + profile["parse_one_request"]["wall_ms"]
-    c1 = [r for r in results if r["concurrency"] == 1 and "noop" not in r["scenario"]]
-    c16 = [r for r in results if r["concurrency"] == 16]
-    noop = [r for r in results if "noop" in r["scenario"] and "error" not in r]
     out: dict = {"in_process_model_ms": model_ms, "in_process_parse_and_model_ms": replica_ms,
                  "in_process_model_rps": round(1e3 / model_ms, 1)}
-    if c1:
-        best = min(c1, key=lambda r: r["p99_ms"])
-        out.update(c1_scenario=best["scenario"], c1_p50_ms=best["p50_ms"],
-                   c1_p99_ms=best["p99_ms"],
-                   c1_p99_over_model_ms=round(best["p99_ms"] / model_ms, 2))
-    if c16:
-        best = max(c16, key=lambda r: r["qps"])
-        out.update(c16_scenario=best["scenario"], c16_rps=best["qps"],
-                   c16_rps_over_model_rps=round(best["qps"] * model_ms / 1e3, 2))
-    if noop:
-        out.update(noop_p50_ms=noop[0]["p50_ms"], noop_p99_ms=noop[0]["p99_ms"])
+    for transport in ("http", "grpc"):
+        mine = [r for r in results if r.get("transport", "http") == transport
+                and "error" not in r]
+        key = "" if transport == "http" else "grpc_"
+        c1 = [r for r in mine if r["concurrency"] == 1 and "noop" not in r["scenario"]]
+        c16 = [r for r in mine if r["concurrency"] == 16]
+        noop = [r for r in mine if "noop" in r["scenario"]]
+        if c1:
+            best = min(c1, key=lambda r: r["p99_ms"])
+            out.update({f"{key}c1_scenario": best["scenario"], f"{key}c1_p50_ms": best["p50_ms"],
+                        f"{key}c1_p99_ms": best["p99_ms"],
+                        f"{key}c1_p99_over_model_ms": round(best["p99_ms"] / model_ms, 2)})
+        if c16:
+            best = max(c16, key=lambda r: r["qps"])
+            out.update({f"{key}c16_scenario": best["scenario"], f"{key}c16_rps": best["qps"],
+                        f"{key}c16_rps_over_model_rps": round(best["qps"] * model_ms / 1e3, 2)})
+        if noop:
+            out.update({f"{key}noop_p50_ms": noop[0]["p50_ms"],
+                        f"{key}noop_p99_ms": noop[0]["p99_ms"]})
     return out
 
 
@@ -518,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[16])
     p.add_argument("--throughput-optimized", action="store_true",
                    help="start Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve >= 2.55)")
+    p.add_argument("--grpc", action="store_true",
+                   help="also run every scenario through Serve's gRPC proxy (din_ray.CTR/Score, "
+                        "the same bodies), right after its HTTP run")
     p.add_argument("--requests", type=int, default=600, help="per concurrent scenario")
     p.add_argument("--single-requests", type=int, default=200, help="per concurrency-1 scenario")
     p.add_argument("--seconds", type=float, default=20.0, help="time limit per scenario")

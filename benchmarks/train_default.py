@@ -34,9 +34,10 @@ Sections:
             (in this process, through `run_local`): time per component (data loading, lookup,
             attention unit, MLP, Dice, backward, dense Adam, row-wise Adam, MBA, evaluation,
             checkpoints, start-up passes) and the top operators.
-  roofline  FLOPs per sample of the default training step (FlopCounterMode: matmuls only) and
-            the machine's matmul rate at 1 and 2 threads (torch.mm 1024²), so the achieved
-            share of it at the measured samples/s.
+  roofline  FLOPs per sample of the default training step (FlopCounterMode: matmuls only), of
+            deepctr's step too, and the machine's matmul rate at 1 and 2 threads (torch.mm
+            1024²), so the achieved share of it at the measured samples/s, and the rate din-ray's
+            matmuls would need for 3x deepctr's samples/s (goal 1).
 
 The machine is shared: only ratios from rounds run side by side mean anything; the load average
 is recorded at the start and end. Results: benchmarks/results/train_default.json.
@@ -414,15 +415,41 @@ def step_flops(data: Path) -> float:
     return counter.get_total_flops() / len(batch["label"])
 
 
+def deepctr_step_flops(data: Path) -> float:
+    """Matmul FLOPs per sample of one training step of deepctr's DIN (`DeepCTRDefault`, the
+    architecture `default_section` races), counted the same way as `step_flops`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ds = PreparedDataset.open(data)
+    trainer = DeepCTRDefault(ds, "prelu", "dice", lr=1e-3)
+    batch = next(iter_numpy_batches(ds.files("train"), ds.schema, 256))
+    x = trainer.to_x(batch)
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(x)
+    return counter.get_total_flops() / len(batch["label"])
+
+
 def roofline_section(paths: dict[str, Path], measured: dict | None) -> dict:
+    """Matmul FLOPs per sample of both sides, the rates they reach, and what goal 1 (din-ray at
+    3x deepctr's samples/s) would ask of din-ray's matmuls: `needed_for_3x_gflops`, and that as
+    a share of this machine's 1-thread torch.mm rate. din-ray does fewer FLOPs per sample (it
+    skips padded slots and computes the candidate's part of the attention's first layer once
+    per sample), so 3x needs its matmuls to run at 3 x (its FLOPs / deepctr's) x deepctr's
+    rate."""
     out = {"matmul_gflops_1_thread": matmul_rate(1), "matmul_gflops_2_threads": matmul_rate(2)}
     for name, data in paths.items():
-        row = {"flops_per_sample": step_flops(data)}
+        row = {"flops_per_sample": step_flops(data),
+               "deepctr_flops_per_sample": deepctr_step_flops(data)}
         if measured and name in measured:
             rate = measured[name]["din_ray_samples_per_s_median"]
+            theirs = measured[name]["deepctr_samples_per_s_median"]
             row["achieved_gflops"] = row["flops_per_sample"] * rate / 1e9
             row["share_of_1_thread"] = row["achieved_gflops"] / out["matmul_gflops_1_thread"]
             row["share_of_2_threads"] = row["achieved_gflops"] / out["matmul_gflops_2_threads"]
+            row["deepctr_achieved_gflops"] = row["deepctr_flops_per_sample"] * theirs / 1e9
+            row["needed_for_3x_gflops"] = 3 * theirs * row["flops_per_sample"] / 1e9
+            row["needed_for_3x_share_of_1_thread"] = (row["needed_for_3x_gflops"]
+                                                      / out["matmul_gflops_1_thread"])
         out[name] = row
     log.info("roofline: %s", out)
     return out
