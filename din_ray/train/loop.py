@@ -37,6 +37,7 @@ from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model import CTRModel, build_model
 from din_ray.schema import Schema
 from din_ray.train.counts import bias_prior, fit_from_counts
+from din_ray.train.dense_adam import DenseAdam
 from din_ray.train.env import WorkerEnv
 from din_ray.train.evaluate import evaluate_split
 from din_ray.train.forward import enable_tf32, forward, steps_per_epoch, to_torch
@@ -57,7 +58,7 @@ class EpochReporter:
 
     def __init__(self, cfg: TrainConfig, env: WorkerEnv, dataset: PreparedDataset,
                  schema: Schema, model: CTRModel, tables: EmbeddingTables,
-                 dense_opt: torch.optim.Optimizer | None, sparse_opt: RowWiseOptimizer,
+                 dense_opt: torch.optim.Optimizer | DenseAdam | None, sparse_opt: RowWiseOptimizer,
                  data_reg: BatchRegularizer) -> None:
         self.cfg, self.env, self.dataset, self.schema = cfg, env, dataset, schema
         self.model, self.tables, self.dense_opt, self.sparse_opt = (model, tables, dense_opt,
@@ -121,17 +122,15 @@ class EpochReporter:
         env.report(metrics, lambda d, m=metrics: self.write_checkpoint(d, m))
 
 
-def dense_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Adam:
+def dense_adam(params: list[nn.Parameter], lr: float) -> DenseAdam:
     """Adam over the dense parameters, with torch's fused kernel where the device has one.
 
-    The same update as the default (foreach) Adam up to float rounding, and the same state
-    (checkpoints load either way). At batch 256 the default one cost 0.5-0.8 ms a step on this
-    machine's CPU (per-parameter bias corrections read on the host), the fused one 0.1 ms
-    (benchmarks/train_default.py)."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except RuntimeError:  # no fused Adam for these parameters' device or dtype
-        return torch.optim.Adam(params, lr=lr)
+    The same update as torch.optim.Adam up to float rounding, and the same state (checkpoints
+    load either way). At batch 256 the default (foreach) torch Adam cost 0.5-0.8 ms a step on
+    this machine's CPU (per-parameter bias corrections read on the host), the fused kernel
+    0.1 ms (benchmarks/train_default.py). `DenseAdam` rather than torch.optim.Adam(fused=True):
+    torch.optim's wrappers import torch._dynamo, 2-3 s of every training process's start."""
+    return DenseAdam(params, lr=lr)
 
 
 def train_loop(cfg: TrainConfig, env: WorkerEnv) -> dict:
@@ -267,8 +266,9 @@ def _train_epoch(dense_model, model, tables, dense_opt, sparse_opt, regularizer,
 
 
 def train_step(dense_model: nn.Module, tables: EmbeddingTables, batch: dict[str, Tensor],
-               label: str, dense_opt: torch.optim.Optimizer | None, sparse_opt: RowWiseOptimizer,
-               regularizer=None, precision: str = "fp32", where: str = "") -> Tensor:
+               label: str, dense_opt: torch.optim.Optimizer | DenseAdam | None,
+               sparse_opt: RowWiseOptimizer, regularizer=None, precision: str = "fp32",
+               where: str = "") -> Tensor:
     """One optimisation step on a batch already on the tables' device: forward, backward, the
     dense update, the row-wise update of the touched rows (with `regularizer`, e.g. MBA).
 

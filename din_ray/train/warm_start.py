@@ -32,6 +32,7 @@ from din_ray.embeddings.optim import RowWiseOptimizer
 from din_ray.embeddings.tables import EmbeddingTables
 from din_ray.model import CTRModel, ModelConfig
 from din_ray.schema import Schema
+from din_ray.train.dense_adam import DenseAdam
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def check_architecture(c: Checkpoint, schema: Schema, model_config: ModelConfig,
 
 
 def init_from_checkpoint(path: str | Path, model: CTRModel, tables: EmbeddingTables,
-                         dense_opt: torch.optim.Optimizer | None,
+                         dense_opt: torch.optim.Optimizer | DenseAdam | None,
                          sparse_opt: RowWiseOptimizer, model_config: ModelConfig,
                          schema: Schema) -> Checkpoint:
     """Load `path` into this worker's model, optimizer state and table blocks (see the module

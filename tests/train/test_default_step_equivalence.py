@@ -117,7 +117,7 @@ def test_dense_adam_is_fused_on_cpu_and_equals_default_adam():
     a = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
     b = [p.detach().clone().requires_grad_(True) for p in a]
     fused, plain = dense_adam(a, 1e-2), torch.optim.Adam(b, lr=1e-2)
-    assert fused.defaults["fused"]
+    assert fused.fused
     for _ in range(5):
         grads = [torch.randn_like(p) for p in a]
         for p, q, g in zip(a, b, grads):
