@@ -20,13 +20,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/din-ray demo --output $(OUT)
 
-# The whole suite, Ray clusters, tuning searches and `ray job submit` included; --durations
-# names the slow ones. Two pytest workers, each taking whole files (a module's Ray cluster
-# fixture starts once per file): most of a Ray test's wall time is waiting on process starts,
-# so two files at a time fill the two cores that one leaves half idle.
-TEST_WORKERS ?= 2
+# The whole suite, Ray clusters, tuning searches and `ray job submit` included: about 10 min on
+# 2 quiet cores (11 min for .ci/run with the install); --durations names the slow ones.
 test: setup
-	$(PY) -m pytest -q -ra --durations=10 -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -ra --durations=10
 
 # The built wheel in a fresh venv, run from outside the checkout (.ci/run runs it after test).
 wheel-check:
