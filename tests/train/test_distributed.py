@@ -67,27 +67,43 @@ def test_bad_configuration_fails_before_any_worker_starts(data, tmp_path):
     assert not ray.is_initialized()
 
 
-@pytest.mark.timeout(1200)  # 150 s quiet: two runs, a restart after the kill
-def test_killed_worker_recovers_and_rerun_resumes(ray_cluster, data, tmp_path, monkeypatch):
-    marker = tmp_path / "killed"
-    monkeypatch.setenv(FAULTS_ENV, json.dumps({"rank": 1, "epoch": 2, "step": 1,
-                                               "marker": str(marker)}))
-    cfg = small_config(data, tmp_path / "run")
+# One run for every fault (each restart of a worker group costs seconds of Ray start-up): a worker
+# dies while evaluating epoch 1 (nothing reported yet: epoch 1 is trained again from scratch),
+# rank 1 dies in the middle of epoch 2's training, and rank 0 dies after writing epoch 2's files
+# but before reporting them (each time the group resumes from the last reported checkpoint).
+@pytest.mark.timeout(1200)  # 150 s quiet: two runs, three restarts
+def test_workers_killed_in_training_evaluation_and_checkpoint_writing_recover_and_rerun_resumes(
+        ray_cluster, data, tmp_path, monkeypatch):
+    in_train, in_eval, in_ckpt = (tmp_path / f"{phase}-killed" for phase in ("train", "eval",
+                                                                             "ckpt"))
+    monkeypatch.setenv(FAULTS_ENV, json.dumps([
+        # Any rank: a small split may all go to one worker (Ray Data splits by blocks).
+        {"phase": "eval", "epoch": 1, "step": 0, "marker": str(in_eval)},
+        {"rank": 1, "epoch": 2, "step": 1, "marker": str(in_train)},
+        {"phase": "checkpoint", "rank": 0, "epoch": 2, "step": 0, "marker": str(in_ckpt)}]))
+    cfg = small_config(data, tmp_path / "run", max_failures=3)
     result = run_ray(cfg)
 
-    # Rank 1 died in the middle of epoch 2; the group restarted from epoch 1's checkpoint.
-    assert marker.read_text() == "rank 1 epoch 2 step 1"
+    assert re.fullmatch(r"rank [01] epoch 1 step 0 eval", in_eval.read_text())
+    assert in_train.read_text() == "rank 1 epoch 2 step 1"
+    assert in_ckpt.read_text() == "rank 0 epoch 2 step 0 checkpoint"
+    # Each epoch counted once, whatever was trained twice.
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     run_dir = tmp_path / "run" / "ray" / cfg.execution.run_name
     assert sorted(p.name for p in run_dir.glob("epoch-*")) == ["epoch-0001", "epoch-0002"]
 
-    # The final checkpoint was written by two workers: one row block per worker and table.
+    # The final checkpoint is complete (opening it verifies every digest) and was written by two
+    # workers: one row block per worker and table.
     out = tmp_path / "run"
     written = json.loads((out / "metrics.json").read_text())
     assert written["best_epoch"] == result["best_epoch"]
-    c = ckpt.Checkpoint.open(out / "checkpoint")
-    assert c.manifest["world_size"] == 2
-    assert all(len(t["shards"]) == 2 for t in c.manifest["tables"].values())
+    final = ckpt.Checkpoint.open(out / "checkpoint")
+    assert final.manifest["world_size"] == 2 and final.metrics["epoch"] == result["best_epoch"]
+    assert all(len(t["shards"]) == 2 for t in final.manifest["tables"].values())
+    assert set(final.manifest["sha256"]) >= {s["file"] for t in final.manifest["tables"].values()
+                                             for s in t["shards"]}
+    history = json.loads(final.dense_state()["history"])
+    assert [h["epoch"] for h in history] == [1, 2][:result["best_epoch"]]
 
     # Metrics over all workers' gathered predictions equal one process scoring every row.
     single = evaluate_checkpoint(out / "checkpoint", data)
@@ -128,33 +144,6 @@ def test_use_gpu_without_a_gpu_fails_at_once(ray_cluster, data, tmp_path):
     # The module's cluster has CPUs only: refused before any worker waits for a GPU.
     with pytest.raises(ValueError, match="no GPU visible to Ray"):
         run_ray(small_config(data, tmp_path / "out", use_gpu=True))
-
-
-@pytest.mark.timeout(900)
-def test_workers_killed_in_evaluation_and_in_checkpoint_writing_recover(ray_cluster, data,
-                                                                        tmp_path, monkeypatch):
-    """A worker dies while evaluating epoch 1 (nothing reported yet: epoch 1 is trained again
-    from scratch), rank 0 dies after writing epoch 2's files but before reporting them (the
-    group resumes from epoch 1's checkpoint). Each epoch is counted once and the final
-    checkpoint is complete: all its files verify against the manifest's digests."""
-    in_eval, in_ckpt = tmp_path / "eval-killed", tmp_path / "ckpt-killed"
-    monkeypatch.setenv(FAULTS_ENV, json.dumps([
-        # Any rank: a small split may all go to one worker (Ray Data splits by blocks).
-        {"phase": "eval", "epoch": 1, "step": 0, "marker": str(in_eval)},
-        {"phase": "checkpoint", "rank": 0, "epoch": 2, "step": 0, "marker": str(in_ckpt)}]))
-    cfg = small_config(data, tmp_path / "run", max_failures=2)
-    result = run_ray(cfg)
-    assert re.fullmatch(r"rank [01] epoch 1 step 0 eval", in_eval.read_text())
-    assert in_ckpt.read_text() == "rank 0 epoch 2 step 0 checkpoint"
-    assert [h["epoch"] for h in result["history"]] == [1, 2]
-    run_dir = tmp_path / "run" / "ray" / cfg.execution.run_name
-    assert sorted(p.name for p in run_dir.glob("epoch-*")) == ["epoch-0001", "epoch-0002"]
-    final = ckpt.Checkpoint.open(tmp_path / "run" / "checkpoint")  # verifies every digest
-    assert final.manifest["world_size"] == 2 and final.metrics["epoch"] == result["best_epoch"]
-    assert set(final.manifest["sha256"]) >= {s["file"] for t in final.manifest["tables"].values()
-                                             for s in t["shards"]}
-    history = json.loads(final.dense_state()["history"])
-    assert [h["epoch"] for h in history] == [1, 2][:result["best_epoch"]]
 
 
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
