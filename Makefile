@@ -10,14 +10,19 @@ OUT ?= runs/demo
 
 setup: $(VENV)/.installed
 
-# --no-compile: pip byte-compiles every module of torch, Ray and pandas at install (96 s of the
-# 138 s `make setup` took on 2 cores); Python compiles the few it imports on first use instead
-# (measured: 42 s for the same install).
+# pip byte-compiles every installed module of torch, Ray and pandas on one core (96 s of the
+# 138 s `make setup` took here); installed with --no-compile and compiled afterwards on every
+# core, the same install took 95 s. The .pyc files must exist: where PYTHONDONTWRITEBYTECODE is
+# set (it is on the machine this was measured on) Python never writes them, and each Ray
+# process then compiles Ray from source again (`import ray.train.torch` 8-10 s instead of 4 s).
+# compileall's status is not checked: a few third-party files (old test fixtures) do not
+# compile, and pip skips them the same way.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --no-compile torch==2.13.0
 	$(PY) -m pip install -q --no-compile -e ".[test]"
+	-$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") > /dev/null 2>&1
 	touch $@
 
 demo: setup

@@ -46,6 +46,10 @@ BIN=$WORK/venv/bin
 
 mkdir "$WORK/run" && cd "$WORK/run"   # outside the checkout, with no PYTHONPATH
 unset PYTHONPATH
+# Installed with --no-compile, this venv has no .pyc files: let the first process that imports a
+# module write its .pyc. With PYTHONDONTWRITEBYTECODE set (as on the machine this was measured
+# on) every Ray process would compile Ray from source again, 4-6 s each.
+unset PYTHONDONTWRITEBYTECODE
 "$BIN/python" - <<'PY'
 import din_ray, sys
 assert "site-packages" in din_ray.__file__, f"din_ray imported from {din_ray.__file__}"
