@@ -22,14 +22,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --no-compile torch==2.13.0
 	$(PY) -m pip install -q --no-compile -e ".[test]"
-	-$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])") > /dev/null 2>&1
+	-$(PY) -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1
 	touch $@
 
 demo: setup
 	$(VENV)/bin/din-ray demo --output $(OUT)
 
-# The whole suite, Ray clusters, tuning searches and `ray job submit` included: 15.6 min on 2
-# cores (938 s, session 8); --durations names the slow ones. din_ray is compiled first for the
+# The whole suite, Ray clusters, tuning searches and `ray job submit` included: 640-661 s on 2
+# cores (fresh clones, session 8); --durations names the slow ones. din_ray is compiled first for the
 # same reason as the venv: the suite starts dozens of Python processes (Ray workers, CLI runs),
 # each of which imports din_ray (measured: ~1 s more per process from source).
 test: setup

@@ -71,11 +71,10 @@ def test_bad_configuration_fails_before_any_worker_starts(data, tmp_path):
 # dies while evaluating epoch 1 (nothing reported yet: epoch 1 is trained again from scratch),
 # rank 1 dies in the middle of epoch 2's training, and rank 0 dies after writing epoch 2's files
 # but before reporting them (each time the group resumes from the last reported checkpoint).
-@pytest.mark.timeout(1200)  # 150 s quiet: two runs, three restarts
+@pytest.mark.timeout(1200)  # 105-115 s quiet: two runs, three restarts
 def test_workers_killed_in_training_evaluation_and_checkpoint_writing_recover_and_rerun_resumes(
         ray_cluster, data, tmp_path, monkeypatch):
-    in_train, in_eval, in_ckpt = (tmp_path / f"{phase}-killed" for phase in ("train", "eval",
-                                                                             "ckpt"))
+    in_train, in_eval, in_ckpt = (tmp_path / f"{p}-killed" for p in ("train", "eval", "ckpt"))
     monkeypatch.setenv(FAULTS_ENV, json.dumps([
         # Any rank: a small split may all go to one worker (Ray Data splits by blocks).
         {"phase": "eval", "epoch": 1, "step": 0, "marker": str(in_eval)},
