@@ -28,13 +28,17 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/din-ray demo --output $(OUT)
 
-# The whole suite, Ray clusters, tuning searches and `ray job submit` included: 640-661 s on 2
-# cores (fresh clones, session 8); --durations names the slow ones. din_ray is compiled first for the
-# same reason as the venv: the suite starts dozens of Python processes (Ray workers, CLI runs),
-# each of which imports din_ray (measured: ~1 s more per process from source).
+# The whole suite, Ray clusters, tuning searches and `ray job submit` included; --durations
+# names the slow ones. Two pytest-xdist workers, each taking whole files (a file's tests share
+# its Ray cluster): the serial suite leaves a third of the two cores idle while Ray processes
+# start, and took 748 s against 635 s on two workers (session 9, one after the other).
+# din_ray is compiled first for the same reason as the venv: the suite starts dozens of Python
+# processes (Ray workers, CLI runs), each of which imports din_ray (measured: ~1 s more per
+# process from source). TEST_WORKERS=0 runs it serially.
+TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m compileall -q din_ray > /dev/null
-	$(PY) -m pytest -q -ra --durations=10
+	$(PY) -m pytest -q -ra --durations=10 -n $(TEST_WORKERS) --dist loadfile
 
 # The built wheel in a fresh venv, run from outside the checkout (.ci/run runs it after test).
 wheel-check:
